@@ -1,0 +1,54 @@
+"""Progress bars with throughput and ETA, and the one-screen summaries that end each stage."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def progress(total: float | None, desc: str, unit: str = "it", initial: float = 0, **kwargs: Any) -> tqdm:
+    """A progress bar on stderr showing rate and ETA; quiet when ``disable=True`` is passed."""
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        initial=initial,
+        unit_scale=True,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        file=sys.stderr,
+        **kwargs,
+    )
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
+
+
+def format_summary(title: str, rows: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> str:
+    """A titled block of aligned ``key  value`` lines."""
+    items = list(rows.items() if isinstance(rows, Mapping) else rows)
+    width = max((len(k) for k, _ in items), default=0)
+    lines = [title] + [f"  {k.ljust(width)}  {v}" for k, v in items]
+    return "\n".join(lines)
+
+
+def print_summary(title: str, rows: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+    """Print a summary block to stdout."""
+    print(format_summary(title, rows), flush=True)
