@@ -1,0 +1,333 @@
+"""Autoencoders over LLM hidden states: the Binary Autoencoder and the ReLU / TopK SAE baselines.
+
+Every architecture shares one interface (``Autoencoder``): ``forward`` on normalized inputs for
+training, ``encode``/``encode_bits``/``encode_packed`` on raw hidden states for analysis, ``decode``
+back to raw space, and ``save_pretrained``/``load_autoencoder`` (safetensors + ``config.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from bae.configs import StrictModel, build_config
+from bae.errors import BaeError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_FORMAT = "bae-autoencoder"
+CHECKPOINT_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+Architecture = Literal["bae", "relu_sae", "topk_sae"]
+
+
+class ModelConfig(StrictModel):
+    """Shape and options of an autoencoder; BAE_METHOD.md §1 parity values are the defaults."""
+
+    architecture: Architecture = "bae"
+    d_model: int
+    expansion: int = 4
+    encoder_bias: bool = True
+    decoder_bias: bool = True
+    threshold: Literal["gt", "ge"] = "gt"
+    estimator: Literal["ste", "sigmoid"] = "ste"
+    temperature: float = 1.0
+    k_bits: int = 1
+    topk: int = 32
+    standardize: bool = False
+
+    @property
+    def n_features(self) -> int:
+        """d' = expansion × d: the decoder's input width."""
+        return self.expansion * self.d_model
+
+
+@dataclass
+class Codes:
+    """One forward pass: ``bits`` (the 0/1 code the losses see), ``code`` (the decoder's input)
+    and ``recon`` (the reconstruction, in normalized space)."""
+
+    bits: torch.Tensor
+    code: torch.Tensor
+    recon: torch.Tensor
+
+
+class _StepSTE(torch.autograd.Function):
+    """Heaviside step whose backward is the identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, inclusive: bool) -> torch.Tensor:
+        return (z >= 0 if inclusive else z > 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _StepSigmoid(torch.autograd.Function):
+    """Heaviside step whose backward is the derivative of sigmoid(z / τ)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, inclusive: bool, temperature: float) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        ctx.temperature = temperature
+        return (z >= 0 if inclusive else z > 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (z,) = ctx.saved_tensors
+        s = torch.sigmoid(z / ctx.temperature)
+        return grad * s * (1 - s) / ctx.temperature, None, None
+
+
+def binary_step(z: torch.Tensor, threshold: str = "gt", estimator: str = "ste",
+                temperature: float = 1.0) -> torch.Tensor:
+    """step(z) in {0, 1} (``gt``: z > 0, ``ge``: z >= 0) with the chosen gradient estimator."""
+    inclusive = threshold == "ge"
+    if estimator == "ste":
+        return _StepSTE.apply(z, inclusive)
+    return _StepSigmoid.apply(z, inclusive, temperature)
+
+
+class Autoencoder(nn.Module):
+    """Shared machinery: optional input standardization, encoding to bits, (de)serialization."""
+
+    architecture: ClassVar[str]
+
+    def __init__(self, config: ModelConfig, source: dict[str, Any] | None = None):
+        super().__init__()
+        self.config = config
+        self.source = dict(source or {})
+        d, n_enc = config.d_model, self.n_encoder_outputs(config)
+        self.encoder = nn.Linear(d, n_enc, bias=config.encoder_bias)
+        self.decoder = nn.Linear(config.n_features, d, bias=config.decoder_bias)
+        if config.standardize:
+            self.register_buffer("input_mean", torch.zeros(d))
+            self.register_buffer("input_std", torch.ones(d))
+
+    @staticmethod
+    def n_encoder_outputs(config: ModelConfig) -> int:
+        return config.n_features
+
+    @property
+    def n_bits(self) -> int:
+        """Width of the binary code returned by ``encode``."""
+        return self.encoder.out_features
+
+    # -- normalization -------------------------------------------------------------------------
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Record the per-dimension standardization (only for models built with standardize)."""
+        if not self.config.standardize:
+            raise ValueError("model was built without standardize=True")
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+
+    def normalize(self, h: torch.Tensor) -> torch.Tensor:
+        """Raw hidden states -> the space the autoencoder works in."""
+        if self.config.standardize:
+            return (h - self.input_mean) / self.input_std
+        return h
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.standardize:
+            return x * self.input_std + self.input_mean
+        return x
+
+    # -- architecture-specific -----------------------------------------------------------------
+    def codes(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder pre-activations -> (bits, decoder input)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> Codes:
+        """Training pass on *normalized* inputs ``x`` [n, d]."""
+        bits, code = self.codes(self.encoder(x))
+        return Codes(bits=bits, code=code, recon=self.decoder(code))
+
+    # -- analysis API --------------------------------------------------------------------------
+    def _as_input(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
+        p = self.encoder.weight
+        return torch.as_tensor(np.asarray(h) if not torch.is_tensor(h) else h).to(p.device, p.dtype)
+
+    @torch.no_grad()
+    def encode(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Raw hidden states [n, d] -> bool bits [n, n_bits] (for SAEs: activation > 0)."""
+        bits, _ = self.codes(self.encoder(self.normalize(self._as_input(h))))
+        return bits > 0
+
+    def encode_bits(self, h: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Raw hidden states -> numpy bool bits [n, n_bits]."""
+        return self.encode(h).cpu().numpy()
+
+    def encode_packed(self, h: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Raw hidden states -> uint8 [n, ceil(n_bits / 8)], ``np.packbits(bits, axis=-1)``."""
+        return np.packbits(self.encode_bits(h), axis=-1)
+
+    @torch.no_grad()
+    def decode(self, code: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Code -> raw-space reconstruction: a BAE takes its bits, an SAE its activations."""
+        return self.denormalize(self.decoder(self.code_from_bits(self._as_input(code))))
+
+    def code_from_bits(self, bits: torch.Tensor) -> torch.Tensor:
+        """What the decoder consumes given ``encode``'s output (identity unless overridden)."""
+        return bits
+
+    # -- serialization -------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "architecture": self.architecture,
+            "model": self.config.model_dump(mode="json"),
+            "source": self.source,
+            "normalization": {"kind": "standardize"} if self.config.standardize else None,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` into ``directory`` atomically."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            self.write_files(tmp)
+            replace_dir(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    def write_files(self, directory: Path) -> None:
+        """Weights and config into an existing directory (callers make it atomic)."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Autoencoder:
+        """Load a saved autoencoder of this class (the recorded architecture decides)."""
+        model = load_autoencoder(directory)
+        if not isinstance(model, cls):
+            raise BaeError(
+                f"{directory}: holds a {model.architecture!r} model, not {cls.architecture!r}"
+            )
+        return model
+
+
+class BinaryAutoencoder(Autoencoder):
+    """h1 = step(W_enc h + b_enc), ĥ = W_dec h1 + b_dec (optionally k bits per decoder input)."""
+
+    architecture = "bae"
+
+    @staticmethod
+    def n_encoder_outputs(config: ModelConfig) -> int:
+        return config.n_features * config.k_bits
+
+    def codes(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        bits = binary_step(pre, c.threshold, c.estimator, c.temperature)
+        return bits, self.code_from_bits(bits)
+
+    def code_from_bits(self, bits: torch.Tensor) -> torch.Tensor:
+        """k-bit pathway: each group of k bits (first least significant) -> Σ b_i 2^i/(2^k − 1)."""
+        k = self.config.k_bits
+        if k == 1:
+            return bits
+        weights = 2.0 ** torch.arange(k, device=bits.device, dtype=bits.dtype) / (2**k - 1)
+        return bits.unflatten(-1, (-1, k)) @ weights
+
+
+class ReluSAE(Autoencoder):
+    """Baseline: f = ReLU(W_enc h + b_enc), ĥ = W_dec f + b_dec, trained with an L1 penalty on f."""
+
+    architecture = "relu_sae"
+
+    def codes(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = torch.relu(pre)
+        return (code > 0).to(code.dtype), code
+
+
+class TopKSAE(ReluSAE):
+    """Baseline: keep the k largest ReLU activations per row, zero the rest."""
+
+    architecture = "topk_sae"
+
+    def codes(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, index = pre.topk(self.config.topk, dim=-1)
+        code = torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
+        return (code > 0).to(code.dtype), code
+
+
+ARCHITECTURES: dict[str, type[Autoencoder]] = {
+    cls.architecture: cls for cls in (BinaryAutoencoder, ReluSAE, TopKSAE)
+}
+
+
+def build_autoencoder(config: ModelConfig, source: dict[str, Any] | None = None) -> Autoencoder:
+    """A freshly initialised (PyTorch default init) model of ``config.architecture``."""
+    return ARCHITECTURES[config.architecture](config, source)
+
+
+def read_model_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a saved autoencoder (BaeError if it is not one)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BaeError(f"{directory}: not a saved autoencoder (cannot read {CONFIG_FILE})") from exc
+    if data.get("format") != CHECKPOINT_FORMAT or data.get("architecture") not in ARCHITECTURES:
+        raise BaeError(f"{directory}: {CONFIG_FILE} is not a {CHECKPOINT_FORMAT} config")
+    return data
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a ``bae train`` output (its ``model/``, else latest checkpoint)."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    checkpoints = sorted((path / "checkpoints").glob("step-*")) if path.is_dir() else []
+    if checkpoints:
+        return checkpoints[-1]
+    raise BaeError(
+        f"{path}: no saved autoencoder here (expected {CONFIG_FILE}, model/ or checkpoints/)"
+    )
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Autoencoder:
+    """Load any saved autoencoder (BAE or baseline SAE) in eval mode.
+
+    ``path`` is a model directory (``config.json`` + ``model.safetensors``) or a ``bae train``
+    output directory. The returned model's ``encode_bits(h)`` / ``encode_packed(h)`` take raw hidden
+    states (numpy or torch, [n, d]); ``model.source`` records the store, model and layer it was
+    trained on, and any input standardization is applied inside ``encode``.
+    """
+    directory = resolve_model_dir(path)
+    data = read_model_config(directory)
+    config = build_config(ModelConfig, data["model"], f"{directory / CONFIG_FILE}")
+    model = build_autoencoder(config, data.get("source"))
+    state = load_file(str(directory / WEIGHTS_FILE))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise BaeError(f"{directory}: weights do not match {CONFIG_FILE}: {first}") from exc
+    return model.to(device).eval()
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move the complete directory ``new`` to ``target``, replacing any older ``target``."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
