@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,7 +27,7 @@ store_app = typer.Typer(help="Inspect, verify and import activation stores.", no
 app.add_typer(store_app, name="store")
 
 ConfigOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="YAML/TOML/JSON file of options; flags given here win."),
 ]
 

@@ -1,0 +1,312 @@
+"""The Zarr activation store: create or reopen, write whole units, read rows, dask views."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.storage import FsspecStore, LocalStore
+
+from bae.configs import config_diff
+from bae.errors import BaeError
+from bae.stores.layout import (
+    LAYER_CONVENTION,
+    ROW_ARRAYS,
+    ROW_FILL,
+    SCHEMA_VERSION,
+    StoreLayout,
+    decode_values,
+    encode_values,
+)
+
+INCOMPLETE_ATTR = "bae_incomplete"
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def _zarr_store(url: str, read_only: bool) -> LocalStore | FsspecStore:
+    if "://" in url and not url.startswith("file://"):
+        return FsspecStore.from_url(url, read_only=read_only)
+    return LocalStore(url.removeprefix("file://"), read_only=read_only)
+
+
+def _compressors(layout: StoreLayout) -> list[Any]:
+    codecs: list[Any] = []
+    if layout.compressor:
+        spec = dict(layout.compressor)
+        name = spec.pop("name")
+        try:
+            codecs.append(zarr.registry.get_codec_class(name)(**spec))
+        except (KeyError, TypeError) as exc:
+            raise BaeError(f"compressor {layout.compressor}: unknown codec or options ({exc})") from exc
+    if layout.checksum:
+        codecs.append(Crc32cCodec())
+    return codecs
+
+
+def _exists(url: str) -> bool:
+    if "://" in url and not url.startswith("file://"):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.exists(path)
+    return os.path.exists(url.removeprefix("file://"))
+
+
+class ActivationStore:
+    """A Zarr v3 group of per-token hidden states, written in units and read by row range."""
+
+    def __init__(self, url: str, group: zarr.Group, meta: dict[str, Any]):
+        self.url = url
+        self.group = group
+        self.meta = meta
+        self.layout = StoreLayout.model_validate(meta["layout"])
+
+    # ------------------------------------------------------------------ creation and opening
+
+    @classmethod
+    def create(
+        cls,
+        url: str | os.PathLike[str],
+        layout: StoreLayout,
+        attrs: Mapping[str, Any],
+        documents: Mapping[str, np.ndarray] | None = None,
+    ) -> ActivationStore:
+        """Create a store, or reopen an existing one made with the same layout and config.
+
+        ``attrs`` holds the producing ``config`` plus model/tokenizer/corpus descriptions. A store that
+        exists with a different layout or config is refused with the differing fields.
+        """
+        url = os.fspath(url)
+        if _exists(url):
+            try:
+                existing = cls.open(url, mode="r+")
+            except BaeError as exc:
+                if "creation was interrupted" not in str(exc):
+                    raise BaeError(f"{url} exists and is not a bae activation store: {exc}") from exc
+            else:
+                new = {"layout": layout.model_dump(mode="json"), "config": attrs.get("config")}
+                old = {"layout": existing.meta["layout"], "config": existing.meta.get("config")}
+                diffs = config_diff(old, new)
+                if diffs:
+                    raise BaeError(
+                        f"store {url} was made with a different config ({'; '.join(diffs)}); "
+                        "re-run with the same config to resume, or choose a new --out"
+                    )
+                return existing
+        group = zarr.open_group(_zarr_store(url, read_only=False), mode="w", zarr_format=3)
+        group.attrs[INCOMPLETE_ATTR] = True
+        rows, unit = layout.n_rows, layout.unit_rows
+        codecs = _compressors(layout)
+        for layer in layout.layers:
+            group.create_array(
+                f"layers/{layer}",
+                shape=(rows, layout.d_model),
+                chunks=(unit, layout.d_model),
+                dtype=layout.physical_dtype,
+                compressors=codecs,
+                fill_value=0,
+                config=ARRAY_CONFIG,
+            )
+        for name, dtype in ROW_ARRAYS.items():
+            group.create_array(
+                name,
+                shape=(rows,),
+                chunks=(unit,),
+                dtype=dtype,
+                compressors=codecs,
+                fill_value=ROW_FILL[name],
+                config=ARRAY_CONFIG,
+            )
+        for name, dtype in (("units/done", "uint8"), ("units/clamped", "int64")):
+            group.create_array(
+                name,
+                shape=(layout.n_units,),
+                chunks=(1,),
+                dtype=dtype,
+                compressors=None,
+                fill_value=0,
+                config=ARRAY_CONFIG,
+            )
+        documents = dict(documents or {})
+        n_docs = _write_documents(group, documents)
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "activations",
+            "layer_convention": LAYER_CONVENTION,
+            "d_model": layout.d_model,
+            "layers": layout.layers,
+            "dtype": {"logical": layout.dtype, "physical": layout.physical_dtype},
+            "n_rows": layout.n_rows,
+            "unit_rows": layout.unit_rows,
+            "n_units": layout.n_units,
+            "n_docs": n_docs,
+            "document_fields": sorted(documents),
+            **dict(attrs),
+            "layout": layout.model_dump(mode="json"),
+        }
+        group.attrs.put({"bae": meta})  # replaces the incomplete marker: the store now exists
+        return cls(url, group, meta)
+
+    @classmethod
+    def open(cls, url: str | os.PathLike[str], mode: str = "r") -> ActivationStore:
+        """Open an existing store; a clear error if it is missing, not a store, or of another schema."""
+        url = os.fspath(url)
+        if not _exists(url):
+            raise BaeError(f"store {url}: not found")
+        try:
+            group = zarr.open_group(_zarr_store(url, read_only=mode == "r"), mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as exc:
+            raise BaeError(f"{url} is not a bae activation store (no Zarr v3 group there)") from exc
+        attrs = dict(group.attrs)
+        if INCOMPLETE_ATTR in attrs:
+            raise BaeError(f"store {url}: its creation was interrupted; re-run the command that makes it")
+        meta = attrs.get("bae")
+        if not isinstance(meta, dict) or meta.get("kind") != "activations":
+            raise BaeError(f"{url} is a Zarr group but not a bae activation store (no 'bae' attributes)")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise BaeError(
+                f"store {url}: schema version {meta.get('schema_version')!r} is not supported "
+                f"(this bae reads version {SCHEMA_VERSION})"
+            )
+        return cls(url, group, meta)
+
+    # ------------------------------------------------------------------ geometry
+
+    @property
+    def n_rows(self) -> int:
+        return self.layout.n_rows
+
+    @property
+    def n_units(self) -> int:
+        return self.layout.n_units
+
+    @property
+    def unit_rows(self) -> int:
+        return self.layout.unit_rows
+
+    @property
+    def d_model(self) -> int:
+        return self.layout.d_model
+
+    @property
+    def layers(self) -> list[int]:
+        return self.layout.layers
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        return self.layout.unit_range(unit)
+
+    def _layer_array(self, layer: int) -> zarr.Array:
+        if layer not in self.layers:
+            raise BaeError(
+                f"store {self.url} has no layer {layer}; layers present: {', '.join(map(str, self.layers))}"
+            )
+        return self.group[f"layers/{layer}"]
+
+    @cached_property
+    def _arrays(self) -> dict[str, zarr.Array]:
+        return {name: self.group[name] for name in (*ROW_ARRAYS, "units/done", "units/clamped")}
+
+    # ------------------------------------------------------------------ writing
+
+    def write_unit(
+        self,
+        unit: int,
+        layers: Mapping[int, np.ndarray | torch.Tensor],
+        token_ids: np.ndarray | torch.Tensor,
+        doc_ids: np.ndarray | torch.Tensor,
+        positions: np.ndarray | torch.Tensor,
+        valid: np.ndarray | torch.Tensor,
+    ) -> int:
+        """Write every array of one unit, then record it as done; returns the clamped count."""
+        start, stop = self.unit_range(unit)
+        rows = stop - start
+        if sorted(layers) != self.layers:
+            raise BaeError(f"unit {unit}: got layers {sorted(layers)}, the store holds {self.layers}")
+        encoded = {}
+        clamped = 0
+        for layer, values in layers.items():
+            if tuple(values.shape) != (rows, self.d_model):
+                raise BaeError(
+                    f"unit {unit} layer {layer}: shape {tuple(values.shape)}, expected {(rows, self.d_model)}"
+                )
+            where = f"unit {unit} (rows {start}..{stop}) layer {layer}"
+            encoded[layer], n = encode_values(values, self.layout.dtype, self.layout.overflow, where)
+            clamped += n
+        row_values = {"token_ids": token_ids, "doc_ids": doc_ids, "positions": positions, "valid": valid}
+        for name, values in row_values.items():
+            arr = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+            if arr.shape != (rows,):
+                raise BaeError(f"unit {unit} {name}: shape {arr.shape}, expected {(rows,)}")
+            row_values[name] = arr.astype(ROW_ARRAYS[name], copy=False)
+        for layer, values in encoded.items():
+            self.group[f"layers/{layer}"][start:stop] = values
+        for name, values in row_values.items():
+            self._arrays[name][start:stop] = values
+        self._arrays["units/clamped"][unit] = clamped
+        self._arrays["units/done"][unit] = 1  # completion is recorded last
+        return clamped
+
+    # ------------------------------------------------------------------ reading
+
+    def done_mask(self) -> np.ndarray:
+        """Boolean [n_units]: which units are completely written."""
+        return self._arrays["units/done"][:].astype(bool)
+
+    def is_done(self, unit: int) -> bool:
+        return bool(self._arrays["units/done"][unit])
+
+    def clamped_counts(self) -> np.ndarray:
+        return self._arrays["units/clamped"][:]
+
+    def read_layer(self, layer: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a layer as float32."""
+        return decode_values(self._layer_array(layer)[start:stop], self.layout.dtype)
+
+    def read_layer_physical(self, layer: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a layer as stored (float16, uint16 bfloat16 bits, or float32)."""
+        return self._layer_array(layer)[start:stop]
+
+    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The per-row arrays (token_ids, doc_ids, positions, valid) for rows ``start:stop``."""
+        return {name: self._arrays[name][start:stop] for name in ROW_ARRAYS}
+
+    def documents(self) -> dict[str, np.ndarray]:
+        """Per-document metadata fields recorded from the corpus."""
+        return {name: self.group[f"documents/{name}"][:] for name in self.meta.get("document_fields", [])}
+
+    def dask_layer(self, layer: int) -> da.Array:
+        """A float32 dask view of one layer, one block per unit."""
+        arr = da.from_array(self._layer_array(layer), chunks=(self.unit_rows, self.d_model), asarray=True)
+        return arr.map_blocks(decode_values, self.layout.dtype, dtype=np.float32)
+
+    def dask_rows(self, name: str) -> da.Array:
+        """A dask view of a per-row array, one block per unit."""
+        if name not in ROW_ARRAYS:
+            raise BaeError(f"unknown row array {name!r}; expected one of {', '.join(ROW_ARRAYS)}")
+        return da.from_array(self._arrays[name], chunks=(self.unit_rows,), asarray=True)
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({self.url!r}, rows={self.n_rows}, d={self.d_model}, layers={self.layers})"
+
+
+def _write_documents(group: zarr.Group, documents: Mapping[str, np.ndarray]) -> int:
+    """Write per-document metadata arrays; all fields must have one value per document."""
+    lengths = {name: len(values) for name, values in documents.items()}
+    if len(set(lengths.values())) > 1:
+        raise BaeError(f"document metadata fields differ in length: {lengths}")
+    for name, values in documents.items():
+        arr = np.asarray(values)
+        if arr.dtype.kind in "OU":
+            arr = arr.astype(str)
+            group.create_array(f"documents/{name}", shape=arr.shape, dtype=str, fill_value="")
+        else:
+            group.create_array(f"documents/{name}", shape=arr.shape, dtype=arr.dtype, fill_value=0)
+        group[f"documents/{name}"][:] = arr
+    return next(iter(lengths.values()), 0)

@@ -1,0 +1,121 @@
+"""The store's shape and storage choices, and the codec between logical and stored values."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from bae.configs import StrictModel
+from bae.errors import BaeError
+
+SCHEMA_VERSION = 1
+LAYER_CONVENTION = (
+    "hf_hidden_states: 0 = embedding output, l = residual stream after decoder block l-1; "
+    "the last index has the model's final norm applied in most HF models"
+)
+ROW_ARRAYS: dict[str, str] = {
+    "token_ids": "int32",
+    "doc_ids": "int64",
+    "positions": "int32",
+    "valid": "bool",
+}
+ROW_FILL: dict[str, Any] = {"token_ids": -1, "doc_ids": -1, "positions": -1, "valid": False}
+
+LogicalDtype = Literal["float16", "bfloat16", "float32"]
+PHYSICAL: dict[str, str] = {"float16": "float16", "bfloat16": "uint16", "float32": "float32"}
+TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class StoreLayout(StrictModel):
+    """Everything that fixes where each value of a store lives on disk."""
+
+    n_rows: int = Field(ge=1, description="rows (tokens) in the store")
+    unit_rows: int = Field(default=4096, ge=1, description="rows per unit (= per chunk)")
+    d_model: int = Field(ge=1, description="width of each hidden state")
+    layers: list[int] = Field(min_length=1, description="harvested layers, HF hidden_states index")
+    dtype: LogicalDtype = "float16"
+    overflow: Literal["error", "clamp"] = "error"
+    compressor: dict[str, Any] | None = Field(
+        default=None, description='None, or a codec spec such as {"name": "zstd", "level": 3}'
+    )
+    checksum: bool = Field(default=True, description="crc32c per chunk, checked on every read")
+
+    @field_validator("layers")
+    @classmethod
+    def _sorted_unique(cls, v: list[int]) -> list[int]:
+        if any(layer < 0 for layer in v):
+            raise ValueError("layers must be >= 0")
+        return sorted(set(v))
+
+    @property
+    def n_units(self) -> int:
+        return -(-self.n_rows // self.unit_rows)
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        if not 0 <= unit < self.n_units:
+            raise BaeError(f"unit {unit} out of range: the store has units 0..{self.n_units - 1}")
+        start = unit * self.unit_rows
+        return start, min(start + self.unit_rows, self.n_rows)
+
+    @property
+    def physical_dtype(self) -> str:
+        return PHYSICAL[self.dtype]
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Stored bytes per token: every layer plus the row arrays (uncompressed)."""
+        itemsize = np.dtype(self.physical_dtype).itemsize
+        return len(self.layers) * self.d_model * itemsize + 4 + 8 + 4 + 1
+
+
+def _as_float32_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
+    t = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
+    if not t.is_floating_point():
+        raise BaeError(f"hidden states must be floating point, got {t.dtype}")
+    return t.detach().cpu()
+
+
+def encode_values(
+    values: np.ndarray | torch.Tensor, dtype: str, overflow: str, where: str
+) -> tuple[np.ndarray, int]:
+    """Logical values -> the physical array to store, and the number of clamped values.
+
+    NaN/inf in the input are always an error; values beyond the storage dtype's finite range are an
+    error (``overflow="error"``) or clamped and counted (``overflow="clamp"``), never a silent inf.
+    """
+    t = _as_float32_tensor(values)
+    target = TORCH_DTYPE[dtype]
+    if t.dtype == target:
+        stored = t
+        if not torch.isfinite(stored).all():
+            raise BaeError(f"{where}: hidden states contain NaN or inf")
+        clamped = 0
+    else:
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+            raise BaeError(f"{where}: hidden states contain NaN or inf (first at row/col {bad})")
+        limit = torch.finfo(target).max
+        over = t.abs() > limit
+        clamped = int(over.sum())
+        if clamped:
+            if overflow == "error":
+                peak = float(t.abs().max())
+                raise BaeError(
+                    f"{where}: {clamped} values exceed the {dtype} range (max |x| = {peak:.4g} > "
+                    f"{limit:.4g}); store as float32/bfloat16, or pass overflow='clamp' to clamp and count"
+                )
+            t = t.clamp(-limit, limit)
+        stored = t.to(target)
+    if dtype == "bfloat16":
+        return stored.view(torch.int16).numpy().view(np.uint16), clamped
+    return stored.numpy(), clamped
+
+
+def decode_values(physical: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored array -> float32 values (bfloat16 bits are widened exactly)."""
+    if dtype == "bfloat16":
+        return (physical.astype(np.uint32) << 16).view(np.float32)
+    return physical.astype(np.float32, copy=False)

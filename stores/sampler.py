@@ -1,0 +1,285 @@
+"""Streaming, shuffled, resumable batches of one layer's rows, with filters and a prefetch thread.
+
+The stream for epoch ``e`` is: the store's done units in a permutation seeded by ``(seed, e)``,
+taken ``units_per_window`` at a time; each window's eligible rows are shuffled with a generator
+seeded by ``(seed, e, window)``; batches are cut from the concatenation of windows and epochs, so
+every eligible row appears exactly once per epoch. The cursor (epoch, window, offset, batch
+index) names the first row of the next batch, which is all it takes to resume the identical
+sequence. Memory is bounded by ``(prefetch + 1)`` windows of at most ``buffer_rows`` rows.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bae.errors import BaeError
+from bae.stores.activation_store import ActivationStore
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A fixed, platform-independent 64-bit hash of each element."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + _MIX
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def split_mask(doc_ids: np.ndarray, split: str, val_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Rows whose document falls in ``split`` ("train" or "val"), decided by a hash of the doc id."""
+    if split not in ("train", "val"):
+        raise BaeError(f"split {split!r}: expected 'train' or 'val'")
+    if not 0.0 <= val_fraction <= 1.0:
+        raise BaeError(f"val_fraction {val_fraction}: expected a number in [0, 1]")
+    with np.errstate(over="ignore"):
+        keyed = np.asarray(doc_ids).astype(np.uint64) ^ _splitmix64(np.array([seed], dtype=np.uint64))
+    u = (_splitmix64(keyed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return u < val_fraction if split == "val" else u >= val_fraction
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Which rows count: valid only, a set of positions, one split of the documents."""
+
+    valid_only: bool = True
+    positions: frozenset[int] | None = None
+    split: str | None = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+
+    def mask(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        keep = rows["valid"].astype(bool) if self.valid_only else np.ones(len(rows["valid"]), bool)
+        if self.positions is not None:
+            keep &= np.isin(rows["positions"], np.fromiter(self.positions, dtype=np.int64))
+        if self.split is not None:
+            keep &= split_mask(rows["doc_ids"], self.split, self.val_fraction, self.split_seed)
+        return keep
+
+
+def iter_unit_rows(
+    store: ActivationStore, layer: int, row_filter: RowFilter, units: Iterable[int] | None = None
+) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
+    """In store order: (unit, float32 rows that pass the filter, their row arrays), done units only."""
+    done = store.done_mask()
+    for unit in units if units is not None else np.flatnonzero(done):
+        if not done[unit]:
+            continue
+        start, stop = store.unit_range(int(unit))
+        rows = store.read_rows(start, stop)
+        keep = row_filter.mask(rows)
+        if not keep.any():
+            continue
+        x = store.read_layer(layer, start, stop)[keep]
+        if not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            first = start + int(np.flatnonzero(keep)[bad[0]])
+            raise BaeError(
+                f"store {store.url} layer {layer}: NaN/inf in unit {unit} (rows {start}..{stop}, "
+                f"first at row {first}); run `bae store verify {store.url}`"
+            )
+        yield int(unit), x, {k: v[keep] for k, v in rows.items()}
+
+
+class StoreSampler:
+    """Infinite, seeded, resumable stream of float32 batches ``[batch_size, d]`` from one layer."""
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        layer: int,
+        batch_size: int,
+        seed: int = 0,
+        buffer_rows: int = 1 << 18,
+        valid_only: bool = True,
+        positions: Iterable[int] | None = None,
+        split: str | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+    ):
+        store._layer_array(layer)  # a clear error if the layer is absent
+        if batch_size < 1:
+            raise BaeError(f"batch_size {batch_size}: expected >= 1")
+        if not 0 <= rank < world_size:
+            raise BaeError(f"rank {rank} out of range for world size {world_size}")
+        self.store, self.layer, self.batch_size, self.seed = store, layer, batch_size, seed
+        self.rank, self.world_size, self.prefetch = rank, world_size, max(1, prefetch)
+        self.filter = RowFilter(
+            valid_only,
+            None if positions is None else frozenset(int(p) for p in positions),
+            split,
+            val_fraction,
+            split_seed,
+        )
+        self.units = np.flatnonzero(store.done_mask())
+        if len(self.units) == 0:
+            raise BaeError(f"store {store.url} has no completed units to read")
+        self.units_per_window = max(1, buffer_rows // store.unit_rows)
+        self.n_windows = -(-len(self.units) // self.units_per_window)
+        self._cursor = {"epoch": 0, "window": 0, "offset": 0, "batch": 0}
+        self._n_rows: int | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor: where the next batch starts. JSON-serializable."""
+        return {**self._cursor, "seed": self.seed, "n_units": len(self.units)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed") != self.seed or state.get("n_units") != len(self.units):
+            raise BaeError(
+                "sampler state does not match this store/seed "
+                f"(state seed {state.get('seed')}, units {state.get('n_units')}; "
+                f"now seed {self.seed}, units {len(self.units)})"
+            )
+        self._cursor = {k: int(state[k]) for k in ("epoch", "window", "offset", "batch")}
+
+    @property
+    def epoch(self) -> int:
+        return self._cursor["epoch"]
+
+    def count_rows(self) -> int:
+        """Eligible rows (after filters) in one epoch."""
+        if self._n_rows is None:
+            total = 0
+            for unit in self.units:
+                start, stop = self.store.unit_range(int(unit))
+                total += int(self.filter.mask(self.store.read_rows(start, stop)).sum())
+            self._n_rows = total
+        return self._n_rows
+
+    # ------------------------------------------------------------------ stream
+
+    def _window_units(self, epoch: int, window: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.units)
+        return np.sort(perm[window * self.units_per_window : (window + 1) * self.units_per_window])
+
+    def _load_window(self, epoch: int, window: int) -> torch.Tensor:
+        parts = [
+            x
+            for _, x, _ in iter_unit_rows(
+                self.store, self.layer, self.filter, self._window_units(epoch, window)
+            )
+        ]
+        if not parts:
+            return torch.empty(0, self.store.d_model)
+        x = np.concatenate(parts)
+        order = np.random.default_rng([self.seed, epoch, window]).permutation(len(x))
+        return torch.from_numpy(x[order])
+
+    def _windows(
+        self, epoch: int, window: int, stop: threading.Event
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        empty_epochs = 0
+        while not stop.is_set():
+            rows_this_epoch = 0
+            while window < self.n_windows and not stop.is_set():
+                x = self._load_window(epoch, window)
+                rows_this_epoch += len(x)
+                yield epoch, window, x
+                window += 1
+            empty_epochs = empty_epochs + 1 if rows_this_epoch == 0 else 0
+            if empty_epochs:
+                raise BaeError(f"store {self.store.url} layer {self.layer}: no rows pass the filters")
+            epoch, window = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Batches from the cursor on, forever; this rank's share when world_size > 1."""
+        stop = threading.Event()
+        windows = _Prefetcher(
+            self._windows(self._cursor["epoch"], self._cursor["window"], stop), self.prefetch, stop
+        )
+        pending: list[torch.Tensor] = []
+        have = 0
+        skip = self._cursor["offset"]
+        try:
+            for epoch, window, x in windows:
+                offset = skip
+                skip = 0
+                while offset < len(x):
+                    take = min(self.batch_size - have, len(x) - offset)
+                    pending.append(x[offset : offset + take])
+                    have += take
+                    offset += take
+                    if have == self.batch_size:
+                        batch_index = self._cursor["batch"]
+                        nxt = (epoch, window, offset) if offset < len(x) else (epoch, window + 1, 0)
+                        if nxt[1] >= self.n_windows:
+                            nxt = (epoch + 1, 0, 0)
+                        self._cursor = {
+                            "epoch": nxt[0],
+                            "window": nxt[1],
+                            "offset": nxt[2],
+                            "batch": batch_index + 1,
+                        }
+                        batch = pending[0] if len(pending) == 1 else torch.cat(pending)
+                        pending, have = [], 0
+                        if batch_index % self.world_size == self.rank:
+                            yield batch
+        finally:
+            stop.set()
+            windows.close()
+
+    def iter_epoch_once(self) -> Iterator[tuple[torch.Tensor, dict[str, np.ndarray]]]:
+        """One pass over the eligible rows in store order, unit by unit: (x, row arrays)."""
+        for _, x, rows in iter_unit_rows(self.store, self.layer, self.filter, self.units):
+            yield torch.from_numpy(x), rows
+
+
+class _Prefetcher:
+    """Runs a generator in a background thread, ``depth`` items ahead; re-raises its errors."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any], depth: int, stop: threading.Event):
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = stop
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
+        self._thread.start()
+
+    def _run(self, source: Iterator[Any]) -> None:
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._put_final(self._END)
+        except BaseException as exc:  # handed to the consumer
+            self._put_final(exc)
+
+    def _put_final(self, item: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
