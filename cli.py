@@ -54,6 +54,57 @@ def entropy(config: ConfigOpt = None) -> None:
     _not_implemented("entropy")
 
 
+StoreArg = Annotated[str, typer.Argument(help="Store path or fsspec URL (s3://, gs://, memory://).")]
+
+
+@store_app.command("info")
+def store_info(store: StoreArg) -> None:
+    """Summarize a store: model, layers, d_model, dtype, rows, units, bytes on disk."""
+    from bae.console import print_summary
+    from bae.stores import ActivationStore
+    from bae.stores.info import store_summary
+
+    print_summary("activation store", store_summary(ActivationStore.open(store)))
+
+
+@store_app.command("verify")
+def store_verify(store: StoreArg) -> None:
+    """Check every recorded unit: readable, right shapes and dtypes, finite, consistent row arrays."""
+    from bae.stores import ActivationStore
+    from bae.stores.verify import verify_store
+
+    opened = ActivationStore.open(store)
+    report = verify_store(opened)
+    for unit, problems in sorted(report.problems.items()):
+        start, stop = opened.unit_range(unit)
+        print(f"unit {unit} (rows {start}..{stop}): {'; '.join(problems)}")
+    status = "OK" if report.ok else f"{len(report.problems)} bad unit(s)"
+    print(f"{store}: {status}; {report.checked} units checked, {len(report.incomplete)} not yet written")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@store_app.command("import")
+def store_import(
+    src: Annotated[
+        str | None, typer.Argument(help=".npy, .safetensors or Zarr array of shape [N, d].")
+    ] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Store to create.")] = None,
+    layer: Annotated[int | None, typer.Option(help="Layer index to record [default: 0].")] = None,
+    tensor: Annotated[str | None, typer.Option(help="Tensor name in a .safetensors file.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float16 (default), bfloat16 or float32.")] = None,
+    unit_rows: Annotated[int | None, typer.Option(help="Rows per unit/chunk [default: 4096].")] = None,
+    overflow: Annotated[str | None, typer.Option(help="error (default) or clamp.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Make a store from activations made elsewhere (each row its own document, position 0)."""
+    from bae.configs import load_config
+    from bae.stores.importer import ImportConfig, import_activations
+
+    flags = dict(src=src, out=out, layer=layer, tensor=tensor, dtype=dtype, unit_rows=unit_rows)
+    import_activations(load_config(ImportConfig, config, {**flags, "overflow": overflow}))
+
+
 def main() -> None:
     """Console entry point: user-facing errors become one line on stderr and exit status 2."""
     try:
