@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
@@ -22,11 +23,13 @@ from bae.stores.layout import (
     ROW_FILL,
     SCHEMA_VERSION,
     StoreLayout,
+    decode_tensor,
     decode_values,
     encode_values,
 )
 
 INCOMPLETE_ATTR = "bae_incomplete"
+_WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bae-store-write")
 ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
@@ -207,11 +210,13 @@ class ActivationStore:
             raise BaeError(
                 f"store {self.url} has no layer {layer}; layers present: {', '.join(map(str, self.layers))}"
             )
-        return self.group[f"layers/{layer}"]
+        return self._arrays[f"layers/{layer}"]
 
     @cached_property
     def _arrays(self) -> dict[str, zarr.Array]:
-        return {name: self.group[name] for name in (*ROW_ARRAYS, "units/done", "units/clamped")}
+        """Array handles opened once (each open reads metadata)."""
+        names = (*ROW_ARRAYS, "units/done", "units/clamped", *(f"layers/{layer}" for layer in self.layers))
+        return {name: self.group[name] for name in names}
 
     # ------------------------------------------------------------------ writing
 
@@ -245,12 +250,12 @@ class ActivationStore:
             if arr.shape != (rows,):
                 raise BaeError(f"unit {unit} {name}: shape {arr.shape}, expected {(rows,)}")
             row_values[name] = arr.astype(ROW_ARRAYS[name], copy=False)
-        for layer, values in encoded.items():
-            self.group[f"layers/{layer}"][start:stop] = values
-        for name, values in row_values.items():
-            self._arrays[name][start:stop] = values
+        writes = [(f"layers/{layer}", values) for layer, values in encoded.items()]
+        writes += list(row_values.items())
+        # every chunk of the unit is written concurrently; completion is recorded only after all of them
+        list(_WRITERS.map(lambda w: self._arrays[w[0]].__setitem__(slice(start, stop), w[1]), writes))
         self._arrays["units/clamped"][unit] = clamped
-        self._arrays["units/done"][unit] = 1  # completion is recorded last
+        self._arrays["units/done"][unit] = 1
         return clamped
 
     # ------------------------------------------------------------------ reading
@@ -268,6 +273,10 @@ class ActivationStore:
     def read_layer(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a layer as float32."""
         return decode_values(self._layer_array(layer)[start:stop], self.layout.dtype)
+
+    def read_layer_tensor(self, layer: int, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a layer as a float32 torch tensor."""
+        return decode_tensor(self._layer_array(layer)[start:stop], self.layout.dtype)
 
     def read_layer_physical(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a layer as stored (float16, uint16 bfloat16 bits, or float32)."""

@@ -71,11 +71,9 @@ class StoreLayout(StrictModel):
         return len(self.layers) * self.d_model * itemsize + 4 + 8 + 4 + 1
 
 
-def _as_float32_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
-    t = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
-    if not t.is_floating_point():
-        raise BaeError(f"hidden states must be floating point, got {t.dtype}")
-    return t.detach().cpu()
+def any_nonfinite(t: torch.Tensor) -> bool:
+    """NaN/inf anywhere in ``t``? A float32 sum is the fast test; only a non-finite sum is checked exactly."""
+    return not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all())
 
 
 def encode_values(
@@ -86,36 +84,42 @@ def encode_values(
     NaN/inf in the input are always an error; values beyond the storage dtype's finite range are an
     error (``overflow="error"``) or clamped and counted (``overflow="clamp"``), never a silent inf.
     """
-    t = _as_float32_tensor(values)
+    t = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(values))
+    t = t.detach().cpu().contiguous()
+    if t.dtype not in TORCH_DTYPE.values():
+        if not t.is_floating_point():
+            raise BaeError(f"{where}: hidden states must be floating point, got {t.dtype}")
+        t = t.float()
     target = TORCH_DTYPE[dtype]
-    if t.dtype == target:
-        stored = t
-        if not torch.isfinite(stored).all():
-            raise BaeError(f"{where}: hidden states contain NaN or inf")
-        clamped = 0
-    else:
-        if not torch.isfinite(t).all():
-            bad = (~torch.isfinite(t)).nonzero()[0].tolist()
-            raise BaeError(f"{where}: hidden states contain NaN or inf (first at row/col {bad})")
+    stored = t.to(target)
+    clamped = 0
+    if any_nonfinite(stored):
+        if any_nonfinite(t):
+            row = int((~torch.isfinite(t)).any(dim=-1).nonzero()[0, 0]) if t.dim() > 1 else 0
+            raise BaeError(f"{where}: hidden states contain NaN or inf (first in row {row} of the unit)")
         limit = torch.finfo(target).max
-        over = t.abs() > limit
+        over = t.float().abs() > limit
         clamped = int(over.sum())
-        if clamped:
-            if overflow == "error":
-                peak = float(t.abs().max())
-                raise BaeError(
-                    f"{where}: {clamped} values exceed the {dtype} range (max |x| = {peak:.4g} > "
-                    f"{limit:.4g}); store as float32/bfloat16, or pass overflow='clamp' to clamp and count"
-                )
-            t = t.clamp(-limit, limit)
-        stored = t.to(target)
+        if overflow == "error":
+            peak = float(t.float().abs().max())
+            raise BaeError(
+                f"{where}: {clamped} values exceed the {dtype} range (max |x| = {peak:.4g} > "
+                f"{limit:.4g}); store as float32/bfloat16, or pass overflow='clamp' to clamp and count"
+            )
+        stored = t.float().clamp(-limit, limit).to(target)
     if dtype == "bfloat16":
         return stored.view(torch.int16).numpy().view(np.uint16), clamped
     return stored.numpy(), clamped
 
 
-def decode_values(physical: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored array -> float32 values (bfloat16 bits are widened exactly)."""
+def decode_tensor(physical: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored array -> float32 tensor (bfloat16 bits are widened exactly); torch's cast is parallel."""
+    t = torch.from_numpy(np.ascontiguousarray(physical))
     if dtype == "bfloat16":
-        return (physical.astype(np.uint32) << 16).view(np.float32)
-    return physical.astype(np.float32, copy=False)
+        t = t.view(torch.int16).view(torch.bfloat16)
+    return t.float()
+
+
+def decode_values(physical: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored array -> float32 numpy values."""
+    return decode_tensor(physical, dtype).numpy()

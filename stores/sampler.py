@@ -21,6 +21,7 @@ import torch
 
 from bae.errors import BaeError
 from bae.stores.activation_store import ActivationStore
+from bae.stores.layout import decode_tensor
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -65,28 +66,47 @@ class RowFilter:
         return keep
 
 
+def read_unit(
+    store: ActivationStore, layer: int, row_filter: RowFilter, unit: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """One unit's rows that pass the filter, still in the storage dtype, and their row arrays."""
+    start, stop = store.unit_range(unit)
+    rows = store.read_rows(start, stop)
+    keep = row_filter.mask(rows)
+    if not keep.any():
+        return None
+    raw = store.read_layer_physical(layer, start, stop)
+    if not keep.all():
+        raw, rows = raw[keep], {k: v[keep] for k, v in rows.items()}
+    rows["row"] = start + np.flatnonzero(keep)
+    return raw, rows
+
+
+def check_finite(store: ActivationStore, layer: int, x: torch.Tensor, row_index: np.ndarray) -> None:
+    """Stop with the store row of the first NaN/inf in ``x`` (rows ``row_index`` of the store)."""
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):  # sum: a fast first test
+        bad = int(row_index[int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0])])
+        unit = bad // store.unit_rows
+        start, stop = store.unit_range(unit)
+        raise BaeError(
+            f"store {store.url} layer {layer}: NaN/inf in unit {unit} (rows {start}..{stop}, "
+            f"first at row {bad}); run `bae store verify {store.url}`"
+        )
+
+
 def iter_unit_rows(
     store: ActivationStore, layer: int, row_filter: RowFilter, units: Iterable[int] | None = None
 ) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
-    """In store order: (unit, float32 rows that pass the filter, their row arrays), done units only."""
-    done = store.done_mask()
-    for unit in units if units is not None else np.flatnonzero(done):
-        if not done[unit]:
-            continue
-        start, stop = store.unit_range(int(unit))
-        rows = store.read_rows(start, stop)
-        keep = row_filter.mask(rows)
-        if not keep.any():
-            continue
-        x = store.read_layer(layer, start, stop)[keep]
-        if not np.isfinite(x).all():
-            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-            first = start + int(np.flatnonzero(keep)[bad[0]])
-            raise BaeError(
-                f"store {store.url} layer {layer}: NaN/inf in unit {unit} (rows {start}..{stop}, "
-                f"first at row {first}); run `bae store verify {store.url}`"
-            )
-        yield int(unit), x, {k: v[keep] for k, v in rows.items()}
+    """In store order: (unit, float32 rows that pass the filter, their row arrays), done units only.
+
+    The row arrays include ``row``, each kept row's index in the store.
+    """
+    for unit in np.flatnonzero(store.done_mask()) if units is None else units:
+        got = read_unit(store, layer, row_filter, int(unit))
+        if got is not None:
+            x = decode_tensor(got[0], store.layout.dtype)
+            check_finite(store, layer, x, got[1]["row"])
+            yield int(unit), x.numpy(), got[1]
 
 
 class StoreSampler:
@@ -166,17 +186,20 @@ class StoreSampler:
         return np.sort(perm[window * self.units_per_window : (window + 1) * self.units_per_window])
 
     def _load_window(self, epoch: int, window: int) -> torch.Tensor:
-        parts = [
-            x
-            for _, x, _ in iter_unit_rows(
-                self.store, self.layer, self.filter, self._window_units(epoch, window)
-            )
-        ]
+        """A window's eligible rows, shuffled, as float32 (gathered in the storage dtype, then cast)."""
+        parts, row_index = [], []
+        for unit in self._window_units(epoch, window):
+            got = read_unit(self.store, self.layer, self.filter, int(unit))
+            if got is not None:
+                parts.append(torch.from_numpy(got[0]))
+                row_index.append(got[1]["row"])
         if not parts:
             return torch.empty(0, self.store.d_model)
-        x = np.concatenate(parts)
-        order = np.random.default_rng([self.seed, epoch, window]).permutation(len(x))
-        return torch.from_numpy(x[order])
+        raw = torch.cat(parts) if len(parts) > 1 else parts[0]
+        order = np.random.default_rng([self.seed, epoch, window]).permutation(len(raw))
+        x = decode_tensor(raw.index_select(0, torch.from_numpy(order)).numpy(), self.store.layout.dtype)
+        check_finite(self.store, self.layer, x, np.concatenate(row_index)[order])
+        return x
 
     def _windows(
         self, epoch: int, window: int, stop: threading.Event
