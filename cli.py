@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from bae.errors import BaeError
+from bae.trainer.command import register as register_train
 
 app = typer.Typer(
     name="bae",
@@ -42,10 +43,7 @@ def harvest(config: ConfigOpt = None) -> None:
     _not_implemented("harvest")
 
 
-@app.command()
-def train(config: ConfigOpt = None) -> None:
-    """Fit a Binary Autoencoder on a store's hidden states (streaming, resumable)."""
-    _not_implemented("train")
+register_train(app)  # `bae train`: one flag per TrainConfig field (bae/trainer/command.py)
 
 
 @app.command()
@@ -54,32 +52,41 @@ def entropy(config: ConfigOpt = None) -> None:
     _not_implemented("entropy")
 
 
-StoreArg = Annotated[str, typer.Argument(help="Store path or fsspec URL (s3://, gs://, memory://).")]
+StoreArg = Annotated[
+    str | None, typer.Argument(help="Store path or fsspec URL (s3://, gs://, memory://).")
+]
+
+
+def _open_store(store: str | None, config: Path | None) -> "ActivationStore":
+    """The store named on the command line, or by the ``store`` field of a config file."""
+    from bae.configs import load_config
+    from bae.stores import ActivationStore
+    from bae.stores.importer import StoreRef
+
+    return ActivationStore.open(load_config(StoreRef, config, {"store": store}).store)
 
 
 @store_app.command("info")
-def store_info(store: StoreArg) -> None:
+def store_info(store: StoreArg = None, config: ConfigOpt = None) -> None:
     """Summarize a store: model, layers, d_model, dtype, rows, units, bytes on disk."""
     from bae.console import print_summary
-    from bae.stores import ActivationStore
     from bae.stores.info import store_summary
 
-    print_summary("activation store", store_summary(ActivationStore.open(store)))
+    print_summary("activation store", store_summary(_open_store(store, config)))
 
 
 @store_app.command("verify")
-def store_verify(store: StoreArg) -> None:
+def store_verify(store: StoreArg = None, config: ConfigOpt = None) -> None:
     """Check every recorded unit: readable, right shapes and dtypes, finite, consistent row arrays."""
-    from bae.stores import ActivationStore
     from bae.stores.verify import verify_store
 
-    opened = ActivationStore.open(store)
+    opened = _open_store(store, config)
     report = verify_store(opened)
     for unit, problems in sorted(report.problems.items()):
         start, stop = opened.unit_range(unit)
         print(f"unit {unit} (rows {start}..{stop}): {'; '.join(problems)}")
     status = "OK" if report.ok else f"{len(report.problems)} bad unit(s)"
-    print(f"{store}: {status}; {report.checked} units checked, {len(report.incomplete)} not yet written")
+    print(f"{opened.url}: {status}; {report.checked} units checked, {len(report.incomplete)} not yet written")
     if not report.ok:
         raise typer.Exit(1)
 

@@ -18,6 +18,12 @@ from bae.stores.activation_store import ActivationStore
 from bae.stores.layout import LogicalDtype, StoreLayout
 
 
+class StoreRef(StrictModel):
+    """``bae store info/verify``: which store."""
+
+    store: str = Field(description="store path or fsspec URL")
+
+
 class ImportConfig(StrictModel):
     """``bae store import``: where the activations come from and how they are stored."""
 
