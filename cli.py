@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from bae.stores import ActivationStore
 
 from bae.errors import BaeError
 from bae.trainer.command import register as register_train
@@ -57,7 +60,7 @@ StoreArg = Annotated[
 ]
 
 
-def _open_store(store: str | None, config: Path | None) -> "ActivationStore":
+def _open_store(store: str | None, config: Path | None) -> ActivationStore:
     """The store named on the command line, or by the ``store`` field of a config file."""
     from bae.configs import load_config
     from bae.stores import ActivationStore
