@@ -9,16 +9,7 @@ For analysis code (``bae entropy``, ``bae features``)::
     model.source                                      # {"store", "model", "layer", ...}
 """
 
-from bae.trainer.models import (
-    ARCHITECTURES,
-    Autoencoder,
-    BinaryAutoencoder,
-    ModelConfig,
-    ReluSAE,
-    TopKSAE,
-    build_autoencoder,
-    load_autoencoder,
-)
+from typing import Any
 
 __all__ = [
     "ARCHITECTURES",
@@ -30,3 +21,16 @@ __all__ = [
     "build_autoencoder",
     "load_autoencoder",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy exports, so that importing the CLI does not import torch."""
+    if name == "ModelConfig":
+        from bae.trainer.config import ModelConfig
+
+        return ModelConfig
+    if name in __all__:
+        from bae.trainer import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'bae.trainer' has no attribute {name!r}")

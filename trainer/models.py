@@ -13,43 +13,21 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from bae.configs import StrictModel, build_config
-from bae.errors import BaeError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from bae.configs import build_config
+from bae.errors import BaeError
+from bae.trainer.config import ModelConfig
 
 CHECKPOINT_FORMAT = "bae-autoencoder"
 CHECKPOINT_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-Architecture = Literal["bae", "relu_sae", "topk_sae"]
-
-
-class ModelConfig(StrictModel):
-    """Shape and options of an autoencoder; BAE_METHOD.md §1 parity values are the defaults."""
-
-    architecture: Architecture = "bae"
-    d_model: int
-    expansion: int = 4
-    encoder_bias: bool = True
-    decoder_bias: bool = True
-    threshold: Literal["gt", "ge"] = "gt"
-    estimator: Literal["ste", "sigmoid"] = "ste"
-    temperature: float = 1.0
-    k_bits: int = 1
-    topk: int = 32
-    standardize: bool = False
-
-    @property
-    def n_features(self) -> int:
-        """d' = expansion × d: the decoder's input width."""
-        return self.expansion * self.d_model
-
 
 @dataclass
 class Codes:

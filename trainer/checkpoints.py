@@ -1,0 +1,95 @@
+"""Training checkpoints: ``<out>/checkpoints/step-NNNNNNNN/``, each written whole then renamed.
+
+A checkpoint directory holds the model (``model.safetensors`` + ``config.json``, loadable by
+``load_autoencoder``), ``trainer_state.json`` (step, tokens, train config, sampler cursor, Python
+and NumPy RNG states) and ``trainer_state.pt`` (optimizer, scheduler, torch RNG, metric windows).
+A directory only gets its ``step-`` name once every file is in it, so a kill at any instant leaves
+either the previous checkpoints or the new one complete, never a half-written one under that name.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bae.errors import BaeError
+from bae.trainer.models import Autoencoder, replace_dir
+
+STATE_JSON = "trainer_state.json"
+STATE_PT = "trainer_state.pt"
+CHECKPOINTS = "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states (the first two JSON-able)."""
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    return sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / STATE_PT).is_file())
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    dirs = checkpoint_dirs(out)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model: Autoencoder,
+    json_state: dict[str, Any],
+    torch_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically, then drop all but the newest ``keep``."""
+    root = out / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        model.write_files(tmp)
+        rng = rng_state()
+        torch.save({**torch_state, "torch_rng": rng.pop("torch")}, tmp / STATE_PT)
+        (tmp / STATE_JSON).write_text(json.dumps({**json_state, "step": step, "rng": rng}) + "\n")
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(json state, torch state) of a checkpoint; RNG states are restored by ``restore_rng``."""
+    try:
+        json_state = json.loads((path / STATE_JSON).read_text())
+        torch_state = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
+    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
+        raise BaeError(f"checkpoint {path}: unreadable ({exc})".splitlines()[0]) from exc
+    return json_state, torch_state
+
+
+def restore_rng(json_state: dict[str, Any], torch_state: dict[str, Any]) -> None:
+    set_rng_state({**json_state["rng"], "torch": torch_state["torch_rng"]})
