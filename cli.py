@@ -40,10 +40,51 @@ def _not_implemented(stage: str) -> None:
     raise BaeError(f"`bae {stage}` is not implemented yet")
 
 
+def _opt(*decls: str, help: str) -> typer.models.OptionInfo:
+    return typer.Option(*decls, help=help, show_default=False)
+
+
+_Str = str | None
+_Int = int | None
+
+
 @app.command()
-def harvest(config: ConfigOpt = None) -> None:
-    """Run a causal LM over a corpus and cache hidden states of chosen layers in a Zarr store."""
-    _not_implemented("harvest")
+def harvest(
+    config: ConfigOpt = None,
+    output: Annotated[_Str, _opt("--output", "-o", help="Store path or URL [activations.zarr].")] = None,
+    model: Annotated[_Str, _opt("--model", "-m", help="Hub id, local dir, .gguf [SmolLM2].")] = None,
+    model_dtype: Annotated[_Str, _opt("--model-dtype", help="auto|float32|float16|bfloat16.")] = None,
+    device_map: Annotated[_Str, _opt("--device-map", help="accelerate device_map, e.g. auto.")] = None,
+    corpus: Annotated[
+        list[str] | None, _opt("--corpus", help="File, dir, glob or saved dataset; repeatable [builtin].")
+    ] = None,
+    text_field: Annotated[_Str, _opt("--text-field", help="JSON/Parquet text field [text].")] = None,
+    line_docs: Annotated[bool | None, _opt("--line-docs/--file-docs", help="A document per line.")] = None,
+    encoding_errors: Annotated[_Str, _opt("--encoding-errors", help="strict|replace [strict].")] = None,
+    mode: Annotated[_Str, _opt("--mode", help="packed|document [packed].")] = None,
+    context_length: Annotated[_Int, _opt("--context-length", help="Tokens per window [512].")] = None,
+    bos: Annotated[_Str, _opt("--bos", help="auto|always|never: BOS at window start [auto].")] = None,
+    positions: Annotated[_Str, _opt("--positions", help="all|last|list, e.g. 0,8,16 [all].")] = None,
+    layers: Annotated[_Str, _opt("--layers", help="hidden_states indices, e.g. 3,6,9 [n_layers//2].")] = None,
+    store_dtype: Annotated[_Str, _opt("--store-dtype", help="float16|bfloat16|float32 [float16].")] = None,
+    overflow: Annotated[_Str, _opt("--overflow", help="error|clamp beyond the dtype range [error].")] = None,
+    compressor: Annotated[_Str, _opt("--compressor", help="none|zstd [none].")] = None,
+    unit_rows: Annotated[_Int, _opt("--unit-rows", help="Rows per unit/chunk [~4096].")] = None,
+    batch_tokens: Annotated[_Int, _opt("--batch-tokens", help="Tokens per forward batch [8192].")] = None,
+    max_tokens: Annotated[_Int, _opt("--max-tokens", help="Input token budget [all; builtin 65536].")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Run a causal LM over a corpus and cache hidden states of chosen layers in a Zarr store.
+
+    Re-running the same command resumes; launch with `torchrun --nproc_per_node N` for data parallel.
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("config", "progress")}
+    from bae.configs import load_config
+    from bae.pipeline.harvest import HarvestConfig, harvest_command
+
+    status = harvest_command(load_config(HarvestConfig, config, flags), show_progress=progress)
+    if status:
+        raise typer.Exit(status)
 
 
 register_train(app)  # `bae train`: one flag per TrainConfig field (bae/trainer/command.py)
@@ -53,6 +94,20 @@ register_train(app)  # `bae train`: one flag per TrainConfig field (bae/trainer/
 def entropy(config: ConfigOpt = None) -> None:
     """Feature-set entropy per token position (or another grouping) over a whole store."""
     _not_implemented("entropy")
+
+
+@app.command("run")
+def run_pipeline_command(
+    pipeline: Annotated[
+        Path | None, typer.Argument(help="Pipeline file (YAML/TOML/JSON); none = the embedded default.")
+    ] = None,
+    workdir: Annotated[str | None, typer.Option(help="Where outputs go (default: runs/default).")] = None,
+) -> None:
+    """Run harvest -> train -> entropy from one pipeline file, each stage resuming from its output."""
+    from bae.configs import load_config
+    from bae.pipeline.run import PipelineConfig, run_pipeline
+
+    run_pipeline(load_config(PipelineConfig, pipeline, {"workdir": workdir}))
 
 
 StoreArg = Annotated[
@@ -100,10 +155,10 @@ def store_import(
         str | None, typer.Argument(help=".npy, .safetensors or Zarr array of shape [N, d].")
     ] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Store to create.")] = None,
-    layer: Annotated[int | None, typer.Option(help="Layer index to record [default: 0].")] = None,
+    layer: Annotated[int | None, typer.Option(help="Layer index to record (default: 0).")] = None,
     tensor: Annotated[str | None, typer.Option(help="Tensor name in a .safetensors file.")] = None,
     dtype: Annotated[str | None, typer.Option(help="float16 (default), bfloat16 or float32.")] = None,
-    unit_rows: Annotated[int | None, typer.Option(help="Rows per unit/chunk [default: 4096].")] = None,
+    unit_rows: Annotated[int | None, typer.Option(help="Rows per unit/chunk (default: 4096).")] = None,
     overflow: Annotated[str | None, typer.Option(help="error (default) or clamp.")] = None,
     config: ConfigOpt = None,
 ) -> None:

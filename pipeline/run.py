@@ -1,0 +1,141 @@
+"""`bae run`: harvest -> train -> entropy from one pipeline file, each stage resuming from its output.
+
+A pipeline file has a ``workdir`` and one section per stage, each holding that stage's own config
+fields (as in ``bae harvest/train/entropy --config``). The paths that link the stages are derived
+from the workdir: ``<workdir>/activations.zarr``, ``<workdir>/bae-layer<L>/``, ``<workdir>/entropy/``.
+With no file, the embedded default runs: SmolLM2-135M on Python's own docs, one middle layer, a
+short training run, entropy per token position.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from bae.configs import StrictModel, build_config
+from bae.console import print_summary
+from bae.errors import BaeError
+
+Stage = Literal["harvest", "train", "entropy"]
+STAGES: tuple[Stage, ...] = ("harvest", "train", "entropy")
+
+# The embedded default: document mode so that positions are positions in a document (entropy per
+# position needs it), a context short enough for a laptop CPU, and a training run of a few minutes.
+DEFAULT_HARVEST = {"mode": "document", "context_length": 128, "max_tokens": 65_536}
+DEFAULT_TRAIN = {"steps": 1500, "batch_size": 512, "val_every": 500, "checkpoint_every": 250, "log_every": 50}
+DEFAULT_ENTROPY = {"group_by": "position"}
+
+
+class PipelineConfig(StrictModel):
+    """One file for the whole pipeline: a workdir and each stage's own options."""
+
+    workdir: str = Field("runs/default", description="where the store, checkpoints and results go")
+    stages: list[Stage] = Field(list(STAGES), description="stages to run, in pipeline order")
+    harvest: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_HARVEST))
+    train: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_TRAIN))
+    entropy: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_ENTROPY))
+
+
+def _linked(section: dict[str, Any], stage: str, links: dict[str, Any]) -> dict[str, Any]:
+    """A stage's section plus the paths that link it to the others (set by the pipeline, not the file)."""
+    clash = sorted(set(section) & set(links))
+    if clash:
+        raise BaeError(f"pipeline: {stage}.{clash[0]} is set by the pipeline from 'workdir'; remove it")
+    return {**section, **links}
+
+
+def _harvest(cfg: PipelineConfig, store_path: str) -> str:
+    from bae.pipeline.harvest import HarvestConfig, run_harvest
+    from bae.stores import ActivationStore
+
+    harvest_cfg = build_config(
+        HarvestConfig, _linked(cfg.harvest, "harvest", {"output": store_path}), "pipeline harvest"
+    )
+    if Path(store_path).exists():
+        store = ActivationStore.open(store_path)
+        if store.meta.get("config") == harvest_cfg.model_dump(mode="json") and store.done_mask().all():
+            return f"reused {store_path} ({store.n_rows} rows, layers {store.layers})"
+    result = run_harvest(harvest_cfg)
+    if result.interrupted:
+        raise BaeError("harvest interrupted; completed units are recorded, re-run `bae run` to resume")
+    return f"{store_path}: {result.units_written} units written, {result.units_skipped} reused"
+
+
+def _train(cfg: PipelineConfig, store_path: str, workdir: Path) -> list[Path]:
+    from bae.stores import ActivationStore
+    from bae.trainer.config import TrainConfig
+    from bae.trainer.loop import train
+
+    if not Path(store_path).exists():
+        raise BaeError(f"pipeline: no store at {store_path}; run the harvest stage first")
+    store = ActivationStore.open(store_path)
+    layers = [cfg.train["layer"]] if "layer" in cfg.train else store.layers
+    outs = []
+    for layer in layers:
+        section = {k: v for k, v in cfg.train.items() if k != "layer"}
+        train_cfg = build_config(
+            TrainConfig,
+            _linked(section, "train", {"store": store_path, "layer": layer}),
+            "pipeline train",
+        )
+        out = workdir / f"bae-layer{layer}"
+        train(train_cfg, out)
+        outs.append(out)
+    return outs
+
+
+def _entropy(cfg: PipelineConfig, store_path: str, checkpoints: list[Path], workdir: Path) -> Path:
+    from bae.pipeline.entropy import EntropyConfig, run_entropy
+
+    missing = [str(c) for c in checkpoints if not (c / "model").is_dir()]
+    if not checkpoints or missing:
+        raise BaeError(
+            f"pipeline: no trained model in {', '.join(missing) or workdir}; run the train stage first"
+        )
+    links = {"store": store_path, "checkpoints": [str(c / "model") for c in checkpoints]}
+    out = workdir / "entropy"
+    entropy_cfg = build_config(
+        EntropyConfig, _linked(cfg.entropy, "entropy", {**links, "out": str(out)}), "pipeline entropy"
+    )
+    return run_entropy(entropy_cfg).plot
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run the configured stages in order; each one skips or resumes what its output holds."""
+    if [s for s in STAGES if s in cfg.stages] != cfg.stages:
+        raise BaeError(f"pipeline: stages {cfg.stages} must be a subset of {list(STAGES)}, in that order")
+    workdir = Path(cfg.workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BaeError(f"pipeline: cannot create workdir {workdir}: {exc.strerror}") from exc
+    if not _writable(workdir):
+        raise BaeError(f"pipeline: workdir {workdir} is not writable (a read-only volume?)")
+    store_path = str(workdir / "activations.zarr")
+    began = time.perf_counter()
+    summary: dict[str, Any] = {"workdir": str(workdir)}
+    if "harvest" in cfg.stages:
+        summary["harvest"] = _harvest(cfg, store_path)
+    if "train" in cfg.stages:
+        checkpoints = _train(cfg, store_path, workdir)
+    else:
+        checkpoints = sorted(workdir.glob("bae-layer*"))
+    summary["models"] = ", ".join(str(c / "model") for c in checkpoints) or "(none)"
+    if "entropy" in cfg.stages:
+        summary["entropy plot"] = str(_entropy(cfg, store_path, checkpoints, workdir))
+    summary["wall time"] = f"{time.perf_counter() - began:.0f} s"
+    print_summary("bae run", summary)
+    return summary
+
+
+def _writable(path: Path) -> bool:
+    probe = path / ".bae-write-probe"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError:
+        return False
+    return True
