@@ -1,0 +1,133 @@
+"""``bae features`` options: one ``FeaturesConfig`` (with an ``interpret`` section), recorded in every output.
+
+Each output file records the fields that shaped it (``stage_config``), so a re-run with the same
+options reuses it and a re-run with different ones is refused with the differing fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from bae.configs import StrictModel, require_same_config
+from bae.errors import BaeError
+
+
+class InterpretConfig(StrictModel):
+    """ComSem interpretation (BAE_METHOD.md §4) and the LLM that does it."""
+
+    backend: Literal["openai", "transformers"] = Field(
+        default="openai",
+        description="openai: any OpenAI-compatible chat endpoint; transformers: a local model",
+    )
+    model: str = Field(
+        default="gpt-4o-mini", description="chat model name, or a local model dir/.gguf/hub id"
+    )
+    base_url: str | None = Field(
+        default=None, description="endpoint base URL (…/v1); default: $BAE_LLM_BASE_URL"
+    )
+    api_key_env: str = Field(default="BAE_LLM_API_KEY", description="environment variable holding the key")
+    features_per_token: int = Field(
+        default=10, ge=1, description="each token is assigned to its top-N features"
+    )
+    min_samples: int = Field(default=6, ge=1, description="fewest assigned samples to interpret a feature")
+    n_explain: int = Field(default=5, ge=1, description="top-scoring samples shown to the explainer")
+    n_test: int = Field(default=8, ge=1, description="further assigned samples the judge sees (at most)")
+    n_negative: int = Field(default=4, ge=0, description="non-assigned samples the judge sees")
+    threshold: float = Field(default=0.5, ge=0, le=1, description="interpretable: score > threshold")
+    max_features: int | None = Field(
+        default=None, ge=1, description="interpret at most this many eligible features (a seeded sample)"
+    )
+    negative_pool: int = Field(default=512, ge=1, description="random tokens kept as negative candidates")
+    temperature: float = 0.0
+    max_tokens: int = Field(default=40, ge=1, description="longest answer (tokens)")
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, description="retries of a failed request")
+    backoff_s: float = Field(default=1.0, ge=0, description="first retry delay; doubles each retry")
+    max_backoff_s: float = Field(default=30.0, ge=0)
+    requests_per_second: float | None = Field(default=None, gt=0, description="rate limit (None: none)")
+    concurrency: int = Field(default=4, ge=1, description="requests in flight")
+    cache_dir: str | None = Field(default=None, description="prompt/answer cache [<out>/llm_cache]")
+
+
+class FeaturesConfig(StrictModel):
+    """Frequencies, top contexts, interpretation and comparison of autoencoder features over a store."""
+
+    store: str | None = Field(default=None, description="activation store (path or URL)")
+    checkpoint: str | None = Field(default=None, description="autoencoder (model dir or `bae train` out)")
+    checkpoints: list[str] = Field(default_factory=list, description="for compare: autoencoders to compare")
+    out: str = Field(default="features", description="output directory")
+    layer: int | None = Field(default=None, description="store layer [the checkpoint's layer]")
+    valid_only: bool = True
+    split: Literal["train", "val"] | None = Field(
+        default=None, description="only one split of the documents (the trainer's split) [all rows]"
+    )
+    val_fraction: float = Field(default=0.1, ge=0, le=1)
+    split_seed: int = 0
+    max_rows: int | None = Field(
+        default=None, ge=1, description="use only the first units up to this many rows"
+    )
+    batch_rows: int = Field(default=1024, ge=1, description="rows encoded at once (bounds memory)")
+    scheduler: str | None = Field(default=None, description="dask scheduler address [local threads]")
+    dense_thresholds: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.5])
+    top_k: int = Field(default=20, ge=1, description="contexts kept per feature")
+    context_before: int = Field(default=16, ge=0, description="tokens shown before the active one")
+    context_after: int = Field(default=4, ge=0, description="tokens shown after the active one")
+    z_score: bool = Field(default=False, description="SAE scores: activation z-scored per feature")
+    seed: int = Field(default=0, description="tie-breaking and sampling seed")
+    tokenizer: str | None = Field(default=None, description="tokenizer to decode with [the store's model]")
+    report_max_features: int = Field(default=2000, ge=1, description="features listed in report.html")
+    interpret: InterpretConfig = Field(default_factory=InterpretConfig)
+
+    @field_validator("dense_thresholds")
+    @classmethod
+    def _thresholds(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < t < 1 for t in v):
+            raise ValueError("expected one or more thresholds in (0, 1)")
+        return sorted(set(v))
+
+    def need(self, field: str) -> Any:
+        """A field the command cannot run without (BaeError naming it)."""
+        value = getattr(self, field)
+        if value in (None, []):
+            raise BaeError(f"no {field} given: pass --{field.replace('_', '-')} or set `{field}` in --config")
+        return value
+
+    def for_checkpoint(self, checkpoint: str, out: str | Path) -> FeaturesConfig:
+        """This config applied to one of the compared checkpoints."""
+        return self.model_copy(update={"checkpoint": checkpoint, "checkpoints": [], "out": str(out)})
+
+    def stage_config(self, stage: str) -> dict[str, Any]:
+        """The fields that shape one stage's output (what a re-run must match)."""
+        data = self.model_dump(mode="json", exclude={"out", "scheduler", "checkpoints"})
+        scan = {
+            "store",
+            "checkpoint",
+            "layer",
+            "valid_only",
+            "split",
+            "val_fraction",
+            "split_seed",
+            "max_rows",
+        }
+        if stage == "frequency":
+            keep = scan | {"dense_thresholds"}
+        elif stage == "contexts":
+            keep = scan | {"top_k", "z_score", "seed", "interpret"}
+            data["interpret"] = {
+                k: data["interpret"][k]
+                for k in ("features_per_token", "n_explain", "n_test", "negative_pool")
+            }
+        else:
+            keep = set(data)
+        return {k: v for k, v in data.items() if k in keep}
+
+
+def check_recorded(what: str, recorded: dict[str, Any] | None, config: FeaturesConfig, stage: str) -> bool:
+    """True if an output recorded with ``recorded`` can be reused; BaeError if it differs."""
+    if recorded is None:
+        return False
+    require_same_config(what, recorded, config.stage_config(stage))
+    return True

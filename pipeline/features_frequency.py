@@ -1,0 +1,229 @@
+"""Firing frequency of every feature over a store: dense and dead counts, BAE oriented frequency,
+a log-scale histogram, and a per-feature JSON/CSV table (BAE_METHOD.md §4).
+
+One dask pass over the store gathers, per feature, how many rows fire it and the sum and sum of
+squares of its code (SAE activations, for z-scoring), plus the reconstruction error for FVU.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bae.console import human_count, print_summary
+from bae.errors import BaeError
+from bae.pipeline.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text, read_json
+from bae.pipeline.features_config import FeaturesConfig, check_recorded
+from bae.pipeline.features_scan import ScanSpec, encode, map_reduce_units, reconstruct, scan_spec
+
+FREQUENCY_JSON = "frequency.json"
+DEAD_MIN_ROWS = 1_000_000
+
+
+@dataclass
+class FeatureStats:
+    """Sums over rows: firing counts and code moments per feature, reconstruction error, input moments."""
+
+    rows: int
+    counts: np.ndarray  # int64 [F]
+    code_sum: np.ndarray  # float64 [F]
+    code_sq: np.ndarray  # float64 [F]
+    sse: float
+    x_sum: np.ndarray  # float64 [d]
+    x_sq: np.ndarray  # float64 [d]
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        return FeatureStats(
+            self.rows + other.rows,
+            self.counts + other.counts,
+            self.code_sum + other.code_sum,
+            self.code_sq + other.code_sq,
+            self.sse + other.sse,
+            self.x_sum + other.x_sum,
+            self.x_sq + other.x_sq,
+        )
+
+    @property
+    def frequency(self) -> np.ndarray:
+        return self.counts / max(self.rows, 1)
+
+    @property
+    def fvu(self) -> float:
+        """Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over all rows, in raw hidden-state space."""
+        variance = float((self.x_sq - self.x_sum**2 / max(self.rows, 1)).sum())
+        return self.sse / max(variance, 1e-30)
+
+    @property
+    def mean_l0(self) -> float:
+        return float(self.counts.sum()) / max(self.rows, 1)
+
+    def code_mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature mean and standard deviation of the code (std 1 where it is 0)."""
+        n = max(self.rows, 1)
+        mean = self.code_sum / n
+        std = np.sqrt(np.maximum(self.code_sq / n - mean**2, 0.0))
+        return mean, np.where(std > 1e-12, std, 1.0)
+
+
+def stats_partial(spec: ScanSpec, unit: int) -> FeatureStats:
+    """FeatureStats of one store unit."""
+    _, model = spec.open()
+    f, d = model.n_bits, model.config.d_model
+    stats = FeatureStats(0, np.zeros(f, np.int64), np.zeros(f), np.zeros(f), 0.0, np.zeros(d), np.zeros(d))
+    for x, _ in spec.batches(unit):
+        bits, code, decoder_input = encode(model, x)
+        err = (x - reconstruct(model, decoder_input)).double()
+        xd = x.double()
+        stats = stats.merge(
+            FeatureStats(
+                len(x),
+                bits.sum(0).numpy().astype(np.int64),
+                code.double().sum(0).numpy(),
+                code.double().pow(2).sum(0).numpy(),
+                float(err.pow(2).sum()),
+                xd.sum(0).numpy(),
+                xd.pow(2).sum(0).numpy(),
+            )
+        )
+    return stats
+
+
+def compute_stats(spec: ScanSpec, scheduler: str | None, show_progress: bool = True) -> FeatureStats:
+    stats = map_reduce_units(
+        spec.units,
+        functools.partial(stats_partial, spec),
+        FeatureStats.merge,
+        scheduler,
+        "features: frequencies",
+        show_progress,
+    )
+    if stats.rows == 0:
+        raise BaeError(f"store {spec.store} layer {spec.layer}: no rows pass the filters")
+    return stats
+
+
+def summarize(freq: np.ndarray, rows: int, architecture: str, thresholds: list[float]) -> dict[str, Any]:
+    """Dense counts per threshold, dead count, and for a BAE the same on the oriented frequency."""
+    summary: dict[str, Any] = {"rows": rows, "features": len(freq), "architecture": architecture}
+    for t in thresholds:
+        summary[f"dense>{t:g}"] = int((freq > t).sum())
+    summary["dead"] = int((freq == 0).sum())
+    summary["dead_reliable"] = rows >= DEAD_MIN_ROWS
+    if architecture == "bae":
+        oriented = np.minimum(freq, 1 - freq)
+        for t in thresholds:
+            if t < 0.5:
+                summary[f"oriented_dense>{t:g}"] = int((oriented > t).sum())
+        summary["always_on"] = int((freq == 1).sum())
+        summary["constant"] = int((oriented == 0).sum())
+    return summary
+
+
+def frequency_csv(freq: np.ndarray, architecture: str, counts: np.ndarray) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    oriented = architecture == "bae"
+    writer.writerow(["feature", "count", "frequency", *(["oriented_frequency"] if oriented else [])])
+    for j, (c, f) in enumerate(zip(counts.tolist(), freq.tolist())):
+        writer.writerow([j, c, f"{f:.8g}", *([f"{min(f, 1 - f):.8g}"] if oriented else [])])
+    return buffer.getvalue()
+
+
+def plot_histogram(
+    freq: np.ndarray, architecture: str, summary: dict[str, Any], path: Path, title: str = ""
+) -> None:
+    """Histogram of log10 firing frequency (dead features noted in the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    floor = 1.0 / max(summary["rows"], 2)
+    bins = np.linspace(math.log10(floor), 0, 61)
+    series = [("frequency", freq)]
+    if architecture == "bae":
+        series.append(("oriented min(f, 1-f)", np.minimum(freq, 1 - freq)))
+    for label, values in series:
+        live = values[values > 0]
+        ax.hist(np.log10(live), bins=bins, alpha=0.6, label=f"{label} ({len(values) - len(live)} at 0)")
+    for t in summary_thresholds(summary):
+        ax.axvline(math.log10(t), color="k", linestyle=":", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("features")
+    ax.set_title(
+        title or f"{architecture}: {summary['features']} features over {human_count(summary['rows'])} rows"
+    )
+    ax.legend()
+    atomic_savefig(fig, path)
+    plt.close(fig)
+
+
+def summary_thresholds(summary: dict[str, Any]) -> list[float]:
+    return [float(k.split(">")[1]) for k in summary if k.startswith("dense>")]
+
+
+@dataclass
+class FrequencyResult:
+    summary: dict[str, Any]
+    frequency: np.ndarray
+    fvu: float
+    mean_l0: float
+    code_mean: np.ndarray
+    code_std: np.ndarray
+
+
+def run_frequency(
+    config: FeaturesConfig, show_progress: bool = True, spec: ScanSpec | None = None, quiet: bool = False
+) -> FrequencyResult:
+    """``bae features frequency``: reuse ``<out>/frequency.json`` if made with these options, else compute."""
+    out = Path(config.out)
+    path = out / FREQUENCY_JSON
+    recorded = read_json(path)
+    if check_recorded(f"frequency output {path}", recorded and recorded["config"], config, "frequency"):
+        result = FrequencyResult(
+            recorded["summary"],
+            np.asarray(recorded["frequency"]),
+            recorded["fvu"],
+            recorded["mean_l0"],
+            np.asarray(recorded["code_mean"]),
+            np.asarray(recorded["code_std"]),
+        )
+    else:
+        spec = spec or scan_spec(config)
+        _, model = spec.open()
+        stats = compute_stats(spec, config.scheduler, show_progress)
+        freq = stats.frequency
+        summary = summarize(freq, stats.rows, model.architecture, config.dense_thresholds)
+        summary.update(fvu=stats.fvu, mean_l0=stats.mean_l0)
+        mean, std = stats.code_mean_std()
+        result = FrequencyResult(summary, freq, stats.fvu, stats.mean_l0, mean, std)
+        plot_histogram(freq, model.architecture, summary, out / "frequency_hist.png")
+        atomic_write_text(out / "frequency.csv", frequency_csv(freq, model.architecture, stats.counts))
+        atomic_write_json(
+            path,
+            {
+                "config": config.stage_config("frequency"),
+                "summary": summary,
+                "fvu": stats.fvu,
+                "mean_l0": stats.mean_l0,
+                "counts": stats.counts.tolist(),
+                "frequency": freq.tolist(),
+                "code_mean": mean.tolist(),
+                "code_std": std.tolist(),
+            },
+        )  # written last: its presence means the stage is complete
+    if not quiet:
+        rows = {k: v for k, v in result.summary.items() if k not in ("dead_reliable",)}
+        if not result.summary["dead_reliable"]:
+            rows["dead"] = f"{rows['dead']} (over fewer than {human_count(DEAD_MIN_ROWS)} rows)"
+        print_summary(f"bae features frequency -> {out}", rows)
+    return result
