@@ -74,6 +74,7 @@ class TrainConfig(StrictModel):
     grad_clip: float | None = Field(None, gt=0)
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    cpu: bool = False
     # bookkeeping
     log_every: int = Field(100, ge=1)
     val_every: int = Field(1000, ge=1)

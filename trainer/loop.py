@@ -230,11 +230,23 @@ def check_resumable(ckpt: Path, config: TrainConfig, d_model: int, out: Path) ->
     return {"json": json_state, "torch": torch_state}
 
 
-def train(config: TrainConfig, out: str | Path, show_progress: bool = True) -> dict[str, Any]:
-    """Train (or resume training) into ``out``; returns the final summary."""
+def ranks_agree(accelerator: Accelerator, model: Autoencoder) -> bool:
+    """Whether every process holds the same weights (exact fingerprints, gathered)."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    fingerprint = torch.stack([flat.sum(), (flat * torch.arange(len(flat), dtype=flat.dtype)).sum()])
+    gathered = accelerator.gather(fingerprint.to(accelerator.device).unsqueeze(0))
+    return bool((gathered == gathered[0]).all())
+
+
+def train(
+    config: TrainConfig, out: str | Path, show_progress: bool = True
+) -> tuple[Autoencoder, dict[str, Any]]:
+    """Train (or resume training) into ``out``; returns the model and the final summary."""
     out = Path(out)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, log_with=config.log_with,
-                              project_dir=str(out))
+    # accelerate forms a CPU process group (gloo, under torchrun) only when told cpu=True
+    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    accelerator = Accelerator(cpu=config.cpu or no_gpu, mixed_precision=config.mixed_precision,
+                              log_with=config.log_with, project_dir=str(out))
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     store, sampler, val_sampler = open_training_data(config, rank, world)
@@ -278,7 +290,7 @@ def train(config: TrainConfig, out: str | Path, show_progress: bool = True) -> d
         summary = {"status": "already complete", "steps": step, "tokens": tokens, "out": str(out)}
         if main:
             print_summary(f"bae train: {out}", summary)
-        return summary
+        return model, summary
 
     out.mkdir(parents=True, exist_ok=True)
     log = JsonlLog(out / LOG_FILE, step if resumed else None) if main else None
@@ -313,7 +325,7 @@ def train(config: TrainConfig, out: str | Path, show_progress: bool = True) -> d
     t_log, tokens_log = time.perf_counter(), tokens
     batches: Iterator[torch.Tensor] = iter(sampler)
     last_ckpt = step
-    with StopRequested() as stop:
+    with StopRequested() as stop, bar:
         while step < total_steps:
             x = model.normalize(next(batches).to(accelerator.device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
@@ -353,9 +365,9 @@ def train(config: TrainConfig, out: str | Path, show_progress: bool = True) -> d
             if signum:
                 if last_ckpt != step:
                     checkpoint()
-                bar.close()
                 raise SystemExit(128 + signum)
-    bar.close()
+    if world > 1 and not ranks_agree(accelerator, model):
+        raise BaeError(f"training run {out}: processes ended with different weights")
     if main:
         model.save_pretrained(out / MODEL_DIR)
     accelerator.wait_for_everyone()
@@ -369,5 +381,5 @@ def train(config: TrainConfig, out: str | Path, show_progress: bool = True) -> d
     }
     if main:
         print_summary(f"bae train: {out}", summary)
-    return summary
+    return model, summary
 
