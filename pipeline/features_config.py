@@ -100,9 +100,10 @@ class FeaturesConfig(StrictModel):
         return self.model_copy(update={"checkpoint": checkpoint, "checkpoints": [], "out": str(out)})
 
     def stage_config(self, stage: str) -> dict[str, Any]:
-        """The fields that shape one stage's output (what a re-run must match)."""
-        data = self.model_dump(mode="json", exclude={"out", "scheduler", "checkpoints"})
-        scan = {
+        """The fields that shape one stage's output (what a re-run must match); operational ones
+        (output path, scheduler, batch size, retries, concurrency, cache) are left out."""
+        data = self.model_dump(mode="json")
+        scan = [
             "store",
             "checkpoint",
             "layer",
@@ -111,18 +112,26 @@ class FeaturesConfig(StrictModel):
             "val_fraction",
             "split_seed",
             "max_rows",
-        }
-        if stage == "frequency":
-            keep = scan | {"dense_thresholds"}
-        elif stage == "contexts":
-            keep = scan | {"top_k", "z_score", "seed", "interpret"}
-            data["interpret"] = {
-                k: data["interpret"][k]
-                for k in ("features_per_token", "n_explain", "n_test", "negative_pool")
-            }
-        else:
-            keep = set(data)
-        return {k: v for k, v in data.items() if k in keep}
+        ]
+        contexts = ["top_k", "z_score", "seed", "tokenizer", "context_before", "context_after"]
+        sampling = ["features_per_token", "n_explain", "n_test", "n_negative", "negative_pool"]
+        judging = [
+            "backend",
+            "model",
+            "min_samples",
+            "threshold",
+            "max_features",
+            "temperature",
+            "max_tokens",
+        ]
+        keep = {"frequency": [*scan, "dense_thresholds"], "contexts": scan + contexts}.get(
+            stage, [*scan, *contexts, "dense_thresholds"]
+        )
+        picked = {k: data[k] for k in keep}
+        if stage != "frequency":
+            fields = sampling if stage == "contexts" else sampling + judging
+            picked["interpret"] = {k: data["interpret"][k] for k in fields}
+        return picked
 
 
 def check_recorded(what: str, recorded: dict[str, Any] | None, config: FeaturesConfig, stage: str) -> bool:
