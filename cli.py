@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from bae.stores import ActivationStore
 
 from bae.errors import BaeError
+from bae.pipeline.features_command import register as register_features
 from bae.trainer.command import register as register_train
 
 app = typer.Typer(
@@ -88,6 +89,7 @@ def harvest(
 
 
 register_train(app)  # `bae train`: one flag per TrainConfig field (bae/trainer/command.py)
+register_features(app)  # `bae features frequency|contexts|interpret|compare` (pipeline/features_command.py)
 
 
 @app.command()
