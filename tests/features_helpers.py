@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,12 @@ def save_tokenizer(directory: Path) -> Path:
 
 
 def make_text_store(
-    path: Path, tokenizer_dir: Path | None, d: int = 16, unit_rows: int = 64, seed: int = 0
+    path: Path,
+    tokenizer_dir: Path | None,
+    d: int = 16,
+    unit_rows: int = 64,
+    seed: int = 0,
+    constant: bool = False,
 ) -> tuple[ActivationStore, dict]:
     """Documents of real token ids (BOS first, invalid); each state = a per-token-id vector + noise."""
     from transformers import AutoTokenizer
@@ -52,6 +60,8 @@ def make_text_store(
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((int(token_ids.max()) + 1, d)).astype(np.float32)
     states = table[token_ids] + 0.1 * rng.standard_normal((n, d)).astype(np.float32)
+    if constant:  # every row the same state: every score ties
+        states[:] = states[0]
     layout = StoreLayout(n_rows=n, unit_rows=unit_rows, d_model=d, layers=[LAYER], dtype="float32")
     model = {"id": str(tokenizer_dir), "revision": None} if tokenizer_dir is not None else None
     store = ActivationStore.create(
@@ -90,3 +100,60 @@ def save_autoencoder(
         {"layer": LAYER, "d_model": d},
     )
     return model.save_pretrained(path)
+
+
+class ChatServer:
+    """Answers /v1/chat/completions deterministically; fails the first ``fail_first`` requests with 503."""
+
+    def __init__(self, fail_first: int = 0, key: str | None = None):
+        self.bodies: list[dict] = []
+        self.fail_first, self.key = fail_first, key
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.bodies.append(body)
+                if server.key and self.headers.get("Authorization") != f"Bearer {server.key}":
+                    return self._send(401, {"error": "bad key"})
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, {"error": "no such route"})
+                if len(server.bodies) <= server.fail_first:
+                    return self._send(503, {"error": "warming up"})
+                return self._send(
+                    200, {"choices": [{"message": {"role": "assistant", "content": server.answer(body)}}]}
+                )
+
+            def _send(self, code, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @staticmethod
+    def answer(body: dict) -> str:
+        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+        if system.startswith("You explain"):
+            return "**Explanation:** Words with the letter e."
+        token = user.split("Sample: token ", 1)[1].split(" (position", 1)[0]
+        return "Yes." if "e" in token else "no"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

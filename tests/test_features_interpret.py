@@ -3,74 +3,15 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from features_helpers import make_text_store, save_autoencoder, save_tokenizer
+from features_helpers import ChatServer, make_text_store, save_autoencoder, save_tokenizer
 
 from bae.errors import BaeError
 from bae.pipeline.features_config import FeaturesConfig
 from bae.pipeline.interpret import run_interpret
 from bae.pipeline.llm_client import clean_explanation, parse_yes_no
-
-
-class ChatServer:
-    """Answers /v1/chat/completions deterministically; fails the first ``fail_first`` requests with 503."""
-
-    def __init__(self, fail_first: int = 0, key: str | None = None):
-        self.bodies: list[dict] = []
-        self.fail_first, self.key = fail_first, key
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.bodies.append(body)
-                if server.key and self.headers.get("Authorization") != f"Bearer {server.key}":
-                    return self._send(401, {"error": "bad key"})
-                if self.path != "/v1/chat/completions":
-                    return self._send(404, {"error": "no such route"})
-                if len(server.bodies) <= server.fail_first:
-                    return self._send(503, {"error": "warming up"})
-                return self._send(
-                    200, {"choices": [{"message": {"role": "assistant", "content": server.answer(body)}}]}
-                )
-
-            def _send(self, code, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @staticmethod
-    def answer(body: dict) -> str:
-        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
-        if system.startswith("You explain"):
-            return "**Explanation:** Words with the letter e."
-        token = user.split("Sample: token ", 1)[1].split(" (position", 1)[0]
-        return "Yes." if "e" in token else "no"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
