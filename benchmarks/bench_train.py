@@ -1,0 +1,154 @@
+"""Benchmark `bae train` at d=576, d'=2304, batch 512 (CPU).
+
+Prints, all measured in this run:
+  * rows/s training from the Zarr store (the real `train` loop) vs from the same rows held in
+    memory (same model, objective and optimizer, batches sliced from a tensor) -> ratio, target >= 0.95;
+  * the achieved fraction of the step's matmul roofline: the step's GEMMs timed alone
+    (encoder/decoder forward + both backward GEMMs each, the covariance GEMM and its backward)
+    divided by the measured step time;
+  * peak RSS of training from a store vs from a 4x larger store (must not grow with the store;
+    the shuffle buffer is set to 16384 rows here, smaller than both stores).
+
+Each measurement runs in a fresh subprocess so peak RSS is its own.
+    python benchmarks/bench_train.py [--rows 32768] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+D, EXPANSION, BATCH = 576, 4, 512
+
+
+def make_store(path: Path, n_rows: int) -> None:
+    from bae.stores import ActivationStore, StoreLayout
+
+    rng = np.random.default_rng(0)
+    layout = StoreLayout(n_rows=n_rows, unit_rows=4096, d_model=D, layers=[1], dtype="float16")
+    store = ActivationStore.create(path, layout, attrs={"config": {"bench": n_rows}})
+    for u in range(layout.n_units):
+        a, b = layout.unit_range(u)
+        rows = np.arange(a, b)
+        x = rng.standard_normal((b - a, D), dtype=np.float32)
+        store.write_unit(u, layers={1: x}, token_ids=rows % 1000, doc_ids=rows // 256,
+                         positions=rows % 256, valid=np.ones(b - a, bool))
+
+
+def config(store: Path, steps: int):
+    from bae.trainer.config import TrainConfig
+
+    return TrainConfig(store=str(store), layer=1, steps=steps, batch_size=BATCH, expansion=EXPANSION,
+                       val_fraction=0.0, log_every=steps, checkpoint_every=10**9,
+                       entropy_start_steps=0, buffer_rows=16384)
+
+
+def child_store(store: Path, steps: int) -> dict:
+    from bae.trainer.loop import LOG_FILE, train
+
+    with tempfile.TemporaryDirectory() as out:
+        train(config(store, steps), out, show_progress=False)
+        last = json.loads((Path(out) / LOG_FILE).read_text().splitlines()[-1])
+    return {"rows_per_s": last["tokens_per_s"]}
+
+
+def child_memory(store: Path, steps: int) -> dict:
+    from bae.stores import ActivationStore
+    from bae.trainer.models import build_autoencoder
+    from bae.trainer.objectives import Objective
+
+    cfg = config(store, steps)
+    s = ActivationStore.open(str(store))
+    data = torch.from_numpy(s.read_layer(1, 0, s.n_rows))
+    torch.manual_seed(0)
+    model = build_autoencoder(cfg.autoencoder_config(D))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    objective = Objective("bae", cfg.lambda_entropy, cfg.lambda_covariance)
+    order = torch.randperm(len(data))
+
+    def step(i: int) -> None:
+        x = data[order[(i * BATCH) % (len(data) - BATCH):][:BATCH]]
+        opt.zero_grad(set_to_none=True)
+        loss, _ = objective(x, model(x), entropy_on=True)
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return {"rows_per_s": steps * BATCH / (time.perf_counter() - t0),
+            "step_s": (time.perf_counter() - t0) / steps}
+
+
+def gemm_time(repeats: int) -> tuple[float, float]:
+    """Seconds and FLOPs of one training step's GEMMs, timed alone (best of ``repeats``)."""
+    n, d, f = BATCH, D, D * EXPANSION
+    x, w_enc, w_dec = torch.randn(n, d), torch.randn(f, d), torch.randn(d, f)
+    h, g_out, g_h = torch.randn(n, f), torch.randn(n, d), torch.randn(n, f)
+    g_cov = torch.randn(f, f)
+    gemms = [
+        lambda: x @ w_enc.T, lambda: h @ w_dec.T,            # forward
+        lambda: g_out @ w_dec, lambda: g_out.T @ h,          # decoder backward
+        lambda: g_h @ w_enc, lambda: g_h.T @ x,              # encoder backward
+        lambda: h.T @ h, lambda: h @ g_cov, lambda: h @ g_cov.T,  # covariance and its backward
+    ]
+    flops = 2 * (2 * n * d * f * 3 + 3 * n * f * f)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for g in gemms:
+            g()
+        best = min(best, time.perf_counter() - t0)
+    return best, flops
+
+
+def run_child(kind: str, store: Path, steps: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--store", str(store),
+                           "--steps", str(steps)], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--child", choices=["store", "memory"])
+    ap.add_argument("--store", type=Path)
+    args = ap.parse_args()
+    if args.child:
+        result = (child_store if args.child == "store" else child_memory)(args.store, args.steps)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        small, large = Path(tmp) / "small.zarr", Path(tmp) / "large.zarr"
+        make_store(small, args.rows)
+        make_store(large, 4 * args.rows)
+        from_store = run_child("store", small, args.steps)
+        memory = run_child("memory", small, args.steps)
+        from_large = run_child("store", large, args.steps)
+    gemm_s, flops = gemm_time(5)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={D} d'={D * EXPANSION} "
+          f"batch {BATCH}, {args.steps} steps, λ_H and λ_D on")
+    print(f"in memory      : {memory['rows_per_s']:8.0f} rows/s  ({memory['step_s'] * 1e3:.0f} ms/step)")
+    print(f"from Zarr store: {from_store['rows_per_s']:8.0f} rows/s  "
+          f"ratio {from_store['rows_per_s'] / memory['rows_per_s']:.3f} (target >= 0.95)")
+    print(f"step GEMMs alone: {gemm_s * 1e3:.0f} ms ({flops / gemm_s / 1e9:.1f} GFLOP/s); "
+          f"fraction of the step's matmul roofline achieved: {gemm_s / memory['step_s']:.2f}")
+    mib = args.rows * D * 2 / 2**20
+    print(f"peak RSS: store {mib:.0f} MiB -> {from_store['peak_rss_mib']:.0f} MiB; "
+          f"store {4 * mib:.0f} MiB -> {from_large['peak_rss_mib']:.0f} MiB "
+          f"(in-memory baseline {memory['peak_rss_mib']:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
