@@ -118,7 +118,7 @@ class StoreSampler:
         layer: int,
         batch_size: int,
         seed: int = 0,
-        buffer_rows: int = 1 << 18,
+        buffer_rows: int = 1 << 16,
         valid_only: bool = True,
         positions: Iterable[int] | None = None,
         split: str | None = None,

@@ -46,7 +46,7 @@ class TrainConfig(StrictModel):
     split_seed: int = 0
     standardize: bool = False
     standardize_rows: int | None = Field(1_000_000, ge=2)
-    buffer_rows: int = Field(1 << 18, ge=1)
+    buffer_rows: int = Field(1 << 16, ge=1, description="rows shuffled together; memory ~ 3 x rows x d x 4 B")
     prefetch: int = Field(2, ge=1)
     # model
     architecture: Architecture = "bae"
