@@ -255,6 +255,11 @@ class UnitWriter:
         return self.store.write_unit(unit, layers=values, **row_arrays)
 
 
+def process_state() -> PartialState:
+    """This process's rank and world, from torchrun / accelerate launch (gloo on CPU-only machines)."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _open_store(
     cfg: HarvestConfig, state: PartialState, layout: StoreLayout, attrs: dict, documents: dict
 ) -> ActivationStore:
@@ -285,7 +290,7 @@ def _pending_bytes(output: str, layout: StoreLayout) -> int:
 def run_harvest(cfg: HarvestConfig, show_progress: bool = True) -> HarvestResult:
     """Plan, create or resume the store, and write this process's pending units."""
     began = time.perf_counter()
-    state = PartialState()
+    state = process_state()
     corpus = load_corpus(cfg.corpus, cfg.text_field, cfg.line_docs, cfg.encoding_errors)
     loaded = load_model(cfg.model, cfg.model_dtype, state.device, cfg.device_map)
     layers = check_layers(cfg.layers if cfg.layers is not None else [loaded.n_layers // 2], loaded.n_layers)
@@ -394,7 +399,7 @@ def harvest_command(cfg: HarvestConfig, show_progress: bool = True) -> int:
     """Run a harvest as the CLI does: summary on the main process, exit status 130 if interrupted."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = run_harvest(cfg, show_progress)
-    state = PartialState()
+    state = process_state()
     if result.interrupted:
         print(
             f"interrupted: {result.units_written} units written by rank {state.process_index}; "
