@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import transformers
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from pydantic import Field, field_validator
@@ -398,6 +399,7 @@ def run_harvest(cfg: HarvestConfig, show_progress: bool = True) -> HarvestResult
 def harvest_command(cfg: HarvestConfig, show_progress: bool = True) -> int:
     """Run a harvest as the CLI does: summary on the main process, exit status 130 if interrupted."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.utils.logging.disable_progress_bar()  # our own bar reports the harvest
     result = run_harvest(cfg, show_progress)
     state = process_state()
     if result.interrupted:
