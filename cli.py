@@ -37,10 +37,6 @@ ConfigOpt = Annotated[
 ]
 
 
-def _not_implemented(stage: str) -> None:
-    raise BaeError(f"`bae {stage}` is not implemented yet")
-
-
 def _opt(*decls: str, help: str) -> typer.models.OptionInfo:
     return typer.Option(*decls, help=help, show_default=False)
 
@@ -93,9 +89,34 @@ register_features(app)  # `bae features frequency|contexts|interpret|compare` (p
 
 
 @app.command()
-def entropy(config: ConfigOpt = None) -> None:
+def entropy(
+    config: ConfigOpt = None,
+    store: Annotated[_Str, _opt("--store", "-s", help="Activation store (path or URL).")] = None,
+    checkpoint: Annotated[
+        list[str] | None,
+        _opt("--checkpoint", help="Autoencoder dir; repeatable: one per layer or per (layer, positions)."),
+    ] = None,
+    out: Annotated[_Str, _opt("--out", "-o", help="Output directory (default: entropy).")] = None,
+    group_by: Annotated[
+        _Str, _opt("--group-by", help="position|document|token|all|a per-document field (default: position).")
+    ] = None,
+    positions: Annotated[_Str, _opt("--positions", help="Only these positions, e.g. 0-63 or 0,8,16.")] = None,
+    split: Annotated[_Str, _opt("--split", help="train|val split of the documents (default: all).")] = None,
+    bootstrap: Annotated[_Int, _opt("--bootstrap", help="Bootstrap replicates over documents [0].")] = None,
+    joint_max_bits: Annotated[_Int, _opt("--joint-max-bits", help="Joint plug-in up to d' bits [20].")] = (
+        None
+    ),
+    batch_rows: Annotated[_Int, _opt("--batch-rows", help="Rows encoded at once [4096].")] = None,
+    scheduler: Annotated[_Str, _opt("--scheduler", help="dask scheduler (default: local threads).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
     """Feature-set entropy per token position (or another grouping) over a whole store."""
-    _not_implemented("entropy")
+    flags = {k: v for k, v in locals().items() if k not in ("config", "progress", "checkpoint")}
+    from bae.configs import load_config
+    from bae.pipeline.entropy import EntropyConfig, run_entropy
+
+    flags["checkpoints"] = checkpoint or None
+    run_entropy(load_config(EntropyConfig, config, flags), show_progress=progress)
 
 
 @app.command("run")

@@ -1,0 +1,324 @@
+"""``bae entropy``: feature-set entropy of a store's hidden states per group (BAE_METHOD.md §3).
+
+For each checkpoint (one BAE per layer, or per (layer, positions) when the checkpoint records the
+positions it was trained on) one dask pass counts, per group and bit, the rows with the bit set
+(``bae.pipeline.reductions``); ``entropy_estimates`` turns counts into Ĥ, the log2 n ceiling, the
+varying bits, a bootstrap interval and the joint plug-in cross-check. Outputs in ``--out``:
+``entropy.csv``, ``entropy.parquet``, ``entropy.png``, ``entropy_config.json``, and ``partials/``
+(per-unit counts a killed run continues from).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from bae.configs import StrictModel, require_same_config
+from bae.console import print_summary
+from bae.errors import BaeError
+from bae.pipeline.atomic_files import atomic_write_bytes, atomic_write_json, read_json
+from bae.pipeline.entropy_estimates import estimate_columns
+from bae.pipeline.entropy_plot import plot_entropy
+from bae.pipeline.reductions import ConstantKey, CountSpec, DocumentKey, GroupKey, RowKey, count_groups
+from bae.stores import ActivationStore, RowFilter
+
+ROW_GROUPINGS = {"position": "positions", "document": "doc_ids", "token": "token_ids"}
+CONFIG_JSON = "entropy_config.json"
+OPERATIONAL = ("out", "scheduler", "batch_rows")
+
+
+def parse_positions(spec: str | list[int] | None) -> list[int] | None:
+    """``"0-63"``, ``"0,8,16-31"`` or a list -> sorted unique positions (None: every position)."""
+    if spec is None or isinstance(spec, list):
+        return None if spec is None else sorted(set(spec))
+    out: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"positions {spec!r}: expected e.g. '0-63' or '0,8,16-31'")
+        out.update(range(int(lo), int(hi if sep else lo) + 1))
+    if not out:
+        raise ValueError(f"positions {spec!r}: empty range")
+    return sorted(out)
+
+
+class EntropyConfig(StrictModel):
+    """What ``bae entropy`` measures, over which rows, and how."""
+
+    store: str | None = Field(default=None, description="activation store (path or URL)")
+    checkpoints: list[str] = Field(
+        default_factory=list, description="autoencoders: one per layer, or per (layer, positions)"
+    )
+    out: str = Field(default="entropy", description="output directory")
+    group_by: str = Field(
+        default="position", description="position | document | token | all | a per-document field"
+    )
+    positions: str | list[int] | None = Field(
+        default=None, description="only these positions, e.g. '0-63' or '0,8,16' [all]"
+    )
+    valid_only: bool = True
+    split: Literal["train", "val"] | None = Field(default=None, description="one split of the documents")
+    val_fraction: float = Field(default=0.1, ge=0, le=1)
+    split_seed: int = 0
+    bootstrap: int = Field(default=0, ge=0, description="bootstrap replicates resampling documents (0: off)")
+    bootstrap_seed: int = 0
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="bootstrap interval coverage")
+    joint_max_bits: int = Field(
+        default=20, ge=0, le=40, description="plug-in joint entropy when the code has at most this many bits"
+    )
+    batch_rows: int = Field(default=4096, ge=1, description="rows encoded at once (bounds memory)")
+    scheduler: str | None = Field(default=None, description="dask scheduler address [local threads]")
+
+    @field_validator("positions")
+    @classmethod
+    def _positions(cls, v: str | list[int] | None) -> str | list[int] | None:
+        parse_positions(v)
+        return v
+
+    def shaping(self) -> dict[str, Any]:
+        """The fields a re-run into the same output directory must repeat."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in OPERATIONAL}
+
+
+@dataclass
+class EntropyModel:
+    """One checkpoint applied to the store: its layer, the positions it covers, its code width."""
+
+    checkpoint: str
+    layer: int
+    positions: list[int] | None
+    n_bits: int
+
+
+@dataclass
+class EntropyResult:
+    table: Any  # pyarrow.Table
+    csv: Path
+    parquet: Path
+    plot: Path
+    summary: dict[str, Any]
+
+
+def resolve_models(store: ActivationStore, checkpoints: list[str]) -> list[EntropyModel]:
+    """Load each checkpoint, check its layer and d against the store, and that no two overlap."""
+    from bae.trainer import load_autoencoder
+
+    models = []
+    for checkpoint in checkpoints:
+        model = load_autoencoder(checkpoint)
+        source = model.source or {}
+        layer = source.get("layer")
+        if layer is None:
+            if len(store.layers) != 1:
+                raise BaeError(f"checkpoint {checkpoint} records no layer and store {store.url} has several")
+            layer = store.layers[0]
+        if layer not in store.layers:
+            raise BaeError(
+                f"checkpoint {checkpoint} was trained on layer {layer}, but store {store.url} holds "
+                f"layers {', '.join(map(str, store.layers))}"
+            )
+        if model.config.d_model != store.d_model:
+            raise BaeError(
+                f"checkpoint {checkpoint} was trained on d_model={model.config.d_model} states, "
+                f"but store {store.url} holds d_model={store.d_model}"
+            )
+        positions = source.get("positions")
+        models.append(
+            EntropyModel(checkpoint, int(layer), sorted(positions) if positions else None, model.n_bits)
+        )
+    for i, a in enumerate(models):
+        for b in models[i + 1 :]:
+            if a.layer == b.layer and (
+                a.positions is None or b.positions is None or set(a.positions) & set(b.positions)
+            ):
+                raise BaeError(
+                    f"checkpoints {a.checkpoint} and {b.checkpoint} both cover layer {a.layer} at the same "
+                    "positions; give one per layer, or per (layer, disjoint positions)"
+                )
+    return models
+
+
+def resolve_grouping(store: ActivationStore, group_by: str) -> tuple[GroupKey, np.ndarray | None]:
+    """The group key of ``group_by`` and, for a document field, the values its integer codes stand for."""
+    if group_by in ROW_GROUPINGS:
+        return RowKey(ROW_GROUPINGS[group_by]), None
+    if group_by == "all":
+        return ConstantKey(), None
+    documents = store.documents()
+    if group_by not in documents:
+        fields = ", ".join(sorted(documents)) or "none recorded"
+        raise BaeError(
+            f"unknown grouping {group_by!r}: expected position, document, token, all, or a per-document "
+            f"field of store {store.url} ({fields})"
+        )
+    values, codes = np.unique(documents[group_by], return_inverse=True)
+    return DocumentKey(tuple(int(c) for c in codes.reshape(-1))), values
+
+
+def model_filter(config: EntropyConfig, model: EntropyModel, requested: list[int] | None) -> RowFilter:
+    """The rows a checkpoint measures: valid, requested positions ∩ its own, the chosen split."""
+    positions = requested
+    if model.positions is not None:
+        positions = model.positions if requested is None else sorted(set(model.positions) & set(requested))
+        if not positions:
+            raise BaeError(
+                f"checkpoint {model.checkpoint} covers positions {model.positions}, none of the requested "
+                f"positions {config.positions}"
+            )
+    return RowFilter(
+        config.valid_only,
+        None if positions is None else frozenset(positions),
+        config.split,
+        config.val_fraction,
+        config.split_seed,
+    )
+
+
+def check_no_empty_positions(parts: list[dict[str, Any]]) -> None:
+    """Every position a layer was asked for (requested ∩ its checkpoints' positions) must have rows."""
+    for layer in sorted({p["layer"] for p in parts}):
+        mine = [p for p in parts if p["layer"] == layer and p["expected"] is not None]
+        expected = set().union(*(p["expected"] for p in mine))
+        seen = set().union(*(set(p["keys"].tolist()) for p in mine))
+        missing = sorted(expected - seen)
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+            raise BaeError(
+                f"empty group: no rows at position(s) {shown} in layer {layer} (the store's rows there "
+                "are missing or invalid); choose positions that occur"
+            )
+
+
+def build_table(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | None) -> Any:
+    """One pyarrow table: a row per (checkpoint, group)."""
+    import pyarrow as pa
+
+    columns: dict[str, list[Any]] = {}
+    for part in parts:
+        n = len(part["keys"])
+        group = part["keys"] if values is None else values[part["keys"]]
+        fixed = {"layer": [part["layer"]] * n, "checkpoint": [part["checkpoint"]] * n, group_by: group}
+        for name, col in {**fixed, **part["columns"]}.items():
+            columns.setdefault(name, []).extend(np.asarray(col).tolist())
+    return pa.table(columns)
+
+
+def write_table(table: Any, out: Path) -> tuple[Path, Path]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    csv_buffer, parquet_buffer = io.BytesIO(), io.BytesIO()
+    pacsv.write_csv(table, csv_buffer)
+    pq.write_table(table, parquet_buffer)
+    return (
+        atomic_write_bytes(out / "entropy.csv", csv_buffer.getvalue()),
+        atomic_write_bytes(out / "entropy.parquet", parquet_buffer.getvalue()),
+    )
+
+
+def plot_series(
+    parts: list[dict[str, Any]], group_by: str, values: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """Lines to draw: per layer when grouping by position (per-position checkpoints joined), else per part."""
+    merged: dict[Any, dict[str, Any]] = {}
+    layer_parts = [p["layer"] for p in parts]
+    for part in parts:
+        several = layer_parts.count(part["layer"]) > 1 and group_by != "position"
+        key = (part["layer"], part["checkpoint"]) if several else part["layer"]
+        label = f"layer {part['layer']}" + (f" ({Path(part['checkpoint']).name})" if several else "")
+        x = part["keys"] if values is None else values[part["keys"]]
+        s = merged.setdefault(key, {"label": label, "x": []})
+        s["x"] = [*s["x"], *np.asarray(x).tolist()]
+        for name, col in part["columns"].items():
+            s[name] = np.concatenate([s.get(name, np.zeros(0)), np.asarray(col, np.float64)])
+    return list(merged.values())
+
+
+def record_config(config: EntropyConfig, out: Path) -> None:
+    """Write the config into ``out``, or refuse a different one already recorded there."""
+    recorded = read_json(out / CONFIG_JSON)
+    if recorded is not None:
+        require_same_config(f"entropy output {out}", recorded["config"], config.shaping())
+    atomic_write_json(out / CONFIG_JSON, {"config": config.shaping(), "full": config.model_dump(mode="json")})
+
+
+def summarize(table_parts: list[dict[str, Any]], group_by: str, values: np.ndarray | None) -> dict[str, Any]:
+    """One line per checkpoint: range of Ĥ, where it peaks, and the largest ceiling."""
+    lines: dict[str, Any] = {}
+    for part in table_parts:
+        h, ceiling = part["columns"]["entropy_bits"], part["columns"]["ceiling_bits"]
+        top = int(np.nanargmax(h))
+        at = part["keys"][top] if values is None else values[part["keys"][top]]
+        lines[f"layer {part['layer']} ({Path(part['checkpoint']).name})"] = (
+            f"{len(h)} {group_by} groups, {int(part['columns']['n'].sum())} rows, "
+            f"Ĥ {np.nanmin(h):.2f}..{np.nanmax(h):.2f} bits (max at {group_by} {at}), "
+            f"d'={part['columns']['code_bits'][0]}, ceiling log2 n <= {np.max(ceiling):.2f}"
+        )
+    return lines
+
+
+def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyResult:
+    """Count, estimate, write the table and plot, print the summary."""
+    if not config.store:
+        raise BaeError("no store given: pass --store or set `store` in --config")
+    if not config.checkpoints:
+        raise BaeError("no checkpoint given: pass --checkpoint (repeatable) or set `checkpoints` in --config")
+    store = ActivationStore.open(config.store)
+    models = resolve_models(store, config.checkpoints)
+    group_key, values = resolve_grouping(store, config.group_by)
+    requested = parse_positions(config.positions)
+    units = tuple(int(u) for u in np.flatnonzero(store.done_mask()))
+    if not units:
+        raise BaeError(f"store {store.url} has no completed units")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record_config(config, out)
+    parts = []
+    for model in models:
+        row_filter = model_filter(config, model, requested)
+        spec = CountSpec(
+            store=config.store,
+            checkpoint=model.checkpoint,
+            layer=model.layer,
+            row_filter=row_filter,
+            group_key=group_key,
+            units=units,
+            batch_rows=config.batch_rows,
+            bootstrap=config.bootstrap,
+            bootstrap_seed=config.bootstrap_seed,
+            joint=model.n_bits <= config.joint_max_bits,
+        ).with_partials(out / "partials")
+        counts = count_groups(spec, config.scheduler, show_progress, f"entropy: layer {model.layer}")
+        if len(counts.keys) == 0:
+            raise BaeError(
+                f"empty selection: no rows of store {store.url} layer {model.layer} pass the filters "
+                f"(positions {config.positions or 'all'}, split {config.split or 'all'})"
+            )
+        columns = estimate_columns(counts, config.confidence)
+        parts.append(
+            {
+                "layer": model.layer,
+                "checkpoint": model.checkpoint,
+                "keys": counts.keys,
+                "columns": columns,
+                "expected": row_filter.positions,
+            }
+        )
+    if config.group_by == "position":
+        check_no_empty_positions(parts)
+    table = build_table(parts, config.group_by, values)
+    csv_path, parquet_path = write_table(table, out)
+    plot = plot_entropy(plot_series(parts, config.group_by, values), config.group_by, out / "entropy.png")
+    summary = {
+        "store": f"{store.url} ({len(units)} of {store.n_units} units complete)",
+        **summarize(parts, config.group_by, values),
+        "table": f"{csv_path}, {parquet_path}",
+        "plot": str(plot),
+    }
+    print_summary("bae entropy", summary)
+    return EntropyResult(table, csv_path, parquet_path, plot, summary)

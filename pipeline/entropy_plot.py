@@ -1,0 +1,56 @@
+"""The ``bae entropy`` figure: Ĥ per group, a line per layer, the log2 n ceiling dashed.
+
+Numeric groupings (position, a numeric document field, all) give lines against the group value;
+a text field gives one point per value on a categorical axis; ``document`` and ``token`` (many groups
+with arbitrary ids) give a histogram of Ĥ per layer instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bae.pipeline.atomic_files import atomic_savefig
+
+HISTOGRAM_GROUPINGS = ("document", "token")
+
+
+def plot_entropy(series: list[dict[str, Any]], group_by: str, path: Path) -> Path:
+    """Write the figure; each series holds ``label``, ``x`` (group values) and the table's columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if group_by in HISTOGRAM_GROUPINGS:
+        for s in series:
+            ax.hist(s["entropy_bits"], bins=40, alpha=0.6, label=s["label"])
+        ax.set_xlabel(f"Ĥ per {group_by} (bits)")
+        ax.set_ylabel(f"{group_by}s")
+    else:
+        values = [v for s in series for v in s["x"]]
+        numeric = all(isinstance(v, (int, float, np.integer, np.floating)) for v in values)
+        ticks = sorted(set(map(str, values))) if not numeric else None
+        for i, s in enumerate(series):
+            color = f"C{i % 10}"
+            x = np.asarray(s["x"], np.float64) if numeric else np.array([ticks.index(str(v)) for v in s["x"]])
+            order = np.argsort(x, kind="stable")
+            x = x[order]
+            marker = "o" if len(x) <= 32 else None
+            ax.plot(x, s["entropy_bits"][order], color=color, marker=marker, label=f"{s['label']} Ĥ")
+            ax.plot(x, s["ceiling_bits"][order], color=color, linestyle="--", label=f"{s['label']} log2 n")
+            if "ci_low" in s:
+                ax.fill_between(x, s["ci_low"][order], s["ci_high"][order], color=color, alpha=0.2)
+        if ticks is not None:
+            ax.set_xticks(range(len(ticks)), ticks, rotation=30 if len(ticks) > 8 else 0)
+        ax.set_xlabel(group_by)
+        ax.set_ylabel("feature-set entropy Ĥ (bits)")
+    ax.set_title(f"BAE feature-set entropy per {group_by}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
+    return path

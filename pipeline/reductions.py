@@ -1,0 +1,262 @@
+"""Per-group bit counts over a store layer: the reusable dask reduction behind ``bae entropy``.
+
+For one store layer and one autoencoder, ``count_groups`` returns, for every group key, the number
+of rows in the group and, per code bit, how many of those rows have the bit set (int64), over the rows
+that pass a ``RowFilter``. A group key is any picklable callable ``rows -> int64 [n]`` over a unit's
+row arrays (``token_ids``, ``doc_ids``, ``positions``, ``valid``, ``row``): ``RowKey("positions")``,
+``RowKey("doc_ids")``, ``DocumentKey(codes)`` for per-document metadata, ``ConstantKey()`` for all
+rows in one group. Optionally it also gathers Poisson-bootstrap replicates (documents reweighted) and
+the histogram of whole codes per group (for a plug-in joint entropy when the code is short).
+
+The work is one dask task per store unit (read, encode in batches under ``no_grad``, segment-sum per
+group), folded pairwise; memory is one batch plus the per-group counts, whatever the store's size.
+Each unit's counts are written atomically to ``<partials>/unit-NNNNNNNN.npz`` under a directory named
+by a hash of everything that shapes them, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import itertools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bae.errors import BaeError
+from bae.pipeline.atomic_files import atomic_write_bytes
+from bae.pipeline.features_scan import cached_model, cached_store, map_reduce_units
+from bae.stores import RowFilter, iter_unit_rows
+from bae.stores.sampler import _splitmix64
+from bae.trainer.models import WEIGHTS_FILE, resolve_model_dir
+
+GroupKey = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class RowKey:
+    """Group by a per-row array of the store (``positions``, ``doc_ids`` or ``token_ids``)."""
+
+    name: str
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        return rows[self.name].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ConstantKey:
+    """Every row in one group (key 0)."""
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        return np.zeros(len(rows["doc_ids"]), np.int64)
+
+
+@dataclass(frozen=True)
+class DocumentKey:
+    """Group by a per-document value: ``codes[doc_id]`` (integer codes of a metadata field)."""
+
+    codes: tuple[int, ...]
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(self.codes, np.int64)[rows["doc_ids"]]
+
+
+@dataclass
+class GroupCounts:
+    """Counts per group key (sorted, unique); the optional parts are None when not gathered."""
+
+    keys: np.ndarray  # int64 [G]
+    rows: np.ndarray  # int64 [G]
+    ones: np.ndarray  # int64 [G, bits]: rows of the group with each bit set
+    boot_rows: np.ndarray | None = None  # int64 [B, G]: Poisson-weighted rows per bootstrap replicate
+    boot_ones: np.ndarray | None = None  # int64 [B, G, bits]
+    codes: np.ndarray | None = None  # int64 [P, 3]: (group key, whole code as an integer, count)
+
+    @classmethod
+    def empty(cls, bits: int, bootstrap: int, joint: bool) -> GroupCounts:
+        return cls(
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros((0, bits), np.int64),
+            np.zeros((bootstrap, 0), np.int64) if bootstrap else None,
+            np.zeros((bootstrap, 0, bits), np.int64) if bootstrap else None,
+            np.zeros((0, 3), np.int64) if joint else None,
+        )
+
+    def merge(self, other: GroupCounts) -> GroupCounts:
+        """The counts of both parts together (associative and commutative)."""
+        keys = np.union1d(self.keys, other.keys)
+        a, b = np.searchsorted(keys, self.keys), np.searchsorted(keys, other.keys)
+
+        def add(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
+            shape = list(x.shape)
+            shape[axis] = len(keys)
+            out = np.zeros(shape, np.int64)
+            np.moveaxis(out, axis, 0)[a] += np.moveaxis(x, axis, 0)
+            np.moveaxis(out, axis, 0)[b] += np.moveaxis(y, axis, 0)
+            return out
+
+        merged = GroupCounts(keys, add(self.rows, other.rows, 0), add(self.ones, other.ones, 0))
+        if self.boot_rows is not None and other.boot_rows is not None:
+            merged.boot_rows = add(self.boot_rows, other.boot_rows, 1)
+            merged.boot_ones = add(self.boot_ones, other.boot_ones, 1)
+        if self.codes is not None and other.codes is not None:
+            merged.codes = sum_codes(np.concatenate([self.codes, other.codes]))
+        return merged
+
+    def save(self, path: Path) -> None:
+        """Atomically write the counts (smallest integer dtype, compressed)."""
+        arrays = {k: v for k, v in asdict(self).items() if v is not None}
+        small = {
+            k: v.astype(np.min_scalar_type(int(v.max(initial=1)))) if v.min(initial=0) >= 0 else v
+            for k, v in arrays.items()
+        }
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **small)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> GroupCounts:
+        with np.load(path) as data:
+            return cls(**{k: data[k].astype(np.int64) for k in data.files})
+
+
+def sum_codes(codes: np.ndarray) -> np.ndarray:
+    """Rows (group, code, count) with equal (group, code) summed into one."""
+    pairs, inverse = np.unique(codes[:, :2], axis=0, return_inverse=True)
+    counts = np.bincount(inverse.reshape(-1), weights=codes[:, 2], minlength=len(pairs)).astype(np.int64)
+    return np.column_stack([pairs, counts]).astype(np.int64)
+
+
+# Poisson(1) inverse CDF: P(X <= k) for k = 0..19; a uniform above the last entry maps to 20.
+_POISSON1_CDF = np.cumsum([math.exp(-1) / math.factorial(k) for k in range(20)])
+
+
+def poisson_weights(doc_ids: np.ndarray, replicates: int, seed: int) -> np.ndarray:
+    """int64 [replicates, n]: each document's Poisson(1) weight in each bootstrap replicate.
+
+    A hash of (seed, replicate, document), so every row of a document gets the same weight, in any
+    unit, on any worker: the streaming form of resampling documents with replacement.
+    """
+    salt = _splitmix64(np.arange(replicates, dtype=np.uint64) + np.uint64(seed) * np.uint64(1_000_003))
+    with np.errstate(over="ignore"):
+        mixed = _splitmix64(doc_ids.astype(np.uint64)[None, :] ^ salt[:, None])
+    u = (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.int64)
+
+
+@dataclass(frozen=True)
+class CountSpec:
+    """One reduction: which rows, which model, which groups, what extras (picklable for dask workers)."""
+
+    store: str
+    checkpoint: str
+    layer: int
+    row_filter: RowFilter
+    group_key: GroupKey
+    units: tuple[int, ...]
+    partials: str | None = None  # directory for per-unit counts; None: keep nothing
+    batch_rows: int = 4096
+    bootstrap: int = 0
+    bootstrap_seed: int = 0
+    joint: bool = False
+
+    def fingerprint(self) -> str:
+        """A hash of everything that shapes the counts (the partials directory's name)."""
+        shaping = {
+            "store": [self.store, cached_store(self.store).meta],
+            "layer": self.layer,
+            "filter": repr(self.row_filter),
+            "group_key": hashlib.sha256(repr(self.group_key).encode()).hexdigest(),
+            "weights": weights_digest(self.checkpoint),
+            "bootstrap": [self.bootstrap, self.bootstrap_seed],
+            "joint": self.joint,
+        }
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_partials(self, root: str | Path) -> CountSpec:
+        """This spec keeping its per-unit counts in ``root/<fingerprint>/``."""
+        return replace(self, partials=str(Path(root) / self.fingerprint()))
+
+    def partial_path(self, unit: int) -> Path | None:
+        return None if self.partials is None else Path(self.partials) / f"unit-{unit:08d}.npz"
+
+
+def weights_digest(checkpoint: str) -> str:
+    """sha256 of a checkpoint's weights file (names the model in partial-count directories)."""
+    digest = hashlib.sha256()
+    with open(resolve_model_dir(checkpoint) / WEIGHTS_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def encode_bits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Raw states -> float 0/1 code [n, bits] (what ``model.encode`` returns, before the bool cast)."""
+    bits, _ = model.codes(model.encoder(model.normalize(model._as_input(x))))
+    return bits if model.architecture == "bae" else (bits > 0).to(torch.float32)
+
+
+def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
+    """One unit's counts: read from its partial file if a previous run wrote it, else computed and saved."""
+    path = spec.partial_path(unit)
+    if path is not None and path.is_file():
+        return GroupCounts.load(path)
+    store, model = cached_store(spec.store), cached_model(spec.checkpoint)
+    counts = GroupCounts.empty(model.n_bits, spec.bootstrap, spec.joint)
+    for _, x, rows in iter_unit_rows(store, spec.layer, spec.row_filter, [unit]):
+        keys, inverse = np.unique(spec.group_key(rows), return_inverse=True)
+        for a in range(0, len(x), spec.batch_rows):
+            part = slice(a, a + spec.batch_rows)
+            bits = encode_bits(model, torch.from_numpy(x[part]))
+            counts = counts.merge(batch_counts(spec, keys, inverse[part], bits, rows["doc_ids"][part]))
+    if path is not None:
+        counts.save(path)
+    return counts
+
+
+def batch_counts(
+    spec: CountSpec, keys: np.ndarray, inverse: np.ndarray, bits: torch.Tensor, doc_ids: np.ndarray
+) -> GroupCounts:
+    """Counts of one encoded batch whose rows fall in groups ``keys[inverse]``."""
+    present = np.unique(inverse)
+    local = np.searchsorted(present, inverse)
+    index = torch.from_numpy(local)
+    # float32 sums of 0/1 over at most batch_rows (< 2**24) rows are exact
+    ones = torch.zeros(len(present), bits.shape[1]).index_add_(0, index, bits)
+    n_rows = np.bincount(local, minlength=len(present)).astype(np.int64)
+    counts = GroupCounts(keys[present], n_rows, ones.to(torch.int64).numpy())
+    if spec.bootstrap:
+        weights = poisson_weights(doc_ids, spec.bootstrap, spec.bootstrap_seed)
+        counts.boot_rows = np.stack([np.bincount(local, w, len(present)) for w in weights]).astype(np.int64)
+        order = np.argsort(local, kind="stable")
+        bounds = np.searchsorted(local[order], np.arange(len(present) + 1))
+        w = torch.from_numpy(weights[:, order]).to(torch.float32)
+        sorted_bits = bits[torch.from_numpy(order)]
+        boot = [w[:, lo:hi] @ sorted_bits[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+        counts.boot_ones = torch.stack(boot, 1).round().to(torch.int64).numpy()
+    if spec.joint:
+        weights_2 = 2 ** torch.arange(bits.shape[1], dtype=torch.float64)
+        code = (bits.to(torch.float64) @ weights_2).to(torch.int64).numpy()
+        counts.codes = sum_codes(np.column_stack([keys[inverse], code, np.ones(len(code), np.int64)]))
+    return counts
+
+
+def count_groups(
+    spec: CountSpec, scheduler: str | None = None, show_progress: bool = True, desc: str = "counting"
+) -> GroupCounts:
+    """Counts over all of ``spec.units``: dask threads locally, or the cluster at ``scheduler``."""
+    if not spec.units:
+        raise BaeError(f"store {spec.store}: no completed units to read")
+    if spec.partials is not None:
+        Path(spec.partials).mkdir(parents=True, exist_ok=True)
+    return map_reduce_units(
+        spec.units, functools.partial(unit_counts, spec), GroupCounts.merge, scheduler, desc, show_progress
+    )
