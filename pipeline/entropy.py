@@ -259,6 +259,11 @@ def summarize(table_parts: list[dict[str, Any]], group_by: str, values: np.ndarr
             f"Ĥ {np.nanmin(h):.2f}..{np.nanmax(h):.2f} bits (max at {group_by} {at}), "
             f"d'={part['columns']['code_bits'][0]}, ceiling log2 n <= {np.max(ceiling):.2f}"
         )
+        saturated = int((h >= ceiling - 0.5).sum())
+        if saturated:
+            lines[f"layer {part['layer']} ({Path(part['checkpoint']).name})"] += (
+                f"; {saturated} group(s) at or near log2 n: too few rows to resolve, not saturation"
+            )
     return lines
 
 

@@ -1,0 +1,212 @@
+"""`bae entropy`: exact entropies on constructed stores, counts vs numpy from the saved weights, a
+2-process dask cluster, kill-and-resume, bad input, and the ICL workflow harvest -> train -> entropy."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from entropy_helpers import LAYER, exact_entropy, make_known_store, save_bae
+from safetensors.numpy import load_file
+from store_helpers import run_bae
+
+from bae.configs import build_config
+from bae.errors import BaeError
+from bae.pipeline.entropy import EntropyConfig, run_entropy
+from bae.pipeline.reductions import ConstantKey, CountSpec, DocumentKey, RowKey, count_groups
+from bae.stores import RowFilter
+
+
+@pytest.fixture(scope="module")
+def known(tmp_path_factory):
+    root = tmp_path_factory.mktemp("known")
+    store, data = make_known_store(root / "store.zarr")
+    return store, data, save_bae(root / "bae")
+
+
+def entropy(known, out: Path, **kw):
+    store, _, ckpt = known
+    config = EntropyConfig(store=store.url, checkpoints=[str(ckpt)], out=str(out), **kw)
+    return run_entropy(config, show_progress=False).table.to_pydict()
+
+
+def test_entropy_per_position_is_exact(known, tmp_path):
+    _, data, _ = known
+    table = entropy(known, tmp_path / "out", bootstrap=16)
+    v = data["valid"]
+    expected = exact_entropy(data["bits"][v], data["positions"][v])
+    assert table["position"] == sorted(expected)
+    np.testing.assert_allclose(table["entropy_bits"], [expected[p] for p in table["position"]], rtol=1e-12)
+    assert table["n"] == [40] * 9
+    np.testing.assert_allclose(table["ceiling_bits"], np.log2(40))
+    assert table["varying_bits"] == [1, 2, 3, 4, 5, 6, 7, 8, 8]  # position t: min(t, 8) fair coins
+    assert all(lo <= hi for lo, hi in zip(table["ci_low"], table["ci_high"]))
+    for p, joint, h in zip(table["position"], table["joint_entropy_bits"], table["entropy_bits"]):
+        codes = data["bits"][v & (data["positions"] == p)] @ (1 << np.arange(8))
+        freq = np.unique(codes, return_counts=True)[1] / len(codes)
+        assert joint == pytest.approx(-(freq * np.log2(freq)).sum(), rel=1e-12)
+        assert joint <= h + 1e-12  # Σ_j H_b(p_j) bounds the joint entropy from above
+    out = tmp_path / "out"
+    assert pq.read_table(out / "entropy.parquet").to_pydict() == table
+    assert (out / "entropy.csv").read_text().splitlines()[0].startswith('"layer","checkpoint","position"')
+    assert (out / "entropy.png").stat().st_size > 0
+    assert json.loads((out / "entropy_config.json").read_text())["config"]["bootstrap"] == 16
+
+
+@pytest.mark.parametrize("group_by", ["k", "name", "document", "all"])
+def test_other_groupings_are_exact(known, tmp_path, group_by):
+    store, data, _ = known
+    table = entropy(known, tmp_path / "out", group_by=group_by, positions="3-9")
+    v = data["valid"] & (data["positions"] >= 3)
+    docs = store.documents()
+    groups = {
+        "k": docs["k"][data["doc_ids"]],
+        "name": np.unique(docs["name"], return_inverse=True)[1][data["doc_ids"]],
+        "document": data["doc_ids"],
+        "all": np.zeros(len(v), int),
+    }[group_by]
+    expected = exact_entropy(data["bits"][v], groups[v])
+    np.testing.assert_allclose(table["entropy_bits"], list(expected.values()), rtol=1e-12)
+    if group_by == "name":
+        assert table["name"] == ["d0", "d1", "d2"]
+
+
+def test_counts_equal_numpy_from_exported_weights(tmp_path):
+    store, data = make_known_store(tmp_path / "s.zarr", n_docs=30, doc_len=12, unit_rows=64, seed=3)
+    ckpt = save_bae(tmp_path / "random", identity=False, expansion=3, seed=5)
+    w = load_file(str(ckpt / "model.safetensors"))
+    pre = data["states"] @ w["encoder.weight"].T.astype(np.float64) + w["encoder.bias"]
+    assert np.abs(pre).min() > 1e-5  # no bit sits on the threshold, so float32 vs float64 cannot differ
+    bits = pre > 0
+    valid = data["valid"]
+    docs = store.documents()
+    keys = {
+        "positions": RowKey("positions"),
+        "doc_ids": RowKey("doc_ids"),
+        "token_ids": RowKey("token_ids"),
+        "k": DocumentKey(tuple(int(k) for k in docs["k"])),
+        "all": ConstantKey(),
+    }
+    for name, key in keys.items():
+        group = {"k": docs["k"][data["doc_ids"]], "all": np.zeros(len(bits), int)}.get(name, data.get(name))
+        spec = CountSpec(
+            store.url, str(ckpt), LAYER, RowFilter(), key, tuple(range(store.n_units)), batch_rows=7
+        )
+        counts = count_groups(spec, show_progress=False)
+        expected_keys = np.unique(group[valid])
+        np.testing.assert_array_equal(counts.keys, expected_keys)
+        for i, g in enumerate(expected_keys):
+            sel = valid & (group == g)
+            assert counts.rows[i] == sel.sum()
+            np.testing.assert_array_equal(counts.ones[i], bits[sel].sum(0))
+        assert counts.ones.dtype == np.int64
+
+
+def test_local_cluster_equals_threads(known, tmp_path):
+    from distributed import LocalCluster
+
+    local = entropy(known, tmp_path / "threads", bootstrap=8, group_by="k")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = entropy(
+            known, tmp_path / "cluster", bootstrap=8, group_by="k", scheduler=cluster.scheduler_address
+        )
+    assert remote == local
+    assert len(list((tmp_path / "cluster" / "partials").glob("*/unit-*.npz"))) == known[0].n_units
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    store, _ = make_known_store(tmp_path / "s.zarr", n_docs=400, doc_len=10, unit_rows=40)
+    ckpt = save_bae(tmp_path / "bae")
+    args = ["entropy", "--store", store.url, "--checkpoint", str(ckpt), "--batch-rows", "1", "--no-progress"]
+    run_bae(*args, "--out", str(tmp_path / "ref"), check=True)
+    out = tmp_path / "killed"
+    exe = Path(sys.executable).with_name("bae")
+    proc = subprocess.Popen(
+        [str(exe), *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 120
+    while len(list(out.glob("partials/*/unit-*.npz"))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = {p: p.stat().st_mtime_ns for p in out.glob("partials/*/unit-*.npz")}
+    assert 3 <= len(written) < store.n_units and not (out / "entropy.csv").exists()
+    run_bae(*args, "--out", str(out), check=True)
+    assert (out / "entropy.csv").read_text() == (tmp_path / "ref" / "entropy.csv").read_text()
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items())  # reused, not recomputed
+
+
+def test_per_position_checkpoints_cover_their_positions(known, tmp_path):
+    store, data, _ = known
+    early = save_bae(tmp_path / "early", positions=[1, 2, 3, 4])
+    late = save_bae(tmp_path / "late", positions=[5, 6, 7, 8, 9])
+    config = EntropyConfig(store=store.url, checkpoints=[str(early), str(late)], out=str(tmp_path / "o"))
+    table = run_entropy(config, show_progress=False).table.to_pydict()
+    assert table["position"] == list(range(1, 10))
+    assert table["checkpoint"] == [str(early)] * 4 + [str(late)] * 5
+    v = data["valid"]
+    expected = exact_entropy(data["bits"][v], data["positions"][v])
+    np.testing.assert_allclose(table["entropy_bits"], [expected[p] for p in range(1, 10)], rtol=1e-12)
+    overlap = EntropyConfig(store=store.url, checkpoints=[str(early), str(known[2])], out=str(tmp_path / "x"))
+    with pytest.raises(BaeError, match="both cover layer 4"):
+        run_entropy(overlap, show_progress=False)
+
+
+def test_bad_input_is_one_clear_line(known, tmp_path):
+    store, _, ckpt = known
+    other_layer = save_bae(tmp_path / "l9", layer=9)
+    other_d = save_bae(tmp_path / "d16", d=16)
+    base = ["entropy", "--store", store.url, "--no-progress"]
+    cases = [
+        (["--checkpoint", str(other_layer)], "trained on layer 9, but store"),
+        (["--checkpoint", str(other_d)], "d_model=16 states, but store"),
+        (["--checkpoint", str(ckpt), "--group-by", "colour"], "unknown grouping 'colour'"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        proc = run_bae(*base, *extra, "--out", str(tmp_path / f"out{i}"))
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    with pytest.raises(BaeError, match=r"empty group: no rows at position\(s\) 10, 11, 12 in layer 4"):
+        entropy(known, tmp_path / "late", positions="5-12")
+    with pytest.raises(BaeError, match="empty selection: no rows"):
+        entropy(known, tmp_path / "bos", positions="0")
+    entropy(known, tmp_path / "again")
+    with pytest.raises(BaeError, match="different config"):
+        entropy(known, tmp_path / "again", positions="1-3")
+    with pytest.raises(BaeError, match="positions '1-x'"):
+        build_config(EntropyConfig, {"positions": "1-x"}, "options")
+
+
+def test_icl_workflow_harvest_train_entropy_by_k(tmp_path):
+    from tiny_models import save_tiny_model
+
+    model = save_tiny_model("gpt2", tmp_path / "lm")
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "green", "fox", "dog", "cat"]
+    with (tmp_path / "prompts.jsonl").open("w") as f:
+        for i in range(60):
+            k = i % 4
+            demos = "".join(f"{rng.choice(words)} -> {rng.choice(words)}\n" for _ in range(k))
+            f.write(json.dumps({"text": f"{demos}{rng.choice(words)} ->", "k": k}) + "\n")
+    store, run = tmp_path / "icl.zarr", tmp_path / "bae"
+    harvest = f"harvest -o {store} -m {model} --corpus {tmp_path / 'prompts.jsonl'} --mode document"
+    harvest += " --positions last --layers 2 --context-length 64 --no-progress"
+    run_bae(*harvest.split(), check=True)
+    train = f"train --store {store} --layer 2 --out {run} --steps 20 --batch-size 16 --expansion 1"
+    run_bae(*train.split(), "--val-every", "10", "--checkpoint-every", "10", check=True)
+    entropy_cmd = f"entropy --store {store} --checkpoint {run} --group-by k --out {tmp_path / 'ent'}"
+    proc = run_bae(*entropy_cmd.split(), "--no-progress", check=True)
+    assert "bae entropy" in proc.stdout and "4 k groups" in proc.stdout
+    table = pq.read_table(tmp_path / "ent" / "entropy.parquet").to_pydict()
+    assert table["k"] == [0, 1, 2, 3] and table["n"] == [15, 15, 15, 15]
+    assert table["code_bits"] == [32] * 4 and "joint_entropy_bits" not in table  # d' = 32 > 20
+    assert all(0 <= h <= 32 for h in table["entropy_bits"])
+    assert (tmp_path / "ent" / "entropy.png").stat().st_size > 0
