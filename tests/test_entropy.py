@@ -118,25 +118,26 @@ def test_local_cluster_equals_threads(known, tmp_path):
             known, tmp_path / "cluster", bootstrap=8, group_by="k", scheduler=cluster.scheduler_address
         )
     assert remote == local
-    assert len(list((tmp_path / "cluster" / "partials").glob("*/unit-*.npz"))) == known[0].n_units
+    assert len(list((tmp_path / "cluster" / "partials").glob("*/unit-*.npz.zst"))) == known[0].n_units
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     store, _ = make_known_store(tmp_path / "s.zarr", n_docs=400, doc_len=10, unit_rows=40)
     ckpt = save_bae(tmp_path / "bae")
     args = ["entropy", "--store", store.url, "--checkpoint", str(ckpt), "--batch-rows", "1", "--no-progress"]
-    run_bae(*args, "--out", str(tmp_path / "ref"), check=True)
+    reference = EntropyConfig(store=store.url, checkpoints=[str(ckpt)], out=str(tmp_path / "ref"))
+    run_entropy(reference, show_progress=False)
     out = tmp_path / "killed"
     exe = Path(sys.executable).with_name("bae")
     proc = subprocess.Popen(
         [str(exe), *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.time() + 120
-    while len(list(out.glob("partials/*/unit-*.npz"))) < 3 and time.time() < deadline:
+    while len(list(out.glob("partials/*/unit-*.npz.zst"))) < 3 and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = {p: p.stat().st_mtime_ns for p in out.glob("partials/*/unit-*.npz")}
+    written = {p: p.stat().st_mtime_ns for p in out.glob("partials/*/unit-*.npz.zst")}
     assert 3 <= len(written) < store.n_units and not (out / "entropy.csv").exists()
     run_bae(*args, "--out", str(out), check=True)
     assert (out / "entropy.csv").read_text() == (tmp_path / "ref" / "entropy.csv").read_text()

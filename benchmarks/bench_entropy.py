@@ -1,0 +1,93 @@
+"""Rows/s of the `bae entropy` reduction vs the bare encode matmul over the same rows in memory.
+
+    python benchmarks/bench_entropy.py [--rows 65536] [--d 576] [--expansion 4] [--doc-len 128]
+
+Baseline (same run, same process): the float32 rows already in memory, the encoder matmul
+``x @ W_encᵀ + b`` in batches of 4096, nothing else (not even the threshold). Measured: the full
+reduction (read the Zarr store, decode float16, encode, per-position counts, write each unit's
+partial counts) on local dask threads; then the same with every partial already on disk (a resumed
+run's cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bae.pipeline.reductions import CountSpec, RowKey, count_groups
+from bae.stores import ActivationStore, RowFilter, StoreLayout
+from bae.trainer import ModelConfig, build_autoencoder
+
+
+def make_store(path: Path, n: int, d: int, doc_len: int) -> tuple[ActivationStore, np.ndarray]:
+    rng = np.random.default_rng(0)
+    layout = StoreLayout(n_rows=n, unit_rows=4096, d_model=d, layers=[0], dtype="float16")
+    store = ActivationStore.create(str(path), layout, attrs={"config": {}})
+    rows = np.arange(n)
+    for u in range(store.n_units):
+        a, b = store.unit_range(u)
+        store.write_unit(
+            u,
+            {0: rng.standard_normal((b - a, d), dtype=np.float32)},
+            token_ids=rows[a:b] % 500,
+            doc_ids=rows[a:b] // doc_len,
+            positions=rows[a:b] % doc_len,
+            valid=np.ones(b - a, bool),
+        )
+    return store, store.read_layer(0, 0, n)
+
+
+@torch.no_grad()
+def bare_encode(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, batch: int = 4096) -> float:
+    """Seconds for ``x @ wᵀ + b`` over all rows."""
+    t = time.perf_counter()
+    for a in range(0, len(x), batch):
+        torch.addmm(b, x[a : a + batch], w.T)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=65536)
+    parser.add_argument("--d", type=int, default=576)
+    parser.add_argument("--expansion", type=int, default=4)
+    parser.add_argument("--doc-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-entropy-"))
+    n = args.rows
+    store, x = make_store(tmp / "s.zarr", n, args.d, args.doc_len)
+    torch.manual_seed(0)
+    model = build_autoencoder(ModelConfig(d_model=args.d, expansion=args.expansion), {"layer": 0})
+    model.save_pretrained(tmp / "bae")
+    w, b, xt = model.encoder.weight.detach(), model.encoder.bias.detach(), torch.from_numpy(x)
+    units = tuple(range(store.n_units))
+    results = {"bare encode matmul": [], "entropy reduction": [], "entropy, partials on disk": []}
+    for r in range(args.repeats):
+        results["bare encode matmul"].append(bare_encode(xt, w, b))
+        spec = CountSpec(store.url, str(tmp / "bae"), 0, RowFilter(), RowKey("positions"), units)
+        spec = spec.with_partials(tmp / f"partials-{r}")
+        t = time.perf_counter()
+        counts = count_groups(spec, show_progress=False)
+        results["entropy reduction"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        count_groups(spec, show_progress=False)
+        results["entropy, partials on disk"].append(time.perf_counter() - t)
+    assert int(counts.rows.sum()) == n
+    base = min(results["bare encode matmul"])
+    print(
+        f"{n} rows, d={args.d}, d'={model.n_bits} bits, {len(counts.keys)} positions, "
+        f"{torch.get_num_threads()} torch threads, best of {args.repeats}"
+    )
+    for name, times in results.items():
+        best = min(times)
+        print(f"  {name:28s} {n / best:>12,.0f} rows/s   {base / best:5.2f}x bare encode")
+
+
+if __name__ == "__main__":
+    main()
