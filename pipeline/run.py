@@ -47,13 +47,34 @@ def _linked(section: dict[str, Any], stage: str, links: dict[str, Any]) -> dict[
     return {**section, **links}
 
 
-def _harvest(cfg: PipelineConfig, store_path: str) -> str:
-    from bae.pipeline.harvest import HarvestConfig, run_harvest
-    from bae.stores import ActivationStore
+def _harvest_config(cfg: PipelineConfig, store_path: str) -> Any:
+    from bae.pipeline.harvest import HarvestConfig
 
-    harvest_cfg = build_config(
+    return build_config(
         HarvestConfig, _linked(cfg.harvest, "harvest", {"output": store_path}), "pipeline harvest"
     )
+
+
+def _train_config(cfg: PipelineConfig, store_path: str, layer: int) -> Any:
+    from bae.trainer.config import TrainConfig
+
+    section = {k: v for k, v in cfg.train.items() if k != "layer"}
+    links = {"store": store_path, "layer": layer}
+    return build_config(TrainConfig, _linked(section, "train", links), "pipeline train")
+
+
+def _entropy_config(cfg: PipelineConfig, store_path: str, checkpoints: list[str], out: Path) -> Any:
+    from bae.pipeline.entropy import EntropyConfig
+
+    links = {"store": store_path, "checkpoints": checkpoints, "out": str(out)}
+    return build_config(EntropyConfig, _linked(cfg.entropy, "entropy", links), "pipeline entropy")
+
+
+def _harvest(cfg: PipelineConfig, store_path: str) -> str:
+    from bae.pipeline.harvest import run_harvest
+    from bae.stores import ActivationStore
+
+    harvest_cfg = _harvest_config(cfg, store_path)
     if Path(store_path).exists():
         store = ActivationStore.open(store_path)
         if store.meta.get("config") == harvest_cfg.model_dump(mode="json") and store.done_mask().all():
@@ -66,7 +87,6 @@ def _harvest(cfg: PipelineConfig, store_path: str) -> str:
 
 def _train(cfg: PipelineConfig, store_path: str, workdir: Path) -> list[Path]:
     from bae.stores import ActivationStore
-    from bae.trainer.config import TrainConfig
     from bae.trainer.loop import train
 
     if not Path(store_path).exists():
@@ -75,32 +95,22 @@ def _train(cfg: PipelineConfig, store_path: str, workdir: Path) -> list[Path]:
     layers = [cfg.train["layer"]] if "layer" in cfg.train else store.layers
     outs = []
     for layer in layers:
-        section = {k: v for k, v in cfg.train.items() if k != "layer"}
-        train_cfg = build_config(
-            TrainConfig,
-            _linked(section, "train", {"store": store_path, "layer": layer}),
-            "pipeline train",
-        )
         out = workdir / f"bae-layer{layer}"
-        train(train_cfg, out)
+        train(_train_config(cfg, store_path, layer), out)
         outs.append(out)
     return outs
 
 
 def _entropy(cfg: PipelineConfig, store_path: str, checkpoints: list[Path], workdir: Path) -> Path:
-    from bae.pipeline.entropy import EntropyConfig, run_entropy
+    from bae.pipeline.entropy import run_entropy
 
     missing = [str(c) for c in checkpoints if not (c / "model").is_dir()]
     if not checkpoints or missing:
         raise BaeError(
             f"pipeline: no trained model in {', '.join(missing) or workdir}; run the train stage first"
         )
-    links = {"store": store_path, "checkpoints": [str(c / "model") for c in checkpoints]}
-    out = workdir / "entropy"
-    entropy_cfg = build_config(
-        EntropyConfig, _linked(cfg.entropy, "entropy", {**links, "out": str(out)}), "pipeline entropy"
-    )
-    return run_entropy(entropy_cfg).plot
+    models = [str(c / "model") for c in checkpoints]
+    return run_entropy(_entropy_config(cfg, store_path, models, workdir / "entropy")).plot
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
@@ -115,6 +125,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     if not _writable(workdir):
         raise BaeError(f"pipeline: workdir {workdir} is not writable (a read-only volume?)")
     store_path = str(workdir / "activations.zarr")
+    # every section is checked before any work starts
+    _harvest_config(cfg, store_path)
+    _train_config(cfg, store_path, 0)
+    _entropy_config(cfg, store_path, ["model"], workdir / "entropy")
     began = time.perf_counter()
     summary: dict[str, Any] = {"workdir": str(workdir)}
     if "harvest" in cfg.stages:
