@@ -25,7 +25,14 @@ STAGES: tuple[Stage, ...] = ("harvest", "train", "entropy")
 # The embedded default: document mode so that positions are positions in a document (entropy per
 # position needs it), a context short enough for a laptop CPU, and a training run of a few minutes.
 DEFAULT_HARVEST = {"mode": "document", "context_length": 128, "max_tokens": 65_536}
-DEFAULT_TRAIN = {"steps": 1500, "batch_size": 512, "val_every": 500, "checkpoint_every": 250, "log_every": 50}
+DEFAULT_TRAIN = {
+    "steps": 500,
+    "batch_size": 512,
+    "standardize": True,
+    "val_every": 250,
+    "checkpoint_every": 100,
+    "log_every": 50,
+}
 DEFAULT_ENTROPY = {"group_by": "position"}
 
 
