@@ -164,17 +164,21 @@ def test_bad_input_is_one_clear_line(known, tmp_path):
     store, _, ckpt = known
     other_layer = save_bae(tmp_path / "l9", layer=9)
     other_d = save_bae(tmp_path / "d16", d=16)
-    base = ["entropy", "--store", store.url, "--no-progress"]
+    proc = run_bae(
+        "entropy", "--store", store.url, "--checkpoint", str(other_layer), "--out", str(tmp_path / "o")
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: checkpoint ") and "trained on layer 9, but store" in lines[0]
     cases = [
-        (["--checkpoint", str(other_layer)], "trained on layer 9, but store"),
-        (["--checkpoint", str(other_d)], "d_model=16 states, but store"),
-        (["--checkpoint", str(ckpt), "--group-by", "colour"], "unknown grouping 'colour'"),
+        ({"checkpoints": [str(other_d)]}, "d_model=16 states, but store"),
+        ({"group_by": "colour"}, "unknown grouping 'colour': expected position, document, token, all, or a"),
     ]
-    for i, (extra, message) in enumerate(cases):
-        proc = run_bae(*base, *extra, "--out", str(tmp_path / f"out{i}"))
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    for change, message in cases:
+        fields = {"store": store.url, "checkpoints": [str(ckpt)], "out": str(tmp_path / "x"), **change}
+        config = EntropyConfig(**fields)
+        with pytest.raises(BaeError, match=message):
+            run_entropy(config, show_progress=False)
     with pytest.raises(BaeError, match=r"empty group: no rows at position\(s\) 10, 11, 12 in layer 4"):
         entropy(known, tmp_path / "late", positions="5-12")
     with pytest.raises(BaeError, match="empty selection: no rows"):
