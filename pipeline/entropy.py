@@ -24,7 +24,15 @@ from bae.errors import BaeError
 from bae.pipeline.atomic_files import atomic_write_bytes, atomic_write_json, read_json
 from bae.pipeline.entropy_estimates import estimate_columns
 from bae.pipeline.entropy_plot import plot_entropy
-from bae.pipeline.reductions import ConstantKey, CountSpec, DocumentKey, GroupKey, RowKey, count_groups
+from bae.pipeline.reductions import (
+    ConstantKey,
+    CountSpec,
+    DocumentKey,
+    GroupKey,
+    RowKey,
+    count_groups,
+    document_field,
+)
 from bae.stores import ActivationStore, RowFilter
 
 ROW_GROUPINGS = {"position": "positions", "document": "doc_ids", "token": "token_ids"}
@@ -149,15 +157,13 @@ def resolve_grouping(store: ActivationStore, group_by: str) -> tuple[GroupKey, n
         return RowKey(ROW_GROUPINGS[group_by]), None
     if group_by == "all":
         return ConstantKey(), None
-    documents = store.documents()
-    if group_by not in documents:
-        fields = ", ".join(sorted(documents)) or "none recorded"
+    if group_by not in store.meta.get("document_fields", []):
+        fields = ", ".join(store.meta.get("document_fields", [])) or "none recorded"
         raise BaeError(
             f"unknown grouping {group_by!r}: expected position, document, token, all, or a per-document "
             f"field of store {store.url} ({fields})"
         )
-    values, codes = np.unique(documents[group_by], return_inverse=True)
-    return DocumentKey(tuple(int(c) for c in codes.reshape(-1))), values
+    return DocumentKey(store.url, group_by), document_field(store.url, group_by)[0]
 
 
 def model_filter(config: EntropyConfig, model: EntropyModel, requested: list[int] | None) -> RowFilter:

@@ -4,7 +4,7 @@ For one store layer and one autoencoder, ``count_groups`` returns, for every gro
 of rows in the group and, per code bit, how many of those rows have the bit set (int64), over the rows
 that pass a ``RowFilter``. A group key is any picklable callable ``rows -> int64 [n]`` over a unit's
 row arrays (``token_ids``, ``doc_ids``, ``positions``, ``valid``, ``row``): ``RowKey("positions")``,
-``RowKey("doc_ids")``, ``DocumentKey(codes)`` for per-document metadata, ``ConstantKey()`` for all
+``RowKey("doc_ids")``, ``DocumentKey(store, field)`` for per-document metadata, ``ConstantKey()`` for all
 rows in one group. Optionally it also gathers Poisson-bootstrap replicates (documents reweighted) and
 the histogram of whole codes per group (for a plug-in joint entropy when the code is short).
 
@@ -58,14 +58,27 @@ class ConstantKey:
         return np.zeros(len(rows["doc_ids"]), np.int64)
 
 
+@functools.lru_cache(maxsize=8)
+def document_field(store: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, each document's index into them) of a per-document field."""
+    documents = cached_store(store).documents()
+    if name not in documents:
+        fields = ", ".join(sorted(documents)) or "none recorded"
+        raise BaeError(f"store {store} has no per-document field {name!r} (fields: {fields})")
+    values, codes = np.unique(documents[name], return_inverse=True)
+    return values, codes.reshape(-1).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class DocumentKey:
-    """Group by a per-document value: ``codes[doc_id]`` (integer codes of a metadata field)."""
+    """Group by a per-document metadata field: key = index of the row's document's value among the
+    field's sorted distinct values (``document_field``); read once per process, not shipped in tasks."""
 
-    codes: tuple[int, ...]
+    store: str
+    name: str
 
     def __call__(self, rows: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(self.codes, np.int64)[rows["doc_ids"]]
+        return document_field(self.store, self.name)[1][rows["doc_ids"]]
 
 
 @dataclass

@@ -91,7 +91,7 @@ def test_counts_equal_numpy_from_exported_weights(tmp_path):
         "positions": RowKey("positions"),
         "doc_ids": RowKey("doc_ids"),
         "token_ids": RowKey("token_ids"),
-        "k": DocumentKey(tuple(int(k) for k in docs["k"])),
+        "k": DocumentKey(store.url, "k"),
         "all": ConstantKey(),
     }
     for name, key in keys.items():
