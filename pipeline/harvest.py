@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from bae.pipeline.capture import LayerCapture, check_layers
 from bae.pipeline.corpus import BUILTIN, load_corpus
 from bae.pipeline.models import LoadedModel, load_model, tokenizer_fingerprint
 from bae.pipeline.tokenize import Positions, Window, parse_positions, tokenize_corpus
+from bae.signals import StopRequest
 from bae.stores import ActivationStore, StoreLayout
 
 DEFAULT_BUILTIN_TOKENS = 65_536
@@ -169,26 +169,6 @@ def check_free_space(output: str, needed: int) -> None:
             f"store {output} needs {human_bytes(needed)} but only {human_bytes(free)} is free on its disk; "
             "free space, lower --max-tokens, pick fewer layers, or write elsewhere"
         )
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop stops after recording the unit in progress."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 @dataclass
@@ -349,10 +329,10 @@ def run_harvest(cfg: HarvestConfig, show_progress: bool = True) -> HarvestResult
         disable=not show_progress or not state.is_main_process,
     )
     t0 = time.perf_counter()
-    with LayerCapture(loaded.model, layers) as capture, _StopRequest() as stop, bar:
+    with LayerCapture(loaded.model, layers) as capture, StopRequest() as stop, bar:
         writer = UnitWriter(store, plan, capture, loaded, cfg)
         for unit in pending:
-            if stop.signal is not None:
+            if stop.signum:
                 break
             clamped += writer.write(unit)
             start, end = store.unit_range(unit)
@@ -362,7 +342,7 @@ def run_harvest(cfg: HarvestConfig, show_progress: bool = True) -> HarvestResult
             bar.update(plan.unit_tokens(unit))
             bar.set_postfix_str(f"{human_bytes(n_bytes)} written", refresh=False)
     seconds = time.perf_counter() - t0
-    interrupted = stop.signal is not None and written < len(pending)
+    interrupted = bool(stop.signum) and written < len(pending)
     if not interrupted and state.num_processes > 1:
         state.wait_for_everyone()
     n_done = int(store.done_mask().sum())

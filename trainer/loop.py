@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from bae.configs import require_same_config
 from bae.console import human_count, print_summary, progress
 from bae.errors import BaeError
+from bae.signals import StopRequest
 from bae.stores import ActivationStore, StoreSampler
 from bae.trainer.checkpoints import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from bae.trainer.config import TrainConfig
@@ -66,26 +66,6 @@ class FiringWindow:
 
     def load(self, state: dict[str, Any]) -> None:
         self.counts, self.rows, self.filled = state["counts"], state["rows"], int(state["filled"])
-
-
-class StopRequested:
-    """Remembers SIGTERM/SIGINT so the loop can checkpoint at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequested:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):
@@ -325,7 +305,7 @@ def train(
     t_log, tokens_log = time.perf_counter(), tokens
     batches: Iterator[torch.Tensor] = iter(sampler)
     last_ckpt = step
-    with StopRequested() as stop, bar:
+    with StopRequest() as stop, bar:
         while step < total_steps:
             x = model.normalize(next(batches).to(accelerator.device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
