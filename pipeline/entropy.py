@@ -18,10 +18,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from bae.atomic_files import atomic_write_bytes, atomic_write_json, read_json
 from bae.configs import StrictModel, require_same_config
 from bae.console import print_summary
 from bae.errors import BaeError
-from bae.pipeline.atomic_files import atomic_write_bytes, atomic_write_json, read_json
 from bae.pipeline.entropy_estimates import estimate_columns
 from bae.pipeline.entropy_plot import plot_entropy
 from bae.pipeline.reductions import (

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bae.pipeline.atomic_files import atomic_savefig
+from bae.atomic_files import atomic_savefig
 
 HISTOGRAM_GROUPINGS = ("document", "token")
 

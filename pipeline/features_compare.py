@@ -12,9 +12,9 @@ import io
 from pathlib import Path
 from typing import Any
 
+from bae.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text
 from bae.console import print_summary
 from bae.errors import BaeError
-from bae.pipeline.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text
 from bae.pipeline.features_config import FeaturesConfig
 from bae.pipeline.features_frequency import run_frequency
 from bae.pipeline.interpret import run_interpret

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from bae.atomic_files import atomic_write_json, read_json
 from bae.console import print_summary
 from bae.errors import BaeError
-from bae.pipeline.atomic_files import atomic_write_json, read_json
 from bae.pipeline.features_config import FeaturesConfig, check_recorded
 from bae.pipeline.features_frequency import FrequencyResult, run_frequency
 from bae.pipeline.features_report import write_report

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from bae.atomic_files import atomic_write_json, read_json
 from bae.console import print_summary, progress
-from bae.pipeline.atomic_files import atomic_write_json, read_json
 from bae.pipeline.features_config import FeaturesConfig, InterpretConfig, check_recorded
 from bae.pipeline.features_contexts import run_contexts
 from bae.pipeline.features_report import write_report

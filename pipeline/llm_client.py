@@ -19,8 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
+from bae.atomic_files import atomic_write_json, read_json
 from bae.errors import BaeError
-from bae.pipeline.atomic_files import atomic_write_json, read_json
 from bae.pipeline.features_config import InterpretConfig
 
 Messages = list[dict[str, str]]

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from numcodecs import Zstd
 
+from bae.atomic_files import atomic_write_bytes
 from bae.errors import BaeError
-from bae.pipeline.atomic_files import atomic_write_bytes
 from bae.pipeline.features_scan import cached_model, cached_store, map_reduce_units
 from bae.stores import RowFilter, iter_unit_rows
 from bae.stores.sampler import _splitmix64

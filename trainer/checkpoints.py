@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bae.atomic_files import temporary_dir
 from bae.errors import BaeError
 from bae.trainer.models import Autoencoder, replace_dir
 
@@ -67,7 +67,7 @@ def save_checkpoint(
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tmp = temporary_dir(target)
     try:
         model.write_files(tmp)
         rng = rng_state()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bae.atomic_files import temporary_dir
 from bae.configs import build_config
 from bae.errors import BaeError
 from bae.trainer.config import ModelConfig
@@ -173,7 +173,7 @@ class Autoencoder(nn.Module):
         """Write ``model.safetensors`` + ``config.json`` into ``directory`` atomically."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        tmp = temporary_dir(directory)
         try:
             self.write_files(tmp)
             replace_dir(tmp, directory)

@@ -9,6 +9,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: str | Path, directory: bool = False) -> None:
+    """Give a file or directory made by ``tempfile`` (0600/0700) the usual permissions under the umask,
+    so results on a shared volume are readable by the team, as any normally created file would be."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def temporary_dir(target: Path) -> Path:
+    """A fresh sibling directory of ``target`` to fill and then rename onto it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    shareable(tmp, directory=True)
+    return tmp
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a reader sees the old file or the complete new one."""
     path = Path(path)
@@ -17,6 +36,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        shareable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
