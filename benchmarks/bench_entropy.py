@@ -12,6 +12,8 @@ run's cost).
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +53,30 @@ def bare_encode(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, batch: int = 
     return time.perf_counter() - t
 
 
+def reduction_rss(store: str, checkpoint: str, n_units: int) -> float:
+    """Peak RSS (MiB, VmHWM: unlike ru_maxrss not inherited from this process) of a fresh process
+    that runs the reduction over the whole store."""
+    code = (
+        "from bae.pipeline.reductions import CountSpec, RowKey, count_groups; "
+        "from bae.stores import RowFilter; "
+        f"count_groups(CountSpec({store!r}, {checkpoint!r}, 0, RowFilter(), RowKey('positions'), "
+        f"tuple(range({n_units}))), show_progress=False); "
+        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+    )
+    return (
+        int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+        / 1024
+    )
+
+
+def rss_report(tmp: Path, rows: int, d: int, doc_len: int, checkpoint: Path) -> None:
+    for scale in (1, 4):
+        store, _ = make_store(tmp / f"rss-{scale}.zarr", rows * scale, d, doc_len)
+        size = store.n_rows * d * 2 / 2**20
+        rss = reduction_rss(store.url, str(checkpoint), store.n_units)
+        print(f"  reduction over {store.n_rows:>9,} rows ({size:,.0f} MiB float16): peak RSS {rss:,.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=65536)
@@ -58,6 +84,7 @@ def main() -> None:
     parser.add_argument("--expansion", type=int, default=4)
     parser.add_argument("--doc-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rss", action="store_true", help="also peak memory vs store size")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-entropy-"))
     n = args.rows
@@ -87,6 +114,8 @@ def main() -> None:
     for name, times in results.items():
         best = min(times)
         print(f"  {name:28s} {n / best:>12,.0f} rows/s   {base / best:5.2f}x bare encode")
+    if args.rss:
+        rss_report(tmp, n, args.d, args.doc_len, tmp / "bae")
 
 
 if __name__ == "__main__":
