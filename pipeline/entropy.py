@@ -22,6 +22,7 @@ from bae.atomic_files import atomic_write_bytes, atomic_write_json, read_json
 from bae.configs import StrictModel, require_same_config
 from bae.console import print_summary
 from bae.errors import BaeError
+from bae.pipeline.checkpoint_match import load_for_store
 from bae.pipeline.entropy_estimates import estimate_columns
 from bae.pipeline.entropy_plot import plot_entropy
 from bae.pipeline.reductions import (
@@ -114,27 +115,10 @@ class EntropyResult:
 
 def resolve_models(store: ActivationStore, checkpoints: list[str]) -> list[EntropyModel]:
     """Load each checkpoint, check its layer and d against the store, and that no two overlap."""
-    from bae.trainer import load_autoencoder
-
     models = []
     for checkpoint in checkpoints:
-        model = load_autoencoder(checkpoint)
+        model, layer = load_for_store(store, checkpoint)
         source = model.source or {}
-        layer = source.get("layer")
-        if layer is None:
-            if len(store.layers) != 1:
-                raise BaeError(f"checkpoint {checkpoint} records no layer and store {store.url} has several")
-            layer = store.layers[0]
-        if layer not in store.layers:
-            raise BaeError(
-                f"checkpoint {checkpoint} was trained on layer {layer}, but store {store.url} holds "
-                f"layers {', '.join(map(str, store.layers))}"
-            )
-        if model.config.d_model != store.d_model:
-            raise BaeError(
-                f"checkpoint {checkpoint} was trained on d_model={model.config.d_model} states, "
-                f"but store {store.url} holds d_model={store.d_model}"
-            )
         positions = source.get("positions")
         models.append(
             EntropyModel(checkpoint, int(layer), sorted(positions) if positions else None, model.n_bits)

@@ -21,6 +21,7 @@ from dask.callbacks import Callback
 
 from bae.console import progress
 from bae.errors import BaeError
+from bae.pipeline.checkpoint_match import load_for_store
 from bae.pipeline.features_config import FeaturesConfig
 from bae.stores import ActivationStore, RowFilter, iter_unit_rows
 from bae.trainer import Autoencoder, load_autoencoder
@@ -68,30 +69,7 @@ def scan_spec(config: FeaturesConfig, checkpoint: str | None = None) -> ScanSpec
     url = config.need("store")
     checkpoint = checkpoint or config.need("checkpoint")
     store = ActivationStore.open(url)
-    model = load_autoencoder(checkpoint)
-    source = model.source or {}
-    layer = config.layer if config.layer is not None else source.get("layer")
-    if layer is None:
-        if len(store.layers) != 1:
-            raise BaeError(
-                f"checkpoint {checkpoint} records no layer and store {url} has several: pass --layer"
-            )
-        layer = store.layers[0]
-    if layer not in store.layers:
-        raise BaeError(
-            f"store {url} has no layer {layer}; layers present: {', '.join(map(str, store.layers))}"
-        )
-    if model.config.d_model != store.d_model:
-        raise BaeError(
-            f"checkpoint {checkpoint} was trained on d_model={model.config.d_model} states, "
-            f"but store {url} holds d_model={store.d_model}"
-        )
-    recorded = source.get("corpus_fingerprint")
-    if recorded and store.meta.get("corpus_fingerprint") and recorded != store.meta["corpus_fingerprint"]:
-        raise BaeError(
-            f"checkpoint {checkpoint} was trained on another corpus than store {url} "
-            "(corpus fingerprints differ)"
-        )
+    _, layer = load_for_store(store, checkpoint, config.layer)
     units = [int(u) for u in np.flatnonzero(store.done_mask())]
     if not units:
         raise BaeError(f"store {url} has no completed units")

@@ -1,0 +1,48 @@
+"""Load an autoencoder checkpoint for analysis and check that it belongs to a store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bae.errors import BaeError
+from bae.stores import ActivationStore
+
+if TYPE_CHECKING:
+    from bae.trainer.models import Autoencoder
+
+
+def load_for_store(
+    store: ActivationStore, checkpoint: str, layer: int | None = None
+) -> tuple[Autoencoder, int]:
+    """The checkpoint's model and the store layer it applies to (``layer`` overrides the recorded one).
+
+    Refused, one line each: a layer the store lacks, another d_model, another corpus fingerprint.
+    """
+    from bae.trainer import load_autoencoder
+
+    model = load_autoencoder(checkpoint)
+    source = model.source or {}
+    layer = layer if layer is not None else source.get("layer")
+    if layer is None:
+        if len(store.layers) != 1:
+            raise BaeError(
+                f"checkpoint {checkpoint} records no layer and store {store.url} has several: name the layer"
+            )
+        layer = store.layers[0]
+    if layer not in store.layers:
+        raise BaeError(
+            f"checkpoint {checkpoint} was trained on layer {layer}, but store {store.url} holds layers "
+            f"{', '.join(map(str, store.layers))}"
+        )
+    if model.config.d_model != store.d_model:
+        raise BaeError(
+            f"checkpoint {checkpoint} was trained on d_model={model.config.d_model} states, "
+            f"but store {store.url} holds d_model={store.d_model}"
+        )
+    recorded, actual = source.get("corpus_fingerprint"), store.meta.get("corpus_fingerprint")
+    if recorded and actual and recorded != actual:
+        raise BaeError(
+            f"checkpoint {checkpoint} was trained on another corpus than store {store.url} "
+            "(corpus fingerprints differ)"
+        )
+    return model, int(layer)
