@@ -133,9 +133,7 @@ def run_pipeline_command(
     run_pipeline(load_config(PipelineConfig, pipeline, {"workdir": workdir}))
 
 
-StoreArg = Annotated[
-    str | None, typer.Argument(help="Store path or fsspec URL (s3://, gs://, memory://).")
-]
+StoreArg = Annotated[str | None, typer.Argument(help="Store path or fsspec URL (s3://, gs://, memory://).")]
 
 
 def _open_store(store: str | None, config: Path | None) -> ActivationStore:

@@ -40,16 +40,31 @@ def make_store(path: Path, n_rows: int) -> None:
         a, b = layout.unit_range(u)
         rows = np.arange(a, b)
         x = rng.standard_normal((b - a, D), dtype=np.float32)
-        store.write_unit(u, layers={1: x}, token_ids=rows % 1000, doc_ids=rows // 256,
-                         positions=rows % 256, valid=np.ones(b - a, bool))
+        store.write_unit(
+            u,
+            layers={1: x},
+            token_ids=rows % 1000,
+            doc_ids=rows // 256,
+            positions=rows % 256,
+            valid=np.ones(b - a, bool),
+        )
 
 
 def config(store: Path, steps: int):
     from bae.trainer.config import TrainConfig
 
-    return TrainConfig(store=str(store), layer=1, steps=steps, batch_size=BATCH, expansion=EXPANSION,
-                       val_fraction=0.0, log_every=steps, checkpoint_every=10**9,
-                       entropy_start_steps=0, buffer_rows=16384)
+    return TrainConfig(
+        store=str(store),
+        layer=1,
+        steps=steps,
+        batch_size=BATCH,
+        expansion=EXPANSION,
+        val_fraction=0.0,
+        log_every=steps,
+        checkpoint_every=10**9,
+        entropy_start_steps=0,
+        buffer_rows=16384,
+    )
 
 
 def child_store(store: Path, steps: int) -> dict:
@@ -76,7 +91,7 @@ def child_memory(store: Path, steps: int) -> dict:
     order = torch.randperm(len(data))
 
     def step(i: int) -> None:
-        x = data[order[(i * BATCH) % (len(data) - BATCH):][:BATCH]]
+        x = data[order[(i * BATCH) % (len(data) - BATCH) :][:BATCH]]
         opt.zero_grad(set_to_none=True)
         loss, _ = objective(x, model(x), entropy_on=True)
         loss.backward()
@@ -85,8 +100,10 @@ def child_memory(store: Path, steps: int) -> dict:
     t0 = time.perf_counter()
     for i in range(steps):
         step(i)
-    return {"rows_per_s": steps * BATCH / (time.perf_counter() - t0),
-            "step_s": (time.perf_counter() - t0) / steps}
+    return {
+        "rows_per_s": steps * BATCH / (time.perf_counter() - t0),
+        "step_s": (time.perf_counter() - t0) / steps,
+    }
 
 
 def gemm_time(repeats: int) -> tuple[float, float]:
@@ -96,10 +113,15 @@ def gemm_time(repeats: int) -> tuple[float, float]:
     h, g_out, g_h = torch.randn(n, f), torch.randn(n, d), torch.randn(n, f)
     g_cov = torch.randn(f, f)
     gemms = [
-        lambda: x @ w_enc.T, lambda: h @ w_dec.T,            # forward
-        lambda: g_out @ w_dec, lambda: g_out.T @ h,          # decoder backward
-        lambda: g_h @ w_enc, lambda: g_h.T @ x,              # encoder backward
-        lambda: h.T @ h, lambda: h @ g_cov, lambda: h @ g_cov.T,  # covariance and its backward
+        lambda: x @ w_enc.T,
+        lambda: h @ w_dec.T,  # forward
+        lambda: g_out @ w_dec,
+        lambda: g_out.T @ h,  # decoder backward
+        lambda: g_h @ w_enc,
+        lambda: g_h.T @ x,  # encoder backward
+        lambda: h.T @ h,
+        lambda: h @ g_cov,
+        lambda: h @ g_cov.T,  # covariance and its backward
     ]
     flops = 2 * (2 * n * d * f * 3 + 3 * n * f * f)
     best = float("inf")
@@ -112,8 +134,12 @@ def gemm_time(repeats: int) -> tuple[float, float]:
 
 
 def run_child(kind: str, store: Path, steps: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--store", str(store),
-                           "--steps", str(steps)], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--store", str(store), "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -137,17 +163,25 @@ def main() -> None:
         memory = run_child("memory", small, args.steps)
         from_large = run_child("store", large, args.steps)
     gemm_s, flops = gemm_time(5)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={D} d'={D * EXPANSION} "
-          f"batch {BATCH}, {args.steps} steps, λ_H and λ_D on")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; d={D} d'={D * EXPANSION} "
+        f"batch {BATCH}, {args.steps} steps, λ_H and λ_D on"
+    )
     print(f"in memory      : {memory['rows_per_s']:8.0f} rows/s  ({memory['step_s'] * 1e3:.0f} ms/step)")
-    print(f"from Zarr store: {from_store['rows_per_s']:8.0f} rows/s  "
-          f"ratio {from_store['rows_per_s'] / memory['rows_per_s']:.3f} (target >= 0.95)")
-    print(f"step GEMMs alone: {gemm_s * 1e3:.0f} ms ({flops / gemm_s / 1e9:.1f} GFLOP/s); "
-          f"fraction of the step's matmul roofline achieved: {gemm_s / memory['step_s']:.2f}")
+    print(
+        f"from Zarr store: {from_store['rows_per_s']:8.0f} rows/s  "
+        f"ratio {from_store['rows_per_s'] / memory['rows_per_s']:.3f} (target >= 0.95)"
+    )
+    print(
+        f"step GEMMs alone: {gemm_s * 1e3:.0f} ms ({flops / gemm_s / 1e9:.1f} GFLOP/s); "
+        f"fraction of the step's matmul roofline achieved: {gemm_s / memory['step_s']:.2f}"
+    )
     mib = args.rows * D * 2 / 2**20
-    print(f"peak RSS: store {mib:.0f} MiB -> {from_store['peak_rss_mib']:.0f} MiB; "
-          f"store {4 * mib:.0f} MiB -> {from_large['peak_rss_mib']:.0f} MiB "
-          f"(in-memory baseline {memory['peak_rss_mib']:.0f} MiB)")
+    print(
+        f"peak RSS: store {mib:.0f} MiB -> {from_store['peak_rss_mib']:.0f} MiB; "
+        f"store {4 * mib:.0f} MiB -> {from_large['peak_rss_mib']:.0f} MiB "
+        f"(in-memory baseline {memory['peak_rss_mib']:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

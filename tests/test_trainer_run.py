@@ -36,7 +36,10 @@ def make_store(path: Path, n: int = 4096, d: int = 16, unit: int = 512, layers=(
         store.write_unit(
             u,
             layers={L: rng.standard_normal((b - a, d)).astype(np.float32) for L in layers},
-            token_ids=rows % 100, doc_ids=rows // 64, positions=rows % 64, valid=rows % 16 != 0,
+            token_ids=rows % 100,
+            doc_ids=rows // 64,
+            positions=rows % 64,
+            valid=rows % 16 != 0,
         )
     return store
 
@@ -46,9 +49,26 @@ def run_bae(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def train_args(store: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--store", str(store), "--layer", "3", "--out", str(out), "--batch-size", "64",
-            "--log-every", "5", "--val-every", "50", "--lambda-entropy", "1e-3",
-            "--lambda-covariance", "1e-4", *extra]
+    return [
+        "train",
+        "--store",
+        str(store),
+        "--layer",
+        "3",
+        "--out",
+        str(out),
+        "--batch-size",
+        "64",
+        "--log-every",
+        "5",
+        "--val-every",
+        "50",
+        "--lambda-entropy",
+        "1e-3",
+        "--lambda-covariance",
+        "1e-4",
+        *extra,
+    ]
 
 
 def weights(out: Path) -> dict[str, np.ndarray]:
@@ -81,8 +101,13 @@ def test_sigkill_then_resume_is_bit_identical(store: Path, tmp_path: Path) -> No
     ref = run_bae(*train_args(store, tmp_path / "ref", *extra))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*BAE, *train_args(store, out, *extra)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*BAE, *train_args(store, out, *extra)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(out / "checkpoints" / "step-00000040", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -91,23 +116,32 @@ def test_sigkill_then_resume_is_bit_identical(store: Path, tmp_path: Path) -> No
     resumed = run_bae(*train_args(store, out, *extra))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(weights(out), weights(tmp_path / "ref"))
-    steps = [int(line.split('"step": ')[1].split(",")[0])
-             for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [
+        int(line.split('"step": ')[1].split(",")[0])
+        for line in (out / "train_log.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps) and steps.count(300) == 2  # train + val record, no duplicates
     # a finished run re-run is a no-op; a different config is refused naming the field
     again = run_bae(*train_args(store, out, *extra))
     assert again.returncode == 0 and "already complete" in again.stdout
-    other = run_bae(*train_args(store, out, "--steps", "300", "--checkpoint-every", "20",
-                                "--standardize", "--lr", "0.001"))
+    other = run_bae(
+        *train_args(
+            store, out, "--steps", "300", "--checkpoint-every", "20", "--standardize", "--lr", "0.001"
+        )
+    )
     assert other.returncode == 2 and "lr: 0.0005 -> 0.001" in other.stderr
     assert_same_weights(weights(out), weights(tmp_path / "ref"))
 
 
 def test_sigterm_checkpoints_and_exits_nonzero(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen([*BAE, *train_args(store, out, "--steps", "100000",
-                                               "--checkpoint-every", "10000")],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*BAE, *train_args(store, out, "--steps", "100000", "--checkpoint-every", "10000")],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(out / "train_log.jsonl", proc)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
@@ -134,7 +168,10 @@ def test_torchrun_two_processes_end_identical(store: Path, tmp_path: Path) -> No
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     proc = subprocess.run(
         [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(script)],
-        capture_output=True, text=True, env=ENV, timeout=300,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
@@ -154,14 +191,16 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 def test_bad_inputs(store: Path, tmp_path: Path) -> None:
-    missing = run_bae("train", "--store", str(store), "--layer", "7", "--out", str(tmp_path / "a"),
-                      "--steps", "5")
+    missing = run_bae(
+        "train", "--store", str(store), "--layer", "7", "--out", str(tmp_path / "a"), "--steps", "5"
+    )
     one_line_error(missing, "no layer 7", "layers present: 3")
     assert not (tmp_path / "a" / "checkpoints").exists()
 
     def cfg(path: Path, **kw) -> TrainConfig:
-        return TrainConfig(**{"store": str(path), "layer": 3, "batch_size": 32, "steps": 10,
-                              "log_every": 5, **kw})
+        return TrainConfig(
+            **{"store": str(path), "layer": 3, "batch_size": 32, "steps": 10, "log_every": 5, **kw}
+        )
 
     with pytest.raises(BaeError, match=r"batch_size 100000 .* larger than the training split"):
         train(cfg(store, batch_size=100000), tmp_path / "b", show_progress=False)

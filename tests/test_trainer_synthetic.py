@@ -23,8 +23,14 @@ def synthetic_store(path: Path, r: int, n: int = 8192, d: int = 64, noise: float
     for u in range(layout.n_units):
         a, b = layout.unit_range(u)
         rows = np.arange(a, b)
-        store.write_unit(u, layers={0: h[a:b]}, token_ids=rows % 7, doc_ids=rows // 16,
-                         positions=rows % 16, valid=np.ones(b - a, bool))
+        store.write_unit(
+            u,
+            layers={0: h[a:b]},
+            token_ids=rows % 7,
+            doc_ids=rows // 16,
+            positions=rows % 16,
+            valid=np.ones(b - a, bool),
+        )
     return path
 
 
@@ -32,9 +38,18 @@ def synthetic_store(path: Path, r: int, n: int = 8192, d: int = 64, noise: float
 def test_set_entropy_recovers_r_bits(tmp_path: Path, r: int) -> None:
     store = synthetic_store(tmp_path / "syn.zarr", r)
     config = TrainConfig(
-        store=str(store), layer=0, steps=1000, batch_size=256, lr=1e-2, estimator="sigmoid",
-        lambda_entropy=6e-2, lambda_covariance=1e-2, entropy_start_steps=500,
-        log_every=1000, val_every=1000, checkpoint_every=1000,
+        store=str(store),
+        layer=0,
+        steps=1000,
+        batch_size=256,
+        lr=1e-2,
+        estimator="sigmoid",
+        lambda_entropy=6e-2,
+        lambda_covariance=1e-2,
+        entropy_start_steps=500,
+        log_every=1000,
+        val_every=1000,
+        checkpoint_every=1000,
     )
     _, summary = train(config, tmp_path / "run", show_progress=False)
     assert summary["val_rows"] > 500

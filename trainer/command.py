@@ -46,23 +46,34 @@ def train_command(out: Path, config: Optional[Path] = None, **flags: Any) -> Non
 def _signature() -> inspect.Signature:
     params = [
         inspect.Parameter(
-            "out", inspect.Parameter.KEYWORD_ONLY,
+            "out",
+            inspect.Parameter.KEYWORD_ONLY,
             annotation=Annotated[Path, typer.Option("--out", "-o", help="Output run directory.")],
         ),
         inspect.Parameter(
-            "config", inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[Optional[Path], typer.Option(  # noqa: UP045
-                "--config", "-c", help="YAML/TOML/JSON file of options; flags given here win.")],
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Optional[Path],
+                typer.Option(  # noqa: UP045
+                    "--config", "-c", help="YAML/TOML/JSON file of options; flags given here win."
+                ),
+            ],
         ),
     ]
     for name, field in TrainConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{name.replace('_', '-')}"] if field.annotation is bool else [flag]
         option = typer.Option(*decls, help=_field_help(name, field), show_default=False)
-        params.append(inspect.Parameter(
-            name, inspect.Parameter.KEYWORD_ONLY, default=None,
-            annotation=Annotated[_flag_type(field.annotation), option],
-        ))
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[_flag_type(field.annotation), option],
+            )
+        )
     return inspect.Signature(params)
 
 

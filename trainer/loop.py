@@ -82,9 +82,9 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     return factor
 
 
-def open_training_data(config: TrainConfig, rank: int, world_size: int) -> tuple[
-    ActivationStore, StoreSampler, StoreSampler | None
-]:
+def open_training_data(
+    config: TrainConfig, rank: int, world_size: int
+) -> tuple[ActivationStore, StoreSampler, StoreSampler | None]:
     """The store, the training sampler (this rank's share) and the validation sampler."""
     store = ActivationStore.open(config.store)
     common = dict(
@@ -97,8 +97,15 @@ def open_training_data(config: TrainConfig, rank: int, world_size: int) -> tuple
         prefetch=config.prefetch,
     )
     split = "train" if config.val_fraction > 0 else None
-    train = StoreSampler(store, batch_size=config.batch_size, seed=config.seed, split=split,
-                         rank=rank, world_size=world_size, **common)
+    train = StoreSampler(
+        store,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        split=split,
+        rank=rank,
+        world_size=world_size,
+        **common,
+    )
     n_train = train.count_rows()
     if n_train < config.batch_size * world_size:
         raise BaeError(
@@ -107,8 +114,7 @@ def open_training_data(config: TrainConfig, rank: int, world_size: int) -> tuple
         )
     val = None
     if config.val_fraction > 0:
-        val = StoreSampler(store, batch_size=config.batch_size, seed=config.seed, split="val",
-                           **common)
+        val = StoreSampler(store, batch_size=config.batch_size, seed=config.seed, split="val", **common)
     return store, train, val
 
 
@@ -225,8 +231,12 @@ def train(
     out = Path(out)
     # accelerate forms a CPU process group (gloo, under torchrun) only when told cpu=True
     no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    accelerator = Accelerator(cpu=config.cpu or no_gpu, mixed_precision=config.mixed_precision,
-                              log_with=config.log_with, project_dir=str(out))
+    accelerator = Accelerator(
+        cpu=config.cpu or no_gpu,
+        mixed_precision=config.mixed_precision,
+        log_with=config.log_with,
+        project_dir=str(out),
+    )
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     store, sampler, val_sampler = open_training_data(config, rank, world)
@@ -278,17 +288,27 @@ def train(
         accelerator.init_trackers("bae-train", config=config.model_dump(mode="json"))
     model.to(accelerator.device)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    objective = Objective(config.architecture, config.lambda_entropy, config.lambda_covariance,
-                          config.l1_coefficient)
+    objective = Objective(
+        config.architecture, config.lambda_entropy, config.lambda_covariance, config.l1_coefficient
+    )
 
     def checkpoint() -> None:
         if main:
             save_checkpoint(
-                out, step, model,
-                {"config": config.model_dump(mode="json"), "sampler": sampler.state_dict(),
-                 "tokens": tokens, "world_size": world},
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "window": window.state()},
+                out,
+                step,
+                model,
+                {
+                    "config": config.model_dump(mode="json"),
+                    "sampler": sampler.state_dict(),
+                    "tokens": tokens,
+                    "world_size": world,
+                },
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "window": window.state(),
+                },
                 config.keep_checkpoints,
             )
         accelerator.wait_for_everyone()
@@ -324,9 +344,12 @@ def train(
             if step % config.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
                 last_train = batch_metrics(x, out_codes, terms)
-                last_train.update(window.stats(), lr=scheduler.get_last_lr()[0],
-                                  tokens_per_s=(tokens - tokens_log) / max(now - t_log, 1e-9),
-                                  entropy_on=step > entropy_start)
+                last_train.update(
+                    window.stats(),
+                    lr=scheduler.get_last_lr()[0],
+                    tokens_per_s=(tokens - tokens_log) / max(now - t_log, 1e-9),
+                    entropy_on=step > entropy_start,
+                )
                 t_log, tokens_log = now, tokens
                 record(last_train)
                 bar.set_postfix(mse=f"{last_train['mse']:.4g}", H=f"{last_train['batch_entropy']:.1f}")
@@ -362,4 +385,3 @@ def train(
     if main:
         print_summary(f"bae train: {out}", summary)
     return model, summary
-

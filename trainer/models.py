@@ -29,6 +29,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
+
 @dataclass
 class Codes:
     """One forward pass: ``bits`` (the 0/1 code the losses see), ``code`` (the decoder's input)
@@ -67,8 +68,9 @@ class _StepSigmoid(torch.autograd.Function):
         return grad * s * (1 - s) / ctx.temperature, None, None
 
 
-def binary_step(z: torch.Tensor, threshold: str = "gt", estimator: str = "ste",
-                temperature: float = 1.0) -> torch.Tensor:
+def binary_step(
+    z: torch.Tensor, threshold: str = "gt", estimator: str = "ste", temperature: float = 1.0
+) -> torch.Tensor:
     """step(z) in {0, 1} (``gt``: z > 0, ``ge``: z >= 0) with the chosen gradient estimator."""
     inclusive = threshold == "ge"
     if estimator == "ste":
@@ -192,9 +194,7 @@ class Autoencoder(nn.Module):
         """Load a saved autoencoder of this class (the recorded architecture decides)."""
         model = load_autoencoder(directory)
         if not isinstance(model, cls):
-            raise BaeError(
-                f"{directory}: holds a {model.architecture!r} model, not {cls.architecture!r}"
-            )
+            raise BaeError(f"{directory}: holds a {model.architecture!r} model, not {cls.architecture!r}")
         return model
 
 
@@ -274,9 +274,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     checkpoints = sorted((path / "checkpoints").glob("step-*")) if path.is_dir() else []
     if checkpoints:
         return checkpoints[-1]
-    raise BaeError(
-        f"{path}: no saved autoencoder here (expected {CONFIG_FILE}, model/ or checkpoints/)"
-    )
+    raise BaeError(f"{path}: no saved autoencoder here (expected {CONFIG_FILE}, model/ or checkpoints/)")
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Autoencoder:

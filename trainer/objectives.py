@@ -53,8 +53,12 @@ class Objective:
     def __call__(self, x: torch.Tensor, out: Codes, entropy_on: bool) -> tuple[torch.Tensor, dict]:
         """Total loss and its detached terms (``None`` for a term that was skipped)."""
         loss = reconstruction_loss(x, out.recon)
-        terms: dict[str, torch.Tensor | None] = {"mse": loss.detach(), "entropy": None,
-                                                  "covariance": None, "l1": None}
+        terms: dict[str, torch.Tensor | None] = {
+            "mse": loss.detach(),
+            "entropy": None,
+            "covariance": None,
+            "l1": None,
+        }
         if self.architecture == "bae":
             if entropy_on and self.lambda_entropy:
                 h = entropy_term(out.bits)
