@@ -1,15 +1,20 @@
 """Store write and sampler read throughput against numpy writing/reading the same bytes, in one run.
 
-    python benchmarks/bench_store.py [--gib 1.0] [--d 1024] [--dir /tmp] [--checksum/--no-checksum]
+    python benchmarks/bench_store.py [--gib 1.0] [--d 1024] [--repeats 3] [--dir /tmp] [--no-checksum]
 
-Prints MB/s for each path and the ratios store/numpy. Both paths write unit-sized files to the same
-directory tree (so both hit the page cache the same way) and read them back in a shuffled unit order.
+Prints MB/s for each path and the ratios store/numpy. Both paths write every unit's hidden states and
+its four row arrays to fresh files in the same directory tree (so both hit the page cache the same
+way), and read the hidden states back in a shuffled unit order.
+Every timed phase starts after ``os.sync()``, so that no phase pays for the write-back of the one
+before it; the phases alternate ``--repeats`` times and each path's median is reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +26,7 @@ from bae.stores import ActivationStore, StoreLayout, StoreSampler
 
 
 def _timed(fn) -> float:
+    os.sync()  # dirty pages of the previous phase are not this phase's cost
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -32,6 +38,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=1024)
     parser.add_argument("--unit-rows", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians reported")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
@@ -47,19 +54,35 @@ def main() -> None:
     positions = np.arange(args.unit_rows, dtype=np.int32) % 512
     valid = np.ones(args.unit_rows, bool)
     order = rng.permutation(n_units)
-    try:
-        base = root / "numpy"
+    layout = StoreLayout(
+        n_rows=rows, unit_rows=args.unit_rows, d_model=args.d, layers=[0], checksum=args.checksum
+    )
+    window = 8
+
+    def unit_rows(u: int) -> dict[str, np.ndarray]:
+        start = u * args.unit_rows
+        doc_ids = np.arange(start, start + args.unit_rows) // 512
+        return {"token_ids": token_ids, "doc_ids": doc_ids, "positions": positions, "valid": valid}
+
+    def one_round(r: int) -> dict[str, float]:
+        """Every path once, writing fresh files (as a harvest does), reading them back."""
+        base = root / f"numpy-{r}"
         base.mkdir()
+        store = ActivationStore.create(str(root / f"store-{r}"), layout, attrs={"config": {}})
 
         def numpy_write() -> None:
             for u in range(n_units):
                 unit.tofile(base / f"{u}.bin")
+                for name, values in unit_rows(u).items():  # the same bytes the store writes
+                    values.tofile(base / f"{u}.{name}")
+
+        def store_write() -> None:
+            for u in range(n_units):
+                store.write_unit(u, {0: unit}, **unit_rows(u))
 
         def numpy_read() -> None:
             for u in order:
                 np.fromfile(base / f"{u}.bin", dtype=np.float16)
-
-        window = 8
 
         def numpy_sampler_read() -> None:
             """The least work that yields what the sampler yields: shuffled float32 batches."""
@@ -74,33 +97,30 @@ def main() -> None:
                 for b in range(0, len(x), args.batch):
                     x[b : b + args.batch]
 
-        layout = StoreLayout(
-            n_rows=rows, unit_rows=args.unit_rows, d_model=args.d, layers=[0], checksum=args.checksum
-        )
-        store = ActivationStore.create(str(root / "store"), layout, attrs={"config": {}})
-
-        def store_write() -> None:
-            for u in range(n_units):
-                start = u * args.unit_rows
-                doc_ids = np.arange(start, start + args.unit_rows) // 512
-                store.write_unit(u, {0: unit}, token_ids, doc_ids, positions, valid)
-
         def sampler_read() -> None:
             sampler = StoreSampler(store, 0, args.batch, buffer_rows=window * args.unit_rows, prefetch=2)
             for _, _ in zip(sampler, range(rows // args.batch)):
                 pass
 
-        t_np_w = _timed(numpy_write)
-        t_st_w = _timed(store_write)
-        t_np_r = _timed(numpy_read)
-        t_np_s = _timed(numpy_sampler_read)
-        t_st_r = _timed(sampler_read)
+        phases = [numpy_write, store_write, numpy_read, numpy_sampler_read, sampler_read]
+        times = {fn.__name__: _timed(fn) for fn in phases}
+        shutil.rmtree(base)
+        shutil.rmtree(root / f"store-{r}")
+        return times
+
+    try:
+        rounds = [one_round(r) for r in range(args.repeats)]
+        t_np_w, t_st_w, t_np_r, t_np_s, t_st_r = (
+            statistics.median(t[name] for t in rounds)
+            for name in ("numpy_write", "store_write", "numpy_read", "numpy_sampler_read", "sampler_read")
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     mb = payload / 1e6
     print(f"payload: {payload / (1 << 30):.2f} GiB float16, {rows} rows x d={args.d}, {n_units} units")
-    print(f"checksum (crc32c): {'on' if args.checksum else 'off'}")
-    print(f"numpy write    {mb / t_np_w:8.0f} MB/s")
+    checksum = "on" if args.checksum else "off"
+    print(f"checksum (crc32c): {checksum}; median of {args.repeats} alternating rounds")
+    print(f"numpy write    {mb / t_np_w:8.0f} MB/s   (hidden states + row arrays, one file per array)")
     print(f"store write    {mb / t_st_w:8.0f} MB/s   ratio {t_np_w / t_st_w:.2f}x  (target >= 0.8x)")
     print(f"numpy read     {mb / t_np_r:8.0f} MB/s   (raw bytes, no decoding: an upper bound)")
     print(f"numpy batches  {mb / t_np_s:8.0f} MB/s   (raw bytes -> shuffled float32 batches)")

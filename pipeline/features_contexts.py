@@ -153,7 +153,7 @@ class ContextReader:
 
     def _unit_rows(self, unit: int) -> dict[str, np.ndarray]:
         if unit not in self._units:
-            self._units[unit] = self.store.read_rows(*self.store.unit_range(unit))
+            self._units[unit] = self.store.read_unit_rows(unit)
             if len(self._units) > self._cache_units:
                 self._units.popitem(last=False)
         self._units.move_to_end(unit)

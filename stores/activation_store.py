@@ -17,6 +17,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from bae.configs import config_diff
 from bae.errors import BaeError
+from bae.stores.chunk_files import ChunkFiles
 from bae.stores.layout import (
     LAYER_CONVENTION,
     ROW_ARRAYS,
@@ -31,6 +32,7 @@ from bae.stores.layout import (
 INCOMPLETE_ATTR = "bae_incomplete"
 _WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bae-store-write")
 ARRAY_CONFIG = {"write_empty_chunks": True}
+SPARSE_ARRAYS = ("units/clamped",)  # mostly zero: a zero chunk is not stored (read back as zero)
 
 
 def _zarr_store(url: str, read_only: bool) -> LocalStore | FsspecStore:
@@ -214,9 +216,47 @@ class ActivationStore:
 
     @cached_property
     def _arrays(self) -> dict[str, zarr.Array]:
-        """Array handles opened once (each open reads metadata)."""
+        """Array handles opened once (each open reads metadata). Chunks equal to the fill value are
+        written too, so that every recorded unit has all its chunk files, except in the sparse
+        arrays, whose usual value is the fill value."""
         names = (*ROW_ARRAYS, "units/done", "units/clamped", *(f"layers/{layer}" for layer in self.layers))
-        return {name: self.group[name] for name in names}
+        return {
+            name: self.group[name].with_config({"write_empty_chunks": name not in SPARSE_ARRAYS})
+            for name in names
+        }
+
+    @cached_property
+    def _chunk_files(self) -> dict[str, ChunkFiles]:
+        """Direct chunk-file access for the arrays that allow it (local, raw bytes [+ crc32c])."""
+        direct = {name: ChunkFiles.for_array(arr) for name, arr in self._arrays.items()}
+        return {name: files for name, files in direct.items() if files is not None}
+
+    def _write_chunk(self, name: str, unit: int, values: np.ndarray) -> None:
+        """Write unit ``unit``'s chunk of array ``name`` (every array has one chunk per unit).
+
+        Data chunks of a local store are rewritten in place: nothing reads them before the unit's
+        ``units/done`` flag is set, and that flag (like every ``units/`` chunk) is replaced atomically.
+        """
+        files = self._chunk_files.get(name)
+        if files is None:
+            start, stop = self.unit_range(unit) if not name.startswith("units/") else (unit, unit + 1)
+            self._arrays[name][start:stop] = values
+        else:
+            chunk = (unit, 0) if name.startswith("layers/") else (unit,)
+            files.write(chunk, values, atomic=name.startswith("units/"), omit_fill=name in SPARSE_ARRAYS)
+
+    def _read_chunk(self, name: str, unit: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Unit ``unit``'s rows of array ``name``, read into ``out`` (the full chunk shape) if given."""
+        start, stop = self.unit_range(unit)
+        files = self._chunk_files.get(name)
+        if files is None:
+            values = self._arrays[name][start:stop]
+            if out is None:
+                return values
+            out[: stop - start] = values
+        else:
+            out = files.read((unit, 0) if name.startswith("layers/") else (unit,), out)
+        return out[: stop - start]
 
     # ------------------------------------------------------------------ writing
 
@@ -253,9 +293,9 @@ class ActivationStore:
         writes = [(f"layers/{layer}", values) for layer, values in encoded.items()]
         writes += list(row_values.items())
         # every chunk of the unit is written concurrently; completion is recorded only after all of them
-        list(_WRITERS.map(lambda w: self._arrays[w[0]].__setitem__(slice(start, stop), w[1]), writes))
-        self._arrays["units/clamped"][unit] = clamped
-        self._arrays["units/done"][unit] = 1
+        list(_WRITERS.map(lambda w: self._write_chunk(w[0], unit, w[1]), writes))
+        self._write_chunk("units/clamped", unit, np.array([clamped], np.int64))
+        self._write_chunk("units/done", unit, np.ones(1, np.uint8))
         return clamped
 
     # ------------------------------------------------------------------ reading
@@ -281,6 +321,16 @@ class ActivationStore:
     def read_layer_physical(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a layer as stored (float16, uint16 bfloat16 bits, or float32)."""
         return self._layer_array(layer)[start:stop]
+
+    def read_unit_layer(self, layer: int, unit: int, out: np.ndarray | None = None) -> np.ndarray:
+        """One unit's rows of a layer as stored, read into ``out`` ([unit_rows, d], physical dtype) if
+        given; missing, truncated or corrupted chunks are errors."""
+        self._layer_array(layer)
+        return self._read_chunk(f"layers/{layer}", unit, out)
+
+    def read_unit_rows(self, unit: int) -> dict[str, np.ndarray]:
+        """One unit's per-row arrays (token_ids, doc_ids, positions, valid)."""
+        return {name: self._read_chunk(name, unit) for name in ROW_ARRAYS}
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """The per-row arrays (token_ids, doc_ids, positions, valid) for rows ``start:stop``."""

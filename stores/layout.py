@@ -71,9 +71,31 @@ class StoreLayout(StrictModel):
         return len(self.layers) * self.d_model * itemsize + 4 + 8 + 4 + 1
 
 
+# 16-bit floats: the mask of the magnitude bits and the all-ones exponent (NaN/inf at or above it)
+_HALF_BITS = {torch.float16: (0x7FFF, 0x7C00), torch.bfloat16: (0x7FFF, 0x7F80)}
+_BLOCK = 1 << 20
+
+
 def any_nonfinite(t: torch.Tensor) -> bool:
-    """NaN/inf anywhere in ``t``? A float32 sum is the fast test; only a non-finite sum is checked exactly."""
-    return not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all())
+    """NaN/inf anywhere in ``t``?
+
+    16-bit floats: a value is NaN or inf exactly when its magnitude bits reach the all-ones exponent,
+    tested block by block in a small scratch buffer (no upcast, no large temporary). Wider floats: a
+    sum is non-finite whenever a term is, so only a non-finite sum is followed by the exact test.
+    """
+    if t.numel() == 0:
+        return False
+    if t.dtype not in _HALF_BITS:
+        return not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())
+    magnitude, exponent = _HALF_BITS[t.dtype]
+    bits = t.contiguous().view(torch.int16).numpy().reshape(-1)
+    scratch = np.empty(min(len(bits), _BLOCK), np.int16)
+    for start in range(0, len(bits), _BLOCK):
+        block = bits[start : start + _BLOCK]
+        np.bitwise_and(block, magnitude, out=scratch[: len(block)])
+        if scratch[: len(block)].max() >= exponent:
+            return True
+    return False
 
 
 def encode_values(

@@ -5,7 +5,8 @@ taken ``units_per_window`` at a time; each window's eligible rows are shuffled w
 seeded by ``(seed, e, window)``; batches are cut from the concatenation of windows and epochs, so
 every eligible row appears exactly once per epoch. The cursor (epoch, window, offset, batch
 index) names the first row of the next batch, which is all it takes to resume the identical
-sequence. Memory is bounded by ``(prefetch + 1)`` windows of at most ``buffer_rows`` rows.
+sequence. Memory is bounded by ``(prefetch + 1)`` float32 windows of at most ``buffer_rows`` rows,
+plus one window of raw chunks in the storage dtype that every window is read into.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from bae.errors import BaeError
 from bae.stores.activation_store import ActivationStore
-from bae.stores.layout import decode_tensor
+from bae.stores.layout import any_nonfinite, decode_tensor
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -70,21 +71,20 @@ def read_unit(
     store: ActivationStore, layer: int, row_filter: RowFilter, unit: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
     """One unit's rows that pass the filter, still in the storage dtype, and their row arrays."""
-    start, stop = store.unit_range(unit)
-    rows = store.read_rows(start, stop)
+    rows = store.read_unit_rows(unit)
     keep = row_filter.mask(rows)
     if not keep.any():
         return None
-    raw = store.read_layer_physical(layer, start, stop)
+    raw = store.read_unit_layer(layer, unit)
     if not keep.all():
         raw, rows = raw[keep], {k: v[keep] for k, v in rows.items()}
-    rows["row"] = start + np.flatnonzero(keep)
+    rows["row"] = store.unit_range(unit)[0] + np.flatnonzero(keep)
     return raw, rows
 
 
 def check_finite(store: ActivationStore, layer: int, x: torch.Tensor, row_index: np.ndarray) -> None:
     """Stop with the store row of the first NaN/inf in ``x`` (rows ``row_index`` of the store)."""
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):  # sum: a fast first test
+    if any_nonfinite(x):
         bad = int(row_index[int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0])])
         unit = bad // store.unit_rows
         start, stop = store.unit_range(unit)
@@ -174,8 +174,7 @@ class StoreSampler:
         if self._n_rows is None:
             total = 0
             for unit in self.units:
-                start, stop = self.store.unit_range(int(unit))
-                total += int(self.filter.mask(self.store.read_rows(start, stop)).sum())
+                total += int(self.filter.mask(self.store.read_unit_rows(int(unit))).sum())
             self._n_rows = total
         return self._n_rows
 
@@ -185,19 +184,33 @@ class StoreSampler:
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.units)
         return np.sort(perm[window * self.units_per_window : (window + 1) * self.units_per_window])
 
-    def _load_window(self, epoch: int, window: int) -> torch.Tensor:
-        """A window's eligible rows, shuffled, as float32 (gathered in the storage dtype, then cast)."""
-        parts, row_index = [], []
-        for unit in self._window_units(epoch, window):
-            got = read_unit(self.store, self.layer, self.filter, int(unit))
-            if got is not None:
-                parts.append(torch.from_numpy(got[0]))
-                row_index.append(got[1]["row"])
-        if not parts:
+    def _window_buffer(self) -> np.ndarray:
+        """Room for one window of raw chunks: [units_per_window, unit_rows, d], storage dtype."""
+        slots = min(self.units_per_window, len(self.units))
+        shape = (slots, self.store.unit_rows, self.store.d_model)
+        return np.empty(shape, dtype=self.store.layout.physical_dtype)
+
+    def _load_window(self, epoch: int, window: int, buffer: np.ndarray) -> torch.Tensor:
+        """A window's eligible rows, shuffled, as float32.
+
+        Each unit is read straight into its slot of ``buffer`` ([units_per_window, unit_rows, d],
+        storage dtype); one gather then applies the filter and the shuffle, and the cast follows.
+        """
+        unit_rows = self.store.unit_rows
+        slots, row_index = [], []
+        for i, unit in enumerate(self._window_units(epoch, window)):
+            keep = np.flatnonzero(self.filter.mask(self.store.read_unit_rows(int(unit))))
+            if len(keep):
+                self.store.read_unit_layer(self.layer, int(unit), buffer[i])
+                slots.append(i * unit_rows + keep)
+                row_index.append(self.store.unit_range(int(unit))[0] + keep)
+        if not slots:
             return torch.empty(0, self.store.d_model)
-        raw = torch.cat(parts) if len(parts) > 1 else parts[0]
-        order = np.random.default_rng([self.seed, epoch, window]).permutation(len(raw))
-        x = decode_tensor(raw.index_select(0, torch.from_numpy(order)).numpy(), self.store.layout.dtype)
+        gather = np.concatenate(slots)
+        order = np.random.default_rng([self.seed, epoch, window]).permutation(len(gather))
+        flat = torch.from_numpy(buffer.reshape(-1, self.store.d_model))
+        raw = flat.index_select(0, torch.from_numpy(gather[order])).numpy()
+        x = decode_tensor(raw, self.store.layout.dtype)
         check_finite(self.store, self.layer, x, np.concatenate(row_index)[order])
         return x
 
@@ -205,10 +218,11 @@ class StoreSampler:
         self, epoch: int, window: int, stop: threading.Event
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
         empty_epochs = 0
+        buffer = self._window_buffer()  # reused by every window
         while not stop.is_set():
             rows_this_epoch = 0
             while window < self.n_windows and not stop.is_set():
-                x = self._load_window(epoch, window)
+                x = self._load_window(epoch, window, buffer)
                 rows_this_epoch += len(x)
                 yield epoch, window, x
                 window += 1

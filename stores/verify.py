@@ -30,8 +30,8 @@ def _check_unit(store: ActivationStore, unit: int) -> list[str]:
     problems = []
     for layer in store.layers:
         try:
-            raw = store.read_layer_physical(layer, start, stop)
-        except Exception as exc:  # a truncated or corrupted chunk fails to decode or checksum
+            raw = store.read_unit_layer(layer, unit)
+        except Exception as exc:  # a missing, truncated or corrupted chunk file
             problems.append(f"layer {layer}: unreadable chunk ({type(exc).__name__}: {exc})")
             continue
         if raw.shape != (rows, store.d_model) or raw.dtype != np.dtype(store.layout.physical_dtype):
@@ -42,7 +42,7 @@ def _check_unit(store: ActivationStore, unit: int) -> list[str]:
         if bad:
             problems.append(f"layer {layer}: {bad} NaN/inf values")
     try:
-        row = store.read_rows(start, stop)
+        row = store.read_unit_rows(unit)
     except Exception as exc:
         return [*problems, f"row arrays: unreadable chunk ({type(exc).__name__}: {exc})"]
     for name, dtype in ROW_ARRAYS.items():

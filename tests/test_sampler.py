@@ -97,7 +97,9 @@ def test_memory_is_bounded_by_the_window(tmp_path):
     store, _ = _indexed_store(tmp_path, n=5000, unit_rows=100)
     sampler = StoreSampler(store, 0, 10, buffer_rows=300, prefetch=2)
     assert sampler.units_per_window == 3
-    sizes = {len(sampler._load_window(0, w)) for w in range(sampler.n_windows)}
+    buffer = sampler._window_buffer()
+    assert buffer.shape[:2] == (3, 100)
+    sizes = {len(sampler._load_window(0, w, buffer)) for w in range(sampler.n_windows)}
     assert max(sizes) <= 300
 
 

@@ -16,6 +16,7 @@ import torch
 
 from bae.errors import BaeError
 from bae.stores import ActivationStore, StoreLayout
+from bae.stores.layout import any_nonfinite
 from tests.store_helpers import assert_stores_identical, make_store, synthetic_rows, write_units
 
 
@@ -75,6 +76,17 @@ def test_overflow_clamp_is_counted_never_inf(tmp_path):
     assert np.isfinite(got).all()
     assert got[1, 0] == 65504 and got[2, 1] == -65504
     assert store.clamped_counts().tolist() == [2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_any_nonfinite_finds_every_nan_and_inf_and_nothing_else(dtype):
+    info = torch.finfo(dtype)
+    finite = torch.tensor([0.0, -0.0, info.max, -info.max, info.tiny, -info.tiny, 1.0], dtype=dtype)
+    assert not any_nonfinite(finite) and not any_nonfinite(finite[:0])
+    for bad in (float("inf"), float("-inf"), float("nan"), -float("nan")):
+        x = finite.clone()
+        x[3] = bad
+        assert any_nonfinite(x) and any_nonfinite(x[2:5]) and not any_nonfinite(x[4:])
 
 
 def test_nan_is_always_an_error(tmp_path):

@@ -24,7 +24,7 @@ def test_info_reports_the_store(tmp_path):
     assert "8 done / 8 planned (128 rows each)" in out
 
 
-def test_verify_ok_then_names_a_truncated_and_a_corrupted_unit(tmp_path):
+def test_verify_ok_then_names_truncated_corrupted_and_missing_chunks(tmp_path):
     make_store(tmp_path / "s", n=1000, layers=(2,))
     ok = run_bae("store", "verify", str(tmp_path / "s"))
     assert ok.returncode == 0 and "OK; 8 units checked" in ok.stdout
@@ -34,11 +34,13 @@ def test_verify_ok_then_names_a_truncated_and_a_corrupted_unit(tmp_path):
     raw = bytearray(chunk6.read_bytes())
     raw[10] ^= 0xFF  # one flipped byte: caught by the chunk checksum
     chunk6.write_bytes(bytes(raw))
+    (tmp_path / "s" / "layers" / "2" / "c" / "1" / "0").unlink()  # a recorded unit lost a chunk file
     bad = run_bae("store", "verify", str(tmp_path / "s"))
     assert bad.returncode == 1
+    assert "unit 1 (rows 128..256): layer 2: unreadable chunk" in bad.stdout and "is missing" in bad.stdout
     assert "unit 3 (rows 384..512): layer 2: unreadable chunk" in bad.stdout
     assert "unit 6 (rows 768..896): row arrays: unreadable chunk" in bad.stdout
-    assert "2 bad unit(s)" in bad.stdout
+    assert "3 bad unit(s)" in bad.stdout
 
 
 def test_verify_lists_unwritten_units_without_failing(tmp_path):

@@ -55,10 +55,8 @@ def _signature() -> inspect.Signature:
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
             annotation=Annotated[
-                Optional[Path],
-                typer.Option(  # noqa: UP045
-                    "--config", "-c", help="YAML/TOML/JSON file of options; flags given here win."
-                ),
+                Optional[Path],  # noqa: UP045
+                typer.Option("--config", "-c", help="YAML/TOML/JSON file of options; flags given here win."),
             ],
         ),
     ]
