@@ -235,7 +235,8 @@ class ActivationStore:
         """Write unit ``unit``'s chunk of array ``name`` (every array has one chunk per unit).
 
         Data chunks of a local store are rewritten in place: nothing reads them before the unit's
-        ``units/done`` flag is set, and that flag (like every ``units/`` chunk) is replaced atomically.
+        ``units/done`` flag is set, and that flag (like every ``units/`` chunk) is set atomically,
+        as a hard link to a one-byte file.
         """
         files = self._chunk_files.get(name)
         if files is None:
@@ -243,7 +244,10 @@ class ActivationStore:
             self._arrays[name][start:stop] = values
         else:
             chunk = (unit, 0) if name.startswith("layers/") else (unit,)
-            files.write(chunk, values, atomic=name.startswith("units/"), omit_fill=name in SPARSE_ARRAYS)
+            if name == "units/done":
+                files.write_flag(chunk, values)
+            else:
+                files.write(chunk, values, atomic=name.startswith("units/"), omit_fill=name in SPARSE_ARRAYS)
 
     def _read_chunk(self, name: str, unit: int, out: np.ndarray | None = None) -> np.ndarray:
         """Unit ``unit``'s rows of array ``name``, read into ``out`` (the full chunk shape) if given."""
@@ -290,10 +294,15 @@ class ActivationStore:
             if arr.shape != (rows,):
                 raise BaeError(f"unit {unit} {name}: shape {arr.shape}, expected {(rows,)}")
             row_values[name] = arr.astype(ROW_ARRAYS[name], copy=False)
-        writes = [(f"layers/{layer}", values) for layer, values in encoded.items()]
-        writes += list(row_values.items())
-        # every chunk of the unit is written concurrently; completion is recorded only after all of them
-        list(_WRITERS.map(lambda w: self._write_chunk(w[0], unit, w[1]), writes))
+        # the layers' chunks are written by the pool while this thread writes the small row chunks;
+        # completion is recorded only after all of them
+        pending = [
+            _WRITERS.submit(self._write_chunk, f"layers/{layer}", unit, v) for layer, v in encoded.items()
+        ]
+        for name, values in row_values.items():
+            self._write_chunk(name, unit, values)
+        for future in pending:
+            future.result()
         self._write_chunk("units/clamped", unit, np.array([clamped], np.int64))
         self._write_chunk("units/done", unit, np.ones(1, np.uint8))
         return clamped

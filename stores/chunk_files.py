@@ -37,6 +37,7 @@ class ChunkFiles:
         self.chunk_shape: tuple[int, ...] = tuple(array.chunks)
         self.dtype = np.dtype(array.dtype)
         self.nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+        self._templates: set[Path] = set()  # flag templates known to exist
 
     @classmethod
     def for_array(cls, array: zarr.Array) -> ChunkFiles | None:
@@ -57,11 +58,21 @@ class ChunkFiles:
     def path(self, chunk: tuple[int, ...]) -> Path:
         return self.root / self.array.metadata.encode_chunk_key(chunk)
 
+    def _encode(self, values: np.ndarray) -> list[np.ndarray | bytes]:
+        """A chunk's file contents: the raw values (an edge chunk smaller than the grid padded with
+        the fill value, as Zarr does), then their CRC32C if the array has one."""
+        values = np.asarray(values, dtype=self.dtype)
+        if values.shape != self.chunk_shape:
+            full = np.full(self.chunk_shape, self.array.metadata.fill_value, dtype=self.dtype)
+            full[tuple(slice(0, n) for n in values.shape)] = values
+            values = full
+        data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+        return [data, np.uint32(google_crc32c.value(data)).tobytes()] if self.checksum else [data]
+
     def write(
         self, chunk: tuple[int, ...], values: np.ndarray, atomic: bool = True, omit_fill: bool = False
     ) -> None:
-        """Write one chunk's file; an edge chunk smaller than the grid is padded with the array's fill
-        value, as Zarr does.
+        """Write one chunk's file.
 
         ``atomic``: write a temporary sibling and rename it into place, so a reader sees the old file
         or the new one. ``atomic=False`` rewrites the file in place (as fast as a plain ``tofile``):
@@ -69,19 +80,30 @@ class ChunkFiles:
         ``omit_fill``: a chunk holding only the fill value is not stored (its file is removed), which
         Zarr reads back as the fill value.
         """
-        values = np.asarray(values, dtype=self.dtype)
-        if omit_fill and bool((values == self.array.metadata.fill_value).all()):
+        if omit_fill and bool((np.asarray(values) == self.array.metadata.fill_value).all()):
             self.path(chunk).unlink(missing_ok=True)
             return
-        if values.shape != self.chunk_shape:
-            full = np.full(self.chunk_shape, self.array.metadata.fill_value, dtype=self.dtype)
-            full[tuple(slice(0, n) for n in values.shape)] = values
-            values = full
-        data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-        parts = [data]
-        if self.checksum:
-            parts.append(np.uint32(google_crc32c.value(data)).tobytes())
+        self._write_file(self.path(chunk), self._encode(values), atomic)
+
+    def write_flag(self, chunk: tuple[int, ...], values: np.ndarray) -> None:
+        """Write a tiny chunk whose bytes many chunks share (a completion flag) as a hard link to one
+        file holding those bytes: atomic, and no new data to allocate. Where the filesystem has no
+        hard links, or the chunk's file exists, it is an atomic write instead."""
+        parts = self._encode(values)
+        content = b"".join(bytes(p) for p in parts)
+        template = self.root / f".bae-flag-{content.hex()}"
         path = self.path(chunk)
+        try:
+            if template not in self._templates:
+                self._write_file(template, parts, atomic=True)
+                self._templates.add(template)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.link(template, path)
+        except OSError:
+            self._write_file(path, parts, atomic=True)
+
+    @staticmethod
+    def _write_file(path: Path, parts: list[np.ndarray | bytes], atomic: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         target = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial") if atomic else path
         flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if atomic else os.O_TRUNC)

@@ -16,7 +16,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in ("zarr.json",)
+        if p.is_file() and p.name != "zarr.json" and not p.name.startswith(".bae-flag-")
     }
 
 
@@ -41,6 +41,9 @@ def test_chunk_files_are_byte_identical_to_zarr(tmp_path, dtype, checksum):
     arrays["units/clamped"][:] = 0
 
     assert _files(tmp_path / "direct") == _files(tmp_path / "zarr")
+    # done flags are hard links to one file holding 1
+    flag = tmp_path / "direct" / "units" / "done" / ".bae-flag-01"
+    assert flag.read_bytes() == b"\x01" and flag.stat().st_nlink == 1 + direct.n_units
     # and the direct reader reads what Zarr wrote
     last = via_zarr.n_units - 1
     np.testing.assert_array_equal(
