@@ -24,9 +24,12 @@ from bae.stores.layout import (
     ROW_FILL,
     SCHEMA_VERSION,
     StoreLayout,
+    any_nonfinite,
     decode_tensor,
     decode_values,
-    encode_values,
+    physical,
+    settle_nonfinite,
+    to_storage,
 )
 
 INCOMPLETE_ATTR = "bae_incomplete"
@@ -278,31 +281,39 @@ class ActivationStore:
         rows = stop - start
         if sorted(layers) != self.layers:
             raise BaeError(f"unit {unit}: got layers {sorted(layers)}, the store holds {self.layers}")
-        encoded = {}
-        clamped = 0
+        converted = {}
         for layer, values in layers.items():
             if tuple(values.shape) != (rows, self.d_model):
                 raise BaeError(
                     f"unit {unit} layer {layer}: shape {tuple(values.shape)}, expected {(rows, self.d_model)}"
                 )
-            where = f"unit {unit} (rows {start}..{stop}) layer {layer}"
-            encoded[layer], n = encode_values(values, self.layout.dtype, self.layout.overflow, where)
-            clamped += n
+            converted[layer] = to_storage(values, self.layout.dtype, f"unit {unit} layer {layer}")
         row_values = {"token_ids": token_ids, "doc_ids": doc_ids, "positions": positions, "valid": valid}
         for name, values in row_values.items():
             arr = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
             if arr.shape != (rows,):
                 raise BaeError(f"unit {unit} {name}: shape {arr.shape}, expected {(rows,)}")
             row_values[name] = arr.astype(ROW_ARRAYS[name], copy=False)
-        # the layers' chunks are written by the pool while this thread writes the small row chunks;
-        # completion is recorded only after all of them
+        # the pool checks and writes the layers' chunks while this thread writes the small row chunks;
+        # a chunk found to hold NaN/inf is settled (an error, or clamped and rewritten) afterwards, and
+        # completion is recorded only after all of that
+        dtype = self.layout.dtype
+        checks = {layer: _WRITERS.submit(any_nonfinite, stored) for layer, (_, stored) in converted.items()}
         pending = [
-            _WRITERS.submit(self._write_chunk, f"layers/{layer}", unit, v) for layer, v in encoded.items()
+            _WRITERS.submit(self._write_chunk, f"layers/{layer}", unit, physical(stored, dtype))
+            for layer, (_, stored) in converted.items()
         ]
         for name, values in row_values.items():
             self._write_chunk(name, unit, values)
         for future in pending:
             future.result()
+        clamped = 0
+        for layer, check in checks.items():
+            if check.result():
+                where = f"unit {unit} (rows {start}..{stop}) layer {layer}"
+                stored, n = settle_nonfinite(converted[layer][0], dtype, self.layout.overflow, where)
+                self._write_chunk(f"layers/{layer}", unit, physical(stored, dtype))
+                clamped += n
         self._write_chunk("units/clamped", unit, np.array([clamped], np.int64))
         self._write_chunk("units/done", unit, np.ones(1, np.uint8))
         return clamped

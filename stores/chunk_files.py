@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import google_crc32c
@@ -25,6 +26,9 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
 from bae.errors import BaeError
+
+_PARALLEL_CHECKSUM_BYTES = 1 << 20  # from this chunk size on, checksum and write run side by side
+_CHECKSUMS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bae-crc32c")
 
 
 class ChunkFiles:
@@ -58,21 +62,25 @@ class ChunkFiles:
     def path(self, chunk: tuple[int, ...]) -> Path:
         return self.root / self.array.metadata.encode_chunk_key(chunk)
 
-    def _encode(self, values: np.ndarray) -> list[np.ndarray | bytes]:
-        """A chunk's file contents: the raw values (an edge chunk smaller than the grid padded with
-        the fill value, as Zarr does), then their CRC32C if the array has one."""
+    def _raw(self, values: np.ndarray) -> np.ndarray:
+        """A chunk's raw little-endian bytes (an edge chunk padded with the fill value, as Zarr does)."""
         values = np.asarray(values, dtype=self.dtype)
         if values.shape != self.chunk_shape:
             full = np.full(self.chunk_shape, self.array.metadata.fill_value, dtype=self.dtype)
             full[tuple(slice(0, n) for n in values.shape)] = values
             values = full
-        data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
-        return [data, np.uint32(google_crc32c.value(data)).tobytes()] if self.checksum else [data]
+        return np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+
+    def _encode(self, values: np.ndarray) -> list[np.ndarray | bytes]:
+        """A chunk's file contents: the raw values, then their CRC32C if the array has one."""
+        data = self._raw(values)
+        return [data, _crc_bytes(data)] if self.checksum else [data]
 
     def write(
         self, chunk: tuple[int, ...], values: np.ndarray, atomic: bool = True, omit_fill: bool = False
     ) -> None:
-        """Write one chunk's file.
+        """Write one chunk's file; a large chunk's checksum is computed on another thread while its
+        values are written.
 
         ``atomic``: write a temporary sibling and rename it into place, so a reader sees the old file
         or the new one. ``atomic=False`` rewrites the file in place (as fast as a plain ``tofile``):
@@ -83,7 +91,12 @@ class ChunkFiles:
         if omit_fill and bool((np.asarray(values) == self.array.metadata.fill_value).all()):
             self.path(chunk).unlink(missing_ok=True)
             return
-        self._write_file(self.path(chunk), self._encode(values), atomic)
+        if not self.checksum or self.nbytes < _PARALLEL_CHECKSUM_BYTES:
+            self._write_file(self.path(chunk), self._encode(values), atomic)
+            return
+        data = self._raw(values)
+        checksum = _CHECKSUMS.submit(_crc_bytes, data)
+        self._write_file(self.path(chunk), [data], atomic, trailer=checksum)
 
     def write_flag(self, chunk: tuple[int, ...], values: np.ndarray) -> None:
         """Write a tiny chunk whose bytes many chunks share (a completion flag) as a hard link to one
@@ -103,7 +116,10 @@ class ChunkFiles:
             self._write_file(path, parts, atomic=True)
 
     @staticmethod
-    def _write_file(path: Path, parts: list[np.ndarray | bytes], atomic: bool) -> None:
+    def _write_file(
+        path: Path, parts: list[np.ndarray | bytes], atomic: bool, trailer: Future[bytes] | None = None
+    ) -> None:
+        """Write ``parts`` (then the bytes ``trailer`` resolves to) to ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         target = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial") if atomic else path
         flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if atomic else os.O_TRUNC)
@@ -111,6 +127,8 @@ class ChunkFiles:
         try:
             try:
                 _write_all(fd, parts)
+                if trailer is not None:
+                    _write_all(fd, [trailer.result()])
             finally:
                 os.close(fd)
             if atomic:
@@ -151,6 +169,10 @@ class ChunkFiles:
         if self.checksum and google_crc32c.value(flat) != int.from_bytes(tail, "little"):
             raise BaeError(f"chunk file {path}: checksum mismatch (the data is corrupted)")
         return out
+
+
+def _crc_bytes(data: np.ndarray) -> bytes:
+    return np.uint32(google_crc32c.value(data)).tobytes()
 
 
 def _write_all(fd: int, parts: list[np.ndarray | bytes]) -> None:

@@ -98,40 +98,42 @@ def any_nonfinite(t: torch.Tensor) -> bool:
     return False
 
 
-def encode_values(
-    values: np.ndarray | torch.Tensor, dtype: str, overflow: str, where: str
-) -> tuple[np.ndarray, int]:
-    """Logical values -> the physical array to store, and the number of clamped values.
-
-    NaN/inf in the input are always an error; values beyond the storage dtype's finite range are an
-    error (``overflow="error"``) or clamped and counted (``overflow="clamp"``), never a silent inf.
-    """
+def to_storage(
+    values: np.ndarray | torch.Tensor, dtype: str, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the input as a CPU float tensor, its values in the storage dtype); nothing checked yet."""
     t = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(values))
     t = t.detach().cpu().contiguous()
     if t.dtype not in TORCH_DTYPE.values():
         if not t.is_floating_point():
             raise BaeError(f"{where}: hidden states must be floating point, got {t.dtype}")
         t = t.float()
+    return t, t.to(TORCH_DTYPE[dtype])
+
+
+def settle_nonfinite(t: torch.Tensor, dtype: str, overflow: str, where: str) -> tuple[torch.Tensor, int]:
+    """For an input whose storage-dtype values hold NaN/inf: NaN/inf in the input is an error; values
+    beyond the storage range are an error (``overflow="error"``) or clamped -> (clamped values, count)."""
+    if any_nonfinite(t):
+        row = int((~torch.isfinite(t)).any(dim=-1).nonzero()[0, 0]) if t.dim() > 1 else 0
+        raise BaeError(f"{where}: hidden states contain NaN or inf (first in row {row} of the unit)")
     target = TORCH_DTYPE[dtype]
-    stored = t.to(target)
-    clamped = 0
-    if any_nonfinite(stored):
-        if any_nonfinite(t):
-            row = int((~torch.isfinite(t)).any(dim=-1).nonzero()[0, 0]) if t.dim() > 1 else 0
-            raise BaeError(f"{where}: hidden states contain NaN or inf (first in row {row} of the unit)")
-        limit = torch.finfo(target).max
-        over = t.float().abs() > limit
-        clamped = int(over.sum())
-        if overflow == "error":
-            peak = float(t.float().abs().max())
-            raise BaeError(
-                f"{where}: {clamped} values exceed the {dtype} range (max |x| = {peak:.4g} > "
-                f"{limit:.4g}); store as float32/bfloat16, or pass overflow='clamp' to clamp and count"
-            )
-        stored = t.float().clamp(-limit, limit).to(target)
+    limit = torch.finfo(target).max
+    clamped = int((t.float().abs() > limit).sum())
+    if overflow == "error":
+        peak = float(t.float().abs().max())
+        raise BaeError(
+            f"{where}: {clamped} values exceed the {dtype} range (max |x| = {peak:.4g} > "
+            f"{limit:.4g}); store as float32/bfloat16, or pass overflow='clamp' to clamp and count"
+        )
+    return t.float().clamp(-limit, limit).to(target), clamped
+
+
+def physical(stored: torch.Tensor, dtype: str) -> np.ndarray:
+    """Storage-dtype values as the array written to disk (bfloat16 as its uint16 bits)."""
     if dtype == "bfloat16":
-        return stored.view(torch.int16).numpy().view(np.uint16), clamped
-    return stored.numpy(), clamped
+        return stored.view(torch.int16).numpy().view(np.uint16)
+    return stored.numpy()
 
 
 def decode_tensor(physical: np.ndarray, dtype: str) -> torch.Tensor:

@@ -24,8 +24,19 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("checksum", [True, False])
 def test_chunk_files_are_byte_identical_to_zarr(tmp_path, dtype, checksum):
     # 1000 rows in units of 128: the last unit is a partial edge chunk, padded with the fill value
-    layout = StoreLayout(n_rows=1000, unit_rows=128, d_model=8, layers=[1, 4], dtype=dtype, checksum=checksum)
-    data = synthetic_rows(1000, 8, [1, 4])
+    _assert_identical_to_zarr(tmp_path, 1000, 128, 8, dtype, checksum)
+
+
+def test_large_chunks_checksummed_beside_the_write_are_identical_to_zarr(tmp_path):
+    # 2 MiB chunks: the checksum is computed on another thread while the values are written
+    _assert_identical_to_zarr(tmp_path, 2500, 1024, 512, "float32", True)
+
+
+def _assert_identical_to_zarr(tmp_path: Path, n: int, unit_rows: int, d: int, dtype: str, checksum: bool):
+    layout = StoreLayout(
+        n_rows=n, unit_rows=unit_rows, d_model=d, layers=[1, 4], dtype=dtype, checksum=checksum
+    )
+    data = synthetic_rows(n, d, [1, 4])
     direct = ActivationStore.create(str(tmp_path / "direct"), layout, attrs={"config": {}})
     assert set(direct._chunk_files) == set(direct._arrays)  # every array takes the direct path
     write_units(direct, data, range(direct.n_units))
@@ -34,7 +45,7 @@ def test_chunk_files_are_byte_identical_to_zarr(tmp_path, dtype, checksum):
     via_zarr = ActivationStore.create(str(tmp_path / "zarr"), layout, attrs={"config": {}})
     arrays = via_zarr._arrays  # zarr.Array handles
     for layer in (1, 4):
-        arrays[f"layers/{layer}"][:] = direct.read_layer_physical(layer, 0, 1000)
+        arrays[f"layers/{layer}"][:] = direct.read_layer_physical(layer, 0, n)
     for name in ("token_ids", "doc_ids", "positions", "valid"):
         arrays[name][:] = np.asarray(data[name]).astype(arrays[name].dtype)
     arrays["units/done"][:] = 1
@@ -47,9 +58,9 @@ def test_chunk_files_are_byte_identical_to_zarr(tmp_path, dtype, checksum):
     # and the direct reader reads what Zarr wrote
     last = via_zarr.n_units - 1
     np.testing.assert_array_equal(
-        via_zarr.read_unit_layer(4, last), direct.read_layer_physical(4, last * 128, 1000)
+        via_zarr.read_unit_layer(4, last), direct.read_layer_physical(4, last * unit_rows, n)
     )
-    assert via_zarr.read_unit_rows(last)["positions"].tolist() == list(data["positions"][last * 128 :])
+    assert via_zarr.read_unit_rows(last)["positions"].tolist() == list(data["positions"][last * unit_rows :])
 
 
 def test_reads_into_a_caller_buffer(tmp_path):
