@@ -39,7 +39,7 @@ ROWS_PER_UNIT_TARGET = 4096
 
 
 class HarvestConfig(StrictModel):
-    """Everything that decides the contents of a harvested store (recorded in its attributes)."""
+    """Everything that decides the contents of a harvested store, and where to write it."""
 
     output: str = Field("activations.zarr", description="store path or fsspec URL")
     model: str | None = Field(
@@ -88,6 +88,11 @@ class HarvestConfig(StrictModel):
             except ValueError:
                 raise ValueError("expected a comma-separated list of integers, e.g. 3,6,9") from None
         return value
+
+    def recorded(self) -> dict[str, Any]:
+        """The config as recorded in the store and compared on resume: all but the store's own
+        location, so a store that was moved or copied still resumes."""
+        return self.model_dump(mode="json", exclude={"output"})
 
     @property
     def uses_builtin(self) -> bool:
@@ -305,7 +310,7 @@ def run_harvest(cfg: HarvestConfig, show_progress: bool = True) -> HarvestResult
         compressor={"name": "zstd", "level": 3} if cfg.compressor == "zstd" else None,
     )
     attrs = {
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.recorded(),
         "model": {"id": loaded.model_id, "revision": loaded.revision},
         "compute_dtype": str(loaded.model.dtype).removeprefix("torch."),
         "tokenizer_fingerprint": tokenizer_fingerprint(loaded.tokenizer),

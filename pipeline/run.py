@@ -84,7 +84,7 @@ def _harvest(cfg: PipelineConfig, store_path: str) -> str:
     harvest_cfg = _harvest_config(cfg, store_path)
     if Path(store_path).exists():
         store = ActivationStore.open(store_path)
-        if store.meta.get("config") == harvest_cfg.model_dump(mode="json") and store.done_mask().all():
+        if store.meta.get("config") == harvest_cfg.recorded() and store.done_mask().all():
             return f"reused {store_path} ({store.n_rows} rows, layers {store.layers})"
     result = run_harvest(harvest_cfg)
     if result.interrupted:

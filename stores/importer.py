@@ -95,7 +95,7 @@ def import_activations(cfg: ImportConfig, show_progress: bool = True) -> Activat
         compressor=cfg.compressor,
     )
     attrs = {
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json", exclude={"out"}),  # where it lives is not part of it
         "model": None,
         "tokenizer_fingerprint": None,
         "corpus_fingerprint": None,

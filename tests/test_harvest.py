@@ -338,6 +338,25 @@ def test_torchrun_two_processes_equal_single(models, big_corpus, uninterrupted, 
     assert_same_store(out, uninterrupted)
 
 
+def test_a_moved_store_resumes_where_it_is(models, corpus, tmp_path):
+    first = harvest(tmp_path, models["gpt2"], corpus, layers="1", context_length=16, max_tokens=200)
+    n_units = first.n_units
+    (tmp_path / "store").rename(tmp_path / "moved")
+    again = run_harvest(
+        HarvestConfig(
+            output=str(tmp_path / "moved"),
+            model=str(models["gpt2"]),
+            corpus=[str(corpus)],
+            layers="1",
+            context_length=16,
+            max_tokens=200,
+        ),
+        show_progress=False,
+    )
+    assert again.units_written == 0 and again.units_skipped == n_units
+    assert "output" not in again.store.meta["config"]
+
+
 def test_changed_config_on_existing_store_is_refused(models, corpus, tmp_path):
     harvest(tmp_path, models["gpt2"], corpus, layers="1", context_length=16)
     with pytest.raises(BaeError, match="context_length: 16 -> 24"):
