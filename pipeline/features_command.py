@@ -46,16 +46,31 @@ MaxFeaturesOpt = Annotated[
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 
 
-def _config(config: Path | None, flags: dict[str, Any], interpret: dict[str, Any] | None = None) -> Any:
-    """File values, then given flags on top (``interpret`` flags merged into the file's section)."""
+_INTERPRET_FLAGS = {
+    "backend": "backend",
+    "llm": "model",
+    "base_url": "base_url",
+    "threshold": "threshold",
+    "max_features": "max_features",
+}
+_NOT_CONFIG = {"config", "progress", "interpret"}  # compare's --interpret is a switch, not a field
+
+
+def _config(params: dict[str, Any]) -> Any:
+    """A command's FeaturesConfig from its parameters: the ``--config`` file's values, then the flags
+    given on top (the ComSem flags into the file's ``interpret`` section)."""
     from bae.configs import build_config, read_config_file
     from bae.pipeline.features_config import FeaturesConfig
 
+    config = params["config"]
     data = read_config_file(config) if config else {}
-    data.update({k: v for k, v in flags.items() if v is not None})
-    section = {k: v for k, v in (interpret or {}).items() if v is not None}
-    if section:
-        data["interpret"] = {**(data.get("interpret") or {}), **section}
+    for name, value in params.items():
+        if value is None or name in _NOT_CONFIG:
+            continue
+        if name in _INTERPRET_FLAGS:
+            data["interpret"] = {**(data.get("interpret") or {}), _INTERPRET_FLAGS[name]: value}
+        else:
+            data[name] = value
     return build_config(FeaturesConfig, data, f"config {config}" if config else "options")
 
 
@@ -71,12 +86,10 @@ def frequency(
     progress: ProgressOpt = True,
 ) -> None:
     """Firing frequency of every feature: dense counts, dead features, histogram, JSON/CSV table."""
+    params = dict(locals())
     from bae.pipeline.features_frequency import run_frequency
 
-    flags = dict(
-        store=store, checkpoint=checkpoint, out=out, layer=layer, max_rows=max_rows, scheduler=scheduler
-    )
-    run_frequency(_config(config, flags), progress)
+    run_frequency(_config(params), progress)
 
 
 @features_app.command("contexts")
@@ -95,21 +108,10 @@ def contexts(
     progress: ProgressOpt = True,
 ) -> None:
     """Top contexts per feature (seeded tie-breaking) as contexts.json and an offline report.html."""
+    params = dict(locals())
     from bae.pipeline.features_contexts import run_contexts
 
-    flags = dict(
-        store=store,
-        checkpoint=checkpoint,
-        out=out,
-        layer=layer,
-        max_rows=max_rows,
-        seed=seed,
-        scheduler=scheduler,
-        top_k=top_k,
-        z_score=z_score,
-        tokenizer=tokenizer,
-    )
-    run_contexts(_config(config, flags), progress)
+    run_contexts(_config(params), progress)
 
 
 @features_app.command("interpret")
@@ -132,30 +134,17 @@ def interpret(
     progress: ProgressOpt = True,
 ) -> None:
     """ComSem: explain features with an LLM, judge further samples yes/no; cached, re-runs are free."""
+    params = dict(locals())
     from bae.pipeline.interpret import run_interpret
 
-    flags = dict(
-        store=store,
-        checkpoint=checkpoint,
-        out=out,
-        layer=layer,
-        max_rows=max_rows,
-        seed=seed,
-        scheduler=scheduler,
-        z_score=z_score,
-        tokenizer=tokenizer,
-    )
-    section = dict(
-        backend=backend, model=llm, base_url=base_url, threshold=threshold, max_features=max_features
-    )
-    run_interpret(_config(config, flags, section), progress)
+    run_interpret(_config(params), progress)
 
 
 @features_app.command("compare")
 def compare(
     config: ConfigOpt = None,
     store: StoreOpt = None,
-    checkpoint: Annotated[
+    checkpoints: Annotated[
         list[str] | None, _opt("--checkpoint", "-m", help="A checkpoint; repeat it.")
     ] = None,
     out: OutOpt = None,
@@ -173,15 +162,10 @@ def compare(
     progress: ProgressOpt = True,
 ) -> None:
     """Checkpoints on the same store side by side: dense/dead counts, FVU, mean L0, interpretable count."""
+    params = dict(locals())
     from bae.pipeline.features_compare import run_compare
 
-    flags = dict(
-        store=store, checkpoints=checkpoint, out=out, layer=layer, max_rows=max_rows, scheduler=scheduler
-    )
-    section = dict(
-        backend=backend, model=llm, base_url=base_url, threshold=threshold, max_features=max_features
-    )
-    run_compare(_config(config, flags, section), interpret, progress)
+    run_compare(_config(params), interpret, progress)
 
 
 def register(app: typer.Typer) -> None:
