@@ -288,25 +288,21 @@ class _Prefetcher:
     def _run(self, source: Iterator[Any]) -> None:
         try:
             for item in source:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(item):
                     return
-            self._put_final(self._END)
+            self._put(self._END)
         except BaseException as exc:  # handed to the consumer
-            self._put_final(exc)
+            self._put(exc)
 
-    def _put_final(self, item: Any) -> None:
+    def _put(self, item: Any) -> bool:
+        """Queue ``item`` once there is room; False if the consumer stopped first."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
 
     def __iter__(self) -> Iterator[Any]:
         while True:

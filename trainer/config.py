@@ -109,16 +109,6 @@ class TrainConfig(StrictModel):
         return self.total_steps(world_size) // 4
 
     def autoencoder_config(self, d_model: int) -> ModelConfig:
-        return ModelConfig(
-            architecture=self.architecture,
-            d_model=d_model,
-            expansion=self.expansion,
-            encoder_bias=self.encoder_bias,
-            decoder_bias=self.decoder_bias,
-            threshold=self.threshold,
-            estimator=self.estimator,
-            temperature=self.temperature,
-            k_bits=self.k_bits,
-            topk=self.topk,
-            standardize=self.standardize,
-        )
+        """The model options of this config (every ModelConfig field but d_model has one here)."""
+        shared = set(ModelConfig.model_fields) - {"d_model"}
+        return ModelConfig(d_model=d_model, **self.model_dump(include=shared))
