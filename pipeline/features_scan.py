@@ -86,7 +86,7 @@ def encode(model: Autoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     ``code`` is what a feature's score is made of: a BAE's 0/1 bits (every bit is a feature, also with
     k bits per decoder input) or an SAE's activations.
     """
-    bits, decoder_input = model.codes(model.encoder(model.normalize(model._as_input(x))))
+    bits, decoder_input = model.codes(model.encoder(model.normalize(model.as_input(x))))
     code = bits if model.architecture == "bae" else decoder_input
     return bits > 0, code.float(), decoder_input
 

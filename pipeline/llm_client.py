@@ -44,7 +44,7 @@ class OpenAIChat:
     def __init__(self, base_url: str, api_key: str | None, model: str, timeout_s: float):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key, self.model, self.timeout_s = api_key, model, timeout_s
-        self.identity = f"openai:{self.model}"
+        self.identity = f"openai:{self.url}:{self.model}"  # another server may answer differently
 
     def complete(self, messages: Messages, max_tokens: int, temperature: float) -> str:
         body = {

@@ -34,7 +34,7 @@ from bae.atomic_files import atomic_write_bytes
 from bae.errors import BaeError
 from bae.pipeline.features_scan import cached_model, cached_store, map_reduce_units
 from bae.stores import RowFilter, iter_unit_rows
-from bae.stores.sampler import _splitmix64
+from bae.stores.sampler import splitmix64
 from bae.trainer.models import WEIGHTS_FILE, resolve_model_dir
 
 GroupKey = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -158,9 +158,9 @@ def poisson_weights(doc_ids: np.ndarray, replicates: int, seed: int) -> np.ndarr
     A hash of (seed, replicate, document), so every row of a document gets the same weight, in any
     unit, on any worker: the streaming form of resampling documents with replacement.
     """
-    salt = _splitmix64(np.arange(replicates, dtype=np.uint64) + np.uint64(seed) * np.uint64(1_000_003))
+    salt = splitmix64(np.arange(replicates, dtype=np.uint64) + np.uint64(seed) * np.uint64(1_000_003))
     with np.errstate(over="ignore"):
-        mixed = _splitmix64(doc_ids.astype(np.uint64)[None, :] ^ salt[:, None])
+        mixed = splitmix64(doc_ids.astype(np.uint64)[None, :] ^ salt[:, None])
     u = (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.int64)
 
@@ -215,7 +215,7 @@ def weights_digest(checkpoint: str) -> str:
 def encode_bits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     """Raw states -> bool code [n, bits], as ``model.encode`` (a BAE's step taken in NumPy, which is
     several times faster than torch's compare-and-cast on CPU)."""
-    pre = model.encoder(model.normalize(model._as_input(x)))
+    pre = model.encoder(model.normalize(model.as_input(x)))
     if model.architecture == "bae":
         z = pre.cpu().numpy()
         return z >= 0 if model.config.threshold == "ge" else z > 0

@@ -27,8 +27,8 @@ from bae.stores.layout import any_nonfinite, decode_tensor
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A fixed, platform-independent 64-bit hash of each element."""
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """A fixed, platform-independent 64-bit hash of each element (SplitMix64's finalizer)."""
     with np.errstate(over="ignore"):
         z = x.astype(np.uint64) + _MIX
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -43,8 +43,8 @@ def split_mask(doc_ids: np.ndarray, split: str, val_fraction: float = 0.1, seed:
     if not 0.0 <= val_fraction <= 1.0:
         raise BaeError(f"val_fraction {val_fraction}: expected a number in [0, 1]")
     with np.errstate(over="ignore"):
-        keyed = np.asarray(doc_ids).astype(np.uint64) ^ _splitmix64(np.array([seed], dtype=np.uint64))
-    u = (_splitmix64(keyed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        keyed = np.asarray(doc_ids).astype(np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64))
+    u = (splitmix64(keyed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return u < val_fraction if split == "val" else u >= val_fraction
 
 

@@ -133,14 +133,15 @@ class Autoencoder(nn.Module):
         return Codes(bits=bits, code=code, recon=self.decoder(code))
 
     # -- analysis API --------------------------------------------------------------------------
-    def _as_input(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def as_input(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Hidden states as a tensor on the model's device and dtype."""
         p = self.encoder.weight
         return torch.as_tensor(np.asarray(h) if not torch.is_tensor(h) else h).to(p.device, p.dtype)
 
     @torch.no_grad()
     def encode(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Raw hidden states [n, d] -> bool bits [n, n_bits] (for SAEs: activation > 0)."""
-        bits, _ = self.codes(self.encoder(self.normalize(self._as_input(h))))
+        bits, _ = self.codes(self.encoder(self.normalize(self.as_input(h))))
         return bits > 0
 
     def encode_bits(self, h: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -154,7 +155,7 @@ class Autoencoder(nn.Module):
     @torch.no_grad()
     def decode(self, code: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Code -> raw-space reconstruction: a BAE takes its bits, an SAE its activations."""
-        return self.denormalize(self.decoder(self.code_from_bits(self._as_input(code))))
+        return self.denormalize(self.decoder(self.code_from_bits(self.as_input(code))))
 
     def code_from_bits(self, bits: torch.Tensor) -> torch.Tensor:
         """What the decoder consumes given ``encode``'s output (identity unless overridden)."""
