@@ -34,7 +34,6 @@ from bae.stores.layout import (
 
 INCOMPLETE_ATTR = "bae_incomplete"
 _WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bae-store-write")
-ARRAY_CONFIG = {"write_empty_chunks": True}
 SPARSE_ARRAYS = ("units/clamped",)  # mostly zero: a zero chunk is not stored (read back as zero)
 
 
@@ -120,7 +119,6 @@ class ActivationStore:
                 dtype=layout.physical_dtype,
                 compressors=codecs,
                 fill_value=0,
-                config=ARRAY_CONFIG,
             )
         for name, dtype in ROW_ARRAYS.items():
             group.create_array(
@@ -130,7 +128,6 @@ class ActivationStore:
                 dtype=dtype,
                 compressors=codecs,
                 fill_value=ROW_FILL[name],
-                config=ARRAY_CONFIG,
             )
         for name, dtype in (("units/done", "uint8"), ("units/clamped", "int64")):
             group.create_array(
@@ -140,7 +137,6 @@ class ActivationStore:
                 dtype=dtype,
                 compressors=None,
                 fill_value=0,
-                config=ARRAY_CONFIG,
             )
         documents = dict(documents or {})
         n_docs = _write_documents(group, documents)
@@ -234,8 +230,12 @@ class ActivationStore:
         direct = {name: ChunkFiles.for_array(arr) for name, arr in self._arrays.items()}
         return {name: files for name, files in direct.items() if files is not None}
 
+    def _chunk(self, name: str, unit: int) -> tuple[int, ...]:
+        """The chunk of array ``name`` that holds unit ``unit`` (every array has one chunk per unit)."""
+        return (unit, 0) if name.startswith("layers/") else (unit,)
+
     def _write_chunk(self, name: str, unit: int, values: np.ndarray) -> None:
-        """Write unit ``unit``'s chunk of array ``name`` (every array has one chunk per unit).
+        """Write unit ``unit``'s chunk of array ``name``.
 
         Data chunks of a local store are rewritten in place: nothing reads them before the unit's
         ``units/done`` flag is set, and that flag (like every ``units/`` chunk) is set atomically,
@@ -245,12 +245,11 @@ class ActivationStore:
         if files is None:
             start, stop = self.unit_range(unit) if not name.startswith("units/") else (unit, unit + 1)
             self._arrays[name][start:stop] = values
+        elif name == "units/done":
+            files.write_flag(self._chunk(name, unit), values)
         else:
-            chunk = (unit, 0) if name.startswith("layers/") else (unit,)
-            if name == "units/done":
-                files.write_flag(chunk, values)
-            else:
-                files.write(chunk, values, atomic=name.startswith("units/"), omit_fill=name in SPARSE_ARRAYS)
+            record = name.startswith("units/")
+            files.write(self._chunk(name, unit), values, atomic=record, omit_fill=name in SPARSE_ARRAYS)
 
     def _read_chunk(self, name: str, unit: int, out: np.ndarray | None = None) -> np.ndarray:
         """Unit ``unit``'s rows of array ``name``, read into ``out`` (the full chunk shape) if given."""
@@ -262,7 +261,7 @@ class ActivationStore:
                 return values
             out[: stop - start] = values
         else:
-            out = files.read((unit, 0) if name.startswith("layers/") else (unit,), out)
+            out = files.read(self._chunk(name, unit), out)
         return out[: stop - start]
 
     # ------------------------------------------------------------------ writing
