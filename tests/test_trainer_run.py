@@ -67,6 +67,7 @@ def train_args(store: Path, out: Path, *extra: str) -> list[str]:
         "1e-3",
         "--lambda-covariance",
         "1e-4",
+        "--no-progress",
         *extra,
     ]
 

@@ -13,8 +13,6 @@ import typer
 from bae.configs import load_config
 from bae.trainer.config import TrainConfig
 
-_REQUIRED_HELP = {"store": "Activation store (path or URL).", "layer": "Layer of the store to train on."}
-
 
 def _flag_type(annotation: Any) -> Any:
     """The Optional[...] type typer should parse a field's flag as (Literal -> str)."""
@@ -26,9 +24,10 @@ def _flag_type(annotation: Any) -> Any:
     return Optional[base]  # noqa: UP045 (typer needs a typing.Optional)
 
 
-def _field_help(name: str, field: Any) -> str:
+def _field_help(field: Any) -> str:
     annotation = field.annotation
-    text = _REQUIRED_HELP.get(name, "")
+    description = field.description or ""
+    text = description[:1].upper() + description[1:] + "."
     if typing.get_origin(annotation) is typing.Literal:
         text += f" One of: {', '.join(map(str, typing.get_args(annotation)))}."
     if not field.is_required():
@@ -36,11 +35,16 @@ def _field_help(name: str, field: Any) -> str:
     return text.strip()
 
 
-def train_command(out: Path, config: Optional[Path] = None, **flags: Any) -> None:  # noqa: UP045
+def train_command(
+    out: Path,
+    config: Optional[Path] = None,  # noqa: UP045
+    progress: bool = True,
+    **flags: Any,
+) -> None:
     """Fit a Binary Autoencoder (or a baseline SAE) on a store layer; re-run to resume."""
     from bae.trainer.loop import train
 
-    train(load_config(TrainConfig, config, flags), out)
+    train(load_config(TrainConfig, config, flags), out, show_progress=progress)
 
 
 def _signature() -> inspect.Signature:
@@ -59,11 +63,17 @@ def _signature() -> inspect.Signature:
                 typer.Option("--config", "-c", help="YAML/TOML/JSON file of options; flags given here win."),
             ],
         ),
+        inspect.Parameter(
+            "progress",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=True,
+            annotation=Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")],
+        ),
     ]
     for name, field in TrainConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         decls = [f"{flag}/--no-{name.replace('_', '-')}"] if field.annotation is bool else [flag]
-        option = typer.Option(*decls, help=_field_help(name, field), show_default=False)
+        option = typer.Option(*decls, help=_field_help(field), show_default=False)
         params.append(
             inspect.Parameter(
                 name,

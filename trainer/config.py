@@ -38,51 +38,53 @@ class TrainConfig(StrictModel):
     """What to train on, the model, the objective, the optimizer, and the bookkeeping."""
 
     # data
-    store: str
-    layer: int
-    positions: list[int] | None = None
-    valid_only: bool = True
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    split_seed: int = 0
-    standardize: bool = False
-    standardize_rows: int | None = Field(1_000_000, ge=2)
+    store: str = Field(description="activation store (path or URL)")
+    layer: int = Field(description="layer of the store to train on")
+    positions: list[int] | None = Field(None, description="train on these token positions only")
+    valid_only: bool = Field(True, description="skip padding, BOS and special-token rows")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="documents held out for validation")
+    split_seed: int = Field(0, description="seed of the train/validation split by document")
+    standardize: bool = Field(False, description="standardize inputs with the store's mean and std")
+    standardize_rows: int | None = Field(1_000_000, ge=2, description="rows used to estimate them")
     buffer_rows: int = Field(1 << 16, ge=1, description="rows shuffled together; memory ~ 3 x rows x d x 4 B")
-    prefetch: int = Field(2, ge=1)
+    prefetch: int = Field(2, ge=1, description="shuffle windows read ahead by a background thread")
     # model
-    architecture: Architecture = "bae"
-    expansion: int = Field(4, ge=1)
-    encoder_bias: bool = True
-    decoder_bias: bool = True
-    threshold: Literal["gt", "ge"] = "gt"
-    estimator: Literal["ste", "sigmoid"] = "ste"
-    temperature: float = Field(1.0, gt=0)
-    k_bits: int = Field(1, ge=1, le=16)
-    topk: int = Field(32, ge=1)
+    architecture: Architecture = Field("bae", description="the model: bae, or a baseline SAE")
+    expansion: int = Field(4, ge=1, description="d' / d")
+    encoder_bias: bool = Field(True, description="bias before the step")
+    decoder_bias: bool = Field(True, description="bias of the reconstruction")
+    threshold: Literal["gt", "ge"] = Field("gt", description="bit = z > 0 (gt) or z >= 0 (ge)")
+    estimator: Literal["ste", "sigmoid"] = Field("ste", description="gradient of the step")
+    temperature: float = Field(1.0, gt=0, description="sigmoid estimator temperature")
+    k_bits: int = Field(1, ge=1, le=16, description="bits per decoded feature (k-bit decoding)")
+    topk: int = Field(32, ge=1, description="active features of the topk_sae baseline")
     # objective
-    lambda_entropy: float = Field(1e-7, ge=0)
-    lambda_covariance: float = Field(1e-7, ge=0)
-    l1_coefficient: float = Field(1e-3, ge=0)
-    entropy_start_steps: int | None = Field(None, ge=0)
-    entropy_start_tokens: int | None = Field(None, ge=0)
+    lambda_entropy: float = Field(1e-7, ge=0, description="weight of the minibatch entropy term")
+    lambda_covariance: float = Field(1e-7, ge=0, description="weight of the covariance term (0 skips it)")
+    l1_coefficient: float = Field(1e-3, ge=0, description="L1 weight of the relu_sae baseline")
+    entropy_start_steps: int | None = Field(
+        None, ge=0, description="entropy term on from this step (default: a quarter of the budget)"
+    )
+    entropy_start_tokens: int | None = Field(None, ge=0, description="or from this many tokens")
     # optimization
-    steps: int | None = Field(None, ge=1)
-    tokens: int | None = Field(None, ge=1)
-    batch_size: int = Field(512, ge=2)
-    lr: float = Field(5e-4, gt=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(None, gt=0)
-    seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    cpu: bool = False
+    steps: int | None = Field(None, ge=1, description="budget in optimizer steps")
+    tokens: int | None = Field(None, ge=1, description="budget in tokens (instead of steps)")
+    batch_size: int = Field(512, ge=2, description="rows per step (per process)")
+    lr: float = Field(5e-4, gt=0, description="Adam learning rate")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this")
+    seed: int = Field(0, description="initialization and sampling seed")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision")
+    cpu: bool = Field(False, description="train on CPU even where a GPU is present")
     # bookkeeping
-    log_every: int = Field(100, ge=1)
-    val_every: int = Field(1000, ge=1)
-    val_max_rows: int | None = Field(None, ge=1)
-    checkpoint_every: int = Field(1000, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    window_steps: int = Field(100, ge=1)
-    log_with: list[str] | None = None
+    log_every: int = Field(100, ge=1, description="steps between metric logs")
+    val_every: int = Field(1000, ge=1, description="steps between validations")
+    val_max_rows: int | None = Field(None, ge=1, description="cap on validation rows")
+    checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
+    window_steps: int = Field(100, ge=1, description="steps in the firing-rate window (dense/dead counts)")
+    log_with: list[str] | None = Field(None, description="accelerate trackers, e.g. tensorboard, wandb")
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
