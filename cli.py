@@ -11,7 +11,7 @@ import typer
 if TYPE_CHECKING:
     from bae.stores import ActivationStore
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 from bae.pipeline.features_command import register as register_features
 from bae.trainer.command import register as register_train
 
@@ -76,8 +76,8 @@ def harvest(
     Re-running the same command resumes; launch with `torchrun --nproc_per_node N` for data parallel.
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "progress")}
-    from bae.configs import load_config
-    from bae.pipeline.harvest import HarvestConfig, harvest_command
+    from bae.common.configs import load_config
+    from bae.pipeline.harvest.run import HarvestConfig, harvest_command
 
     status = harvest_command(load_config(HarvestConfig, config, flags), show_progress=progress)
     if status:
@@ -112,8 +112,8 @@ def entropy(
 ) -> None:
     """Feature-set entropy per token position (or another grouping) over a whole store."""
     flags = {k: v for k, v in locals().items() if k not in ("config", "progress", "checkpoint")}
-    from bae.configs import load_config
-    from bae.pipeline.entropy import EntropyConfig, run_entropy
+    from bae.common.configs import load_config
+    from bae.pipeline.entropy.run import EntropyConfig, run_entropy
 
     flags["checkpoints"] = checkpoint or None
     run_entropy(load_config(EntropyConfig, config, flags), show_progress=progress)
@@ -127,7 +127,7 @@ def run_pipeline_command(
     workdir: Annotated[str | None, typer.Option(help="Where outputs go (default: runs/default).")] = None,
 ) -> None:
     """Run harvest -> train -> entropy from one pipeline file, each stage resuming from its output."""
-    from bae.configs import load_config
+    from bae.common.configs import load_config
     from bae.pipeline.run import PipelineConfig, run_pipeline
 
     run_pipeline(load_config(PipelineConfig, pipeline, {"workdir": workdir}))
@@ -138,7 +138,7 @@ StoreArg = Annotated[str | None, typer.Argument(help="Store path or fsspec URL (
 
 def _open_store(store: str | None, config: Path | None) -> ActivationStore:
     """The store named on the command line, or by the ``store`` field of a config file."""
-    from bae.configs import load_config
+    from bae.common.configs import load_config
     from bae.stores import ActivationStore
     from bae.stores.importer import StoreRef
 
@@ -148,7 +148,7 @@ def _open_store(store: str | None, config: Path | None) -> ActivationStore:
 @store_app.command("info")
 def store_info(store: StoreArg = None, config: ConfigOpt = None) -> None:
     """Summarize a store: model, layers, d_model, dtype, rows, units, bytes on disk."""
-    from bae.console import print_summary
+    from bae.common.console import print_summary
     from bae.stores.info import store_summary
 
     print_summary("activation store", store_summary(_open_store(store, config)))
@@ -184,7 +184,7 @@ def store_import(
     config: ConfigOpt = None,
 ) -> None:
     """Make a store from activations made elsewhere (each row its own document, position 0)."""
-    from bae.configs import load_config
+    from bae.common.configs import load_config
     from bae.stores.importer import ImportConfig, import_activations
 
     flags = dict(src=src, out=out, layer=layer, tensor=tensor, dtype=dtype, unit_rows=unit_rows)

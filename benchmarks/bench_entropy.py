@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bae.pipeline.reductions import CountSpec, RowKey, count_groups
+from bae.pipeline.entropy.counts import CountSpec, RowKey, count_groups
 from bae.stores import ActivationStore, RowFilter, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder
 
@@ -57,7 +57,7 @@ def reduction_rss(store: str, checkpoint: str, n_units: int) -> float:
     """Peak RSS (MiB, VmHWM: unlike ru_maxrss not inherited from this process) of a fresh process
     that runs the reduction over the whole store."""
     code = (
-        "from bae.pipeline.reductions import CountSpec, RowKey, count_groups; "
+        "from bae.pipeline.entropy.counts import CountSpec, RowKey, count_groups; "
         "from bae.stores import RowFilter; "
         f"count_groups(CountSpec({store!r}, {checkpoint!r}, 0, RowFilter(), RowKey('positions'), "
         f"tuple(range({n_units}))), show_progress=False); "

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bae.pipeline.features_config import FeaturesConfig
-from bae.pipeline.features_contexts import run_contexts
-from bae.pipeline.features_frequency import run_frequency
-from bae.pipeline.features_scan import encode, scan_spec
+from bae.pipeline.analysis.scan import encode, scan_spec
+from bae.pipeline.features.config import FeaturesConfig
+from bae.pipeline.features.contexts import run_contexts
+from bae.pipeline.features.frequency import run_frequency
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder
 

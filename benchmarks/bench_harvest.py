@@ -21,10 +21,10 @@ import torch
 
 
 def _batches(args: argparse.Namespace):
-    from bae.pipeline.corpus import load_corpus
-    from bae.pipeline.harvest import HarvestConfig, default_unit_rows, forward_batches, plan_units
-    from bae.pipeline.models import load_model
-    from bae.pipeline.tokenize import tokenize_corpus
+    from bae.pipeline.harvest.corpus import load_corpus
+    from bae.pipeline.harvest.run import HarvestConfig, default_unit_rows, forward_batches, plan_units
+    from bae.pipeline.harvest.windows import tokenize_corpus
+    from bae.pipeline.llm.load import load_model
 
     cfg = HarvestConfig(context_length=args.context_length, max_tokens=args.tokens, layers=[args.layer])
     loaded = load_model(None, "float32")
@@ -50,7 +50,7 @@ def _time_forward(fn, batches) -> tuple[int, float]:
 
 def phase(args: argparse.Namespace) -> dict:
     if args.phase == "harvest":
-        from bae.pipeline.harvest import HarvestConfig, run_harvest
+        from bae.pipeline.harvest.run import HarvestConfig, run_harvest
 
         with tempfile.TemporaryDirectory() as tmp:
             cfg = HarvestConfig(

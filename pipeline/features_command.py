@@ -59,8 +59,8 @@ _NOT_CONFIG = {"config", "progress", "interpret"}  # compare's --interpret is a 
 def _config(params: dict[str, Any]) -> Any:
     """A command's FeaturesConfig from its parameters: the ``--config`` file's values, then the flags
     given on top (the ComSem flags into the file's ``interpret`` section)."""
-    from bae.configs import build_config, read_config_file
-    from bae.pipeline.features_config import FeaturesConfig
+    from bae.common.configs import build_config, read_config_file
+    from bae.pipeline.features.config import FeaturesConfig
 
     config = params["config"]
     data = read_config_file(config) if config else {}
@@ -87,7 +87,7 @@ def frequency(
 ) -> None:
     """Firing frequency of every feature: dense counts, dead features, histogram, JSON/CSV table."""
     params = dict(locals())
-    from bae.pipeline.features_frequency import run_frequency
+    from bae.pipeline.features.frequency import run_frequency
 
     run_frequency(_config(params), progress)
 
@@ -109,7 +109,7 @@ def contexts(
 ) -> None:
     """Top contexts per feature (seeded tie-breaking) as contexts.json and an offline report.html."""
     params = dict(locals())
-    from bae.pipeline.features_contexts import run_contexts
+    from bae.pipeline.features.contexts import run_contexts
 
     run_contexts(_config(params), progress)
 
@@ -135,7 +135,7 @@ def interpret(
 ) -> None:
     """ComSem: explain features with an LLM, judge further samples yes/no; cached, re-runs are free."""
     params = dict(locals())
-    from bae.pipeline.interpret import run_interpret
+    from bae.pipeline.features.interpret import run_interpret
 
     run_interpret(_config(params), progress)
 
@@ -163,7 +163,7 @@ def compare(
 ) -> None:
     """Checkpoints on the same store side by side: dense/dead counts, FVU, mean L0, interpretable count."""
     params = dict(locals())
-    from bae.pipeline.features_compare import run_compare
+    from bae.pipeline.features.compare import run_compare
 
     run_compare(_config(params), interpret, progress)
 

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from bae.configs import StrictModel, build_config
-from bae.console import print_summary
-from bae.errors import BaeError
+from bae.common.configs import StrictModel, build_config
+from bae.common.console import print_summary
+from bae.common.errors import BaeError
 
 Stage = Literal["harvest", "train", "entropy"]
 STAGES: tuple[Stage, ...] = ("harvest", "train", "entropy")
@@ -55,7 +55,7 @@ def _linked(section: dict[str, Any], stage: str, links: dict[str, Any]) -> dict[
 
 
 def _harvest_config(cfg: PipelineConfig, store_path: str) -> Any:
-    from bae.pipeline.harvest import HarvestConfig
+    from bae.pipeline.harvest.run import HarvestConfig
 
     return build_config(
         HarvestConfig, _linked(cfg.harvest, "harvest", {"output": store_path}), "pipeline harvest"
@@ -71,14 +71,14 @@ def _train_config(cfg: PipelineConfig, store_path: str, layer: int) -> Any:
 
 
 def _entropy_config(cfg: PipelineConfig, store_path: str, checkpoints: list[str], out: Path) -> Any:
-    from bae.pipeline.entropy import EntropyConfig
+    from bae.pipeline.entropy.run import EntropyConfig
 
     links = {"store": store_path, "checkpoints": checkpoints, "out": str(out)}
     return build_config(EntropyConfig, _linked(cfg.entropy, "entropy", links), "pipeline entropy")
 
 
 def _harvest(cfg: PipelineConfig, store_path: str) -> str:
-    from bae.pipeline.harvest import run_harvest
+    from bae.pipeline.harvest.run import run_harvest
     from bae.stores import ActivationStore
 
     harvest_cfg = _harvest_config(cfg, store_path)
@@ -109,7 +109,7 @@ def _train(cfg: PipelineConfig, store_path: str, workdir: Path) -> list[Path]:
 
 
 def _entropy(cfg: PipelineConfig, store_path: str, checkpoints: list[Path], workdir: Path) -> Path:
-    from bae.pipeline.entropy import run_entropy
+    from bae.pipeline.entropy.run import run_entropy
 
     missing = [str(c) for c in checkpoints if not (c / "model").is_dir()]
     if not checkpoints or missing:

@@ -15,8 +15,8 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore
 
-from bae.configs import config_diff
-from bae.errors import BaeError
+from bae.common.configs import config_diff
+from bae.common.errors import BaeError
 from bae.stores.chunk_files import ChunkFiles
 from bae.stores.layout import (
     LAYER_CONVENTION,

@@ -25,7 +25,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 
 _PARALLEL_CHECKSUM_BYTES = 1 << 20  # from this chunk size on, checksum and write run side by side
 _CHECKSUMS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bae-crc32c")

@@ -11,9 +11,9 @@ import torch
 import zarr
 from pydantic import Field
 
-from bae.configs import StrictModel
-from bae.console import print_summary, progress
-from bae.errors import BaeError
+from bae.common.configs import StrictModel
+from bae.common.console import print_summary, progress
+from bae.common.errors import BaeError
 from bae.stores.activation_store import ActivationStore
 from bae.stores.layout import LogicalDtype, StoreLayout
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from bae.console import human_bytes, human_count
+from bae.common.console import human_bytes, human_count
 from bae.stores.activation_store import ActivationStore
 from bae.stores.verify import bytes_on_disk
 

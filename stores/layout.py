@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from bae.configs import StrictModel
-from bae.errors import BaeError
+from bae.common.configs import StrictModel
+from bae.common.errors import BaeError
 
 SCHEMA_VERSION = 1
 LAYER_CONVENTION = (

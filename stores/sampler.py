@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 from bae.stores.activation_store import ActivationStore
 from bae.stores.layout import any_nonfinite, decode_tensor
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bae_testing.stores import synthetic_rows, write_units
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 from bae.stores import ActivationStore, StoreLayout
-from tests.store_helpers import synthetic_rows, write_units
 
 
 def _files(root: Path) -> dict[str, bytes]:

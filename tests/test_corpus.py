@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bae.errors import BaeError
-from bae.pipeline.corpus import load_corpus
+from bae.common.errors import BaeError
+from bae.pipeline.harvest.corpus import load_corpus
 
 
 def test_text_files_directory_and_glob_in_sorted_order(tmp_path):

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from entropy_helpers import LAYER, exact_entropy, make_known_store, save_bae
+from bae_testing.entropy import LAYER, exact_entropy, make_known_store, save_bae
+from bae_testing.stores import run_bae
 from safetensors.numpy import load_file
-from store_helpers import run_bae
 
-from bae.configs import build_config
-from bae.errors import BaeError
-from bae.pipeline.entropy import EntropyConfig, run_entropy
-from bae.pipeline.reductions import ConstantKey, CountSpec, DocumentKey, RowKey, count_groups
+from bae.common.configs import build_config
+from bae.common.errors import BaeError
+from bae.pipeline.entropy.counts import ConstantKey, CountSpec, DocumentKey, RowKey, count_groups
+from bae.pipeline.entropy.run import EntropyConfig, run_entropy
 from bae.stores import RowFilter
 
 
@@ -191,7 +191,7 @@ def test_bad_input_is_one_clear_line(known, tmp_path):
 
 
 def test_icl_workflow_harvest_train_entropy_by_k(tmp_path):
-    from tiny_models import save_tiny_model
+    from bae_testing.tiny_models import save_tiny_model
 
     model = save_tiny_model("gpt2", tmp_path / "lm")
     rng = np.random.default_rng(0)

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from features_helpers import LAYER, ChatServer, make_text_store, save_autoencoder, save_tokenizer
-from store_helpers import run_bae
+from bae_testing.features import LAYER, ChatServer, make_text_store, save_autoencoder, save_tokenizer
+from bae_testing.stores import run_bae
 
-from bae.errors import BaeError
-from bae.pipeline.features_compare import run_compare
-from bae.pipeline.features_config import FeaturesConfig
-from bae.pipeline.features_contexts import KEY_TIES, run_contexts
-from bae.pipeline.features_frequency import run_frequency
-from bae.pipeline.features_scan import random_keys
+from bae.common.errors import BaeError
+from bae.pipeline.analysis.scan import random_keys
+from bae.pipeline.features.compare import run_compare
+from bae.pipeline.features.config import FeaturesConfig
+from bae.pipeline.features.contexts import KEY_TIES, run_contexts
+from bae.pipeline.features.frequency import run_frequency
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder, load_autoencoder
 

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from features_helpers import ChatServer, make_text_store, save_autoencoder, save_tokenizer
+from bae_testing.features import ChatServer, make_text_store, save_autoencoder, save_tokenizer
 
-from bae.errors import BaeError
-from bae.pipeline.features_config import FeaturesConfig
-from bae.pipeline.interpret import run_interpret
-from bae.pipeline.llm_client import clean_explanation, parse_yes_no
+from bae.common.errors import BaeError
+from bae.pipeline.features.config import FeaturesConfig
+from bae.pipeline.features.interpret import run_interpret
+from bae.pipeline.features.llm_client import clean_explanation, parse_yes_no
 
 
 @pytest.fixture(scope="module")

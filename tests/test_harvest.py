@@ -15,14 +15,20 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from tiny_models import save_tiny_model
+from bae_testing.tiny_models import save_tiny_model
 
-from bae.errors import BaeError
-from bae.pipeline.capture import LayerCapture
-from bae.pipeline.corpus import load_corpus
-from bae.pipeline.harvest import HarvestConfig, check_free_space, default_unit_rows, plan_units, run_harvest
-from bae.pipeline.models import load_model
-from bae.pipeline.tokenize import tokenize_corpus
+from bae.common.errors import BaeError
+from bae.pipeline.harvest.corpus import load_corpus
+from bae.pipeline.harvest.run import (
+    HarvestConfig,
+    check_free_space,
+    default_unit_rows,
+    plan_units,
+    run_harvest,
+)
+from bae.pipeline.harvest.windows import tokenize_corpus
+from bae.pipeline.llm.capture import LayerCapture
+from bae.pipeline.llm.load import load_model
 from bae.stores import ActivationStore
 
 WORDS = [

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from bae_testing.stores import run_bae
 
 from bae.stores import ActivationStore
-from tests.store_helpers import run_bae
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 HARVEST_FLAGS = ["--layers", "2", "--context-length", "16", "--unit-rows", "64", "--batch-tokens", "32"]
@@ -31,8 +31,8 @@ def accelerate_launch(port: int, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_accelerate_launch_harvest_then_train(tmp_path):
+    from bae_testing.tiny_models import save_tiny_model
     from test_harvest import write_corpus
-    from tiny_models import save_tiny_model
 
     model = save_tiny_model("llama", tmp_path / "lm")
     corpus = write_corpus(tmp_path / "corpus.jsonl", 40, seed=2)

@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from bae_testing.stores import run_bae
 from safetensors.numpy import load_file
-
-from tests.store_helpers import run_bae
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda"]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    from tiny_models import save_tiny_model
+    from bae_testing.tiny_models import save_tiny_model
 
     root = tmp_path_factory.mktemp("run-inputs")
     rng = np.random.default_rng(0)

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 from bae.stores import StoreSampler, split_mask
 
 
 def _indexed_store(tmp_path, n=3000, unit_rows=256, doc_len=10):
+    from bae_testing.stores import synthetic_rows, write_units
+
     from bae.stores import ActivationStore, StoreLayout
-    from tests.store_helpers import synthetic_rows, write_units
 
     layout = StoreLayout(n_rows=n, unit_rows=unit_rows, d_model=3, layers=[0], dtype="float32")
     store = ActivationStore.create(str(tmp_path / "idx"), layout, attrs={"config": {}})

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bae_testing.stores import assert_stores_identical, make_store, synthetic_rows, write_units
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 from bae.stores import ActivationStore, StoreLayout
 from bae.stores.layout import any_nonfinite
-from tests.store_helpers import assert_stores_identical, make_store, synthetic_rows, write_units
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
@@ -102,7 +102,7 @@ WRITER = textwrap.dedent(
     import os, sys, signal
     import numpy as np
     from bae.stores import ActivationStore, StoreLayout
-    from tests.store_helpers import synthetic_rows, write_units
+    from bae_testing.stores import synthetic_rows, write_units
 
     path, mode = sys.argv[1], sys.argv[2]
     rank, world = (int(v) for v in sys.argv[3:5]) if len(sys.argv) > 3 else (0, 1)
@@ -125,8 +125,7 @@ WRITER = textwrap.dedent(
 def _writer(tmp_path, *args):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    root = Path(__file__).resolve().parents[1]
-    return [sys.executable, str(script), *args], {"PYTHONPATH": str(root)}
+    return [sys.executable, str(script), *args], {"PYTHONPATH": str(Path(__file__).resolve().parent)}
 
 
 def _run_writer(tmp_path, *args):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from bae_testing.stores import make_store, run_bae
 from safetensors.torch import save_file
 
 from bae.stores import ActivationStore
-from tests.store_helpers import make_store, run_bae
 
 
 def test_info_reports_the_store(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 from bae.trainer import ModelConfig, build_autoencoder, load_autoencoder
 from bae.trainer.models import BinaryAutoencoder, binary_step
 from bae.trainer.objectives import (

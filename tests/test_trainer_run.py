@@ -15,7 +15,7 @@ import pytest
 import zarr
 from safetensors.numpy import load_file
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer import load_autoencoder
 from bae.trainer.config import TrainConfig

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bae.atomic_files import temporary_dir
-from bae.errors import BaeError
+from bae.common.atomic_files import temporary_dir
+from bae.common.errors import BaeError
 from bae.trainer.models import Autoencoder, replace_dir
 
 STATE_JSON = "trainer_state.json"

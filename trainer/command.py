@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from bae.configs import load_config
+from bae.common.configs import load_config
 from bae.trainer.config import TrainConfig
 
 

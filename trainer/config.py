@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from bae.configs import StrictModel
+from bae.common.configs import StrictModel
 
 Architecture = Literal["bae", "relu_sae", "topk_sae"]
 

@@ -14,10 +14,10 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from bae.configs import require_same_config
-from bae.console import human_count, print_summary, progress
-from bae.errors import BaeError
-from bae.signals import StopRequest
+from bae.common.configs import require_same_config
+from bae.common.console import human_count, print_summary, progress
+from bae.common.errors import BaeError
+from bae.common.signals import StopRequest
 from bae.stores import ActivationStore, StoreSampler
 from bae.trainer.checkpoints import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from bae.trainer.config import TrainConfig

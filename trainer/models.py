@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bae.atomic_files import temporary_dir
-from bae.configs import build_config
-from bae.errors import BaeError
+from bae.common.atomic_files import temporary_dir
+from bae.common.configs import build_config
+from bae.common.errors import BaeError
 from bae.trainer.config import ModelConfig
 
 CHECKPOINT_FORMAT = "bae-autoencoder"

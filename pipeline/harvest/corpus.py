@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 
 BUILTIN = "builtin"
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}

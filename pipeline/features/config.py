@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from bae.configs import StrictModel, require_same_config
-from bae.errors import BaeError
+from bae.common.configs import StrictModel, require_same_config
+from bae.common.errors import BaeError
 
 
 class InterpretConfig(StrictModel):

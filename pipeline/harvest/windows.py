@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 
 Mode = Literal["packed", "document"]
 BosPolicy = Literal["auto", "always", "never"]

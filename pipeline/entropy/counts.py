@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from numcodecs import Zstd
 
-from bae.atomic_files import atomic_write_bytes
-from bae.errors import BaeError
-from bae.pipeline.features_scan import cached_model, cached_store, map_reduce_units
+from bae.common.atomic_files import atomic_write_bytes
+from bae.common.errors import BaeError
+from bae.pipeline.analysis.scan import cached_model, cached_store, map_reduce_units
 from bae.stores import RowFilter, iter_unit_rows
 from bae.stores.sampler import splitmix64
 from bae.trainer.models import WEIGHTS_FILE, resolve_model_dir

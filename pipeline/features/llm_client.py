@@ -19,9 +19,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
-from bae.atomic_files import atomic_write_json, read_json
-from bae.errors import BaeError
-from bae.pipeline.features_config import InterpretConfig
+from bae.common.atomic_files import atomic_write_json, read_json
+from bae.common.errors import BaeError
+from bae.pipeline.features.config import InterpretConfig
 
 Messages = list[dict[str, str]]
 BASE_URL_ENV = "BAE_LLM_BASE_URL"
@@ -85,7 +85,7 @@ class TransformersChat:
     def complete(self, messages: Messages, max_tokens: int, temperature: float) -> str:
         import torch
 
-        from bae.pipeline.models import load_model
+        from bae.pipeline.llm.load import load_model
 
         with self._lock:
             if self._loaded is None:

@@ -25,13 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bae.atomic_files import atomic_write_json, read_json
-from bae.console import print_summary
-from bae.errors import BaeError
-from bae.pipeline.features_config import FeaturesConfig, check_recorded
-from bae.pipeline.features_frequency import FrequencyResult, run_frequency
-from bae.pipeline.features_report import write_report
-from bae.pipeline.features_scan import (
+from bae.common.atomic_files import atomic_write_json, read_json
+from bae.common.console import print_summary
+from bae.common.errors import BaeError
+from bae.pipeline.analysis.scan import (
     ScanSpec,
     TopK,
     encode,
@@ -40,7 +37,10 @@ from bae.pipeline.features_scan import (
     scan_spec,
     select_top,
 )
-from bae.pipeline.token_text import TokenText, load_store_tokenizer
+from bae.pipeline.analysis.token_text import TokenText, load_store_tokenizer
+from bae.pipeline.features.config import FeaturesConfig, check_recorded
+from bae.pipeline.features.frequency import FrequencyResult, run_frequency
+from bae.pipeline.features.report import write_report
 from bae.stores import ActivationStore
 
 CONTEXTS_JSON = "contexts.json"

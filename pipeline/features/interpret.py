@@ -15,12 +15,18 @@ from typing import Any
 
 import numpy as np
 
-from bae.atomic_files import atomic_write_json, read_json
-from bae.console import print_summary, progress
-from bae.pipeline.features_config import FeaturesConfig, InterpretConfig, check_recorded
-from bae.pipeline.features_contexts import run_contexts
-from bae.pipeline.features_report import write_report
-from bae.pipeline.llm_client import CachedChat, Messages, clean_explanation, make_backend, parse_yes_no
+from bae.common.atomic_files import atomic_write_json, read_json
+from bae.common.console import print_summary, progress
+from bae.pipeline.features.config import FeaturesConfig, InterpretConfig, check_recorded
+from bae.pipeline.features.contexts import run_contexts
+from bae.pipeline.features.llm_client import (
+    CachedChat,
+    Messages,
+    clean_explanation,
+    make_backend,
+    parse_yes_no,
+)
+from bae.pipeline.features.report import write_report
 
 INTERPRETATION_JSON = "interpretation.json"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bae.pipeline.reductions import GroupCounts
+from bae.pipeline.entropy.counts import GroupCounts
 
 
 def binary_entropy(p: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 
 C = TypeVar("C", bound=BaseModel)
 

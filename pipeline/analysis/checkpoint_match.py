@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 from bae.stores import ActivationStore
 
 if TYPE_CHECKING:

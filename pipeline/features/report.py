@@ -10,7 +10,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from bae.atomic_files import atomic_write_text
+from bae.common.atomic_files import atomic_write_text
 
 REPORT_HTML = "report.html"
 

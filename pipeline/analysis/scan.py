@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from dask.callbacks import Callback
 
-from bae.console import progress
-from bae.errors import BaeError
-from bae.pipeline.checkpoint_match import load_for_store
-from bae.pipeline.features_config import FeaturesConfig
+from bae.common.console import progress
+from bae.common.errors import BaeError
+from bae.pipeline.analysis.checkpoint_match import load_for_store
+from bae.pipeline.features.config import FeaturesConfig
 from bae.stores import ActivationStore, RowFilter, iter_unit_rows
 from bae.trainer import Autoencoder, load_autoencoder
 

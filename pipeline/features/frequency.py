@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from bae.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text, read_json
-from bae.console import human_count, print_summary
-from bae.errors import BaeError
-from bae.pipeline.features_config import FeaturesConfig, check_recorded
-from bae.pipeline.features_scan import ScanSpec, encode, map_reduce_units, reconstruct, scan_spec
+from bae.common.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text, read_json
+from bae.common.console import human_count, print_summary
+from bae.common.errors import BaeError
+from bae.pipeline.analysis.scan import ScanSpec, encode, map_reduce_units, reconstruct, scan_spec
+from bae.pipeline.features.config import FeaturesConfig, check_recorded
 
 FREQUENCY_JSON = "frequency.json"
 DEAD_MIN_ROWS = 1_000_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 from bae.stores import ActivationStore
 
 
@@ -13,7 +13,7 @@ def load_store_tokenizer(store: ActivationStore, override: str | None = None) ->
     """The tokenizer named by ``override`` or by the store's model; None for a store without a model."""
     from transformers import AutoTokenizer
 
-    from bae.pipeline.models import EMBEDDED_ID, convert_gguf, embedded_gguf, file_sha256
+    from bae.pipeline.llm.load import EMBEDDED_ID, convert_gguf, embedded_gguf, file_sha256
 
     model = store.meta.get("model") or {}
     spec = override or model.get("id")

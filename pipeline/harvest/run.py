@@ -24,14 +24,14 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from pydantic import Field, field_validator
 
-from bae.configs import StrictModel
-from bae.console import human_bytes, human_count, print_summary, progress
-from bae.errors import BaeError
-from bae.pipeline.capture import LayerCapture, check_layers
-from bae.pipeline.corpus import BUILTIN, load_corpus
-from bae.pipeline.models import LoadedModel, load_model, tokenizer_fingerprint
-from bae.pipeline.tokenize import Positions, Window, parse_positions, tokenize_corpus
-from bae.signals import StopRequest
+from bae.common.configs import StrictModel
+from bae.common.console import human_bytes, human_count, print_summary, progress
+from bae.common.errors import BaeError
+from bae.common.signals import StopRequest
+from bae.pipeline.harvest.corpus import BUILTIN, load_corpus
+from bae.pipeline.harvest.windows import Positions, Window, parse_positions, tokenize_corpus
+from bae.pipeline.llm.capture import LayerCapture, check_layers
+from bae.pipeline.llm.load import LoadedModel, load_model, tokenizer_fingerprint
 from bae.stores import ActivationStore, StoreLayout
 
 DEFAULT_BUILTIN_TOKENS = 65_536

@@ -12,12 +12,12 @@ import io
 from pathlib import Path
 from typing import Any
 
-from bae.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text
-from bae.console import print_summary
-from bae.errors import BaeError
-from bae.pipeline.features_config import FeaturesConfig
-from bae.pipeline.features_frequency import run_frequency
-from bae.pipeline.interpret import run_interpret
+from bae.common.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text
+from bae.common.console import print_summary
+from bae.common.errors import BaeError
+from bae.pipeline.features.config import FeaturesConfig
+from bae.pipeline.features.frequency import run_frequency
+from bae.pipeline.features.interpret import run_interpret
 from bae.trainer.models import read_model_config, resolve_model_dir
 
 

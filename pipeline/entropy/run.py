@@ -2,7 +2,7 @@
 
 For each checkpoint (one BAE per layer, or per (layer, positions) when the checkpoint records the
 positions it was trained on) one dask pass counts, per group and bit, the rows with the bit set
-(``bae.pipeline.reductions``); ``entropy_estimates`` turns counts into Ĥ, the log2 n ceiling, the
+(``bae.pipeline.entropy.counts``); ``entropy_estimates`` turns counts into Ĥ, the log2 n ceiling, the
 varying bits, a bootstrap interval and the joint plug-in cross-check. Outputs in ``--out``:
 ``entropy.csv``, ``entropy.parquet``, ``entropy.png``, ``entropy_config.json``, and ``partials/``
 (per-unit counts a killed run continues from).
@@ -18,14 +18,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from bae.atomic_files import atomic_write_bytes, atomic_write_json, read_json
-from bae.configs import StrictModel, require_same_config
-from bae.console import print_summary
-from bae.errors import BaeError
-from bae.pipeline.checkpoint_match import load_for_store
-from bae.pipeline.entropy_estimates import estimate_columns
-from bae.pipeline.entropy_plot import plot_entropy
-from bae.pipeline.reductions import (
+from bae.common.atomic_files import atomic_write_bytes, atomic_write_json, read_json
+from bae.common.configs import StrictModel, require_same_config
+from bae.common.console import print_summary
+from bae.common.errors import BaeError
+from bae.pipeline.analysis.checkpoint_match import load_for_store
+from bae.pipeline.entropy.counts import (
     ConstantKey,
     CountSpec,
     DocumentKey,
@@ -34,6 +32,8 @@ from bae.pipeline.reductions import (
     count_groups,
     document_field,
 )
+from bae.pipeline.entropy.estimates import estimate_columns
+from bae.pipeline.entropy.plot import plot_entropy
 from bae.stores import ActivationStore, RowFilter
 
 ROW_GROUPINGS = {"position": "positions", "document": "doc_ids", "token": "token_ids"}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from bae.errors import BaeError
+from bae.common.errors import BaeError
 
 _BLOCK_NAMES = ("layers", "h", "blocks", "layer")
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bae.atomic_files import atomic_savefig
+from bae.common.atomic_files import atomic_savefig
 
 HISTOGRAM_GROUPINGS = ("document", "token")
 
