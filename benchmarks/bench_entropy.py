@@ -24,6 +24,7 @@ import torch
 from bae.pipeline.entropy.counts import CountSpec, RowKey, count_groups
 from bae.stores import ActivationStore, RowFilter, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder
+from bae.trainer.provenance import Provenance
 
 
 def make_store(path: Path, n: int, d: int, doc_len: int) -> tuple[ActivationStore, np.ndarray]:
@@ -90,7 +91,7 @@ def main() -> None:
     n = args.rows
     store, x = make_store(tmp / "s.zarr", n, args.d, args.doc_len)
     torch.manual_seed(0)
-    model = build_autoencoder(ModelConfig(d_model=args.d, expansion=args.expansion), {"layer": 0})
+    model = build_autoencoder(ModelConfig(d_model=args.d, expansion=args.expansion), Provenance(layer=0))
     model.save_pretrained(tmp / "bae")
     w, b, xt = model.encoder.weight.detach(), model.encoder.bias.detach(), torch.from_numpy(x)
     units = tuple(range(store.n_units))

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bae.pipeline.analysis.scan import encode, scan_spec
 from bae.pipeline.features.config import FeaturesConfig
 from bae.pipeline.features.contexts import run_contexts
 from bae.pipeline.features.frequency import run_frequency
+from bae.pipeline.features.spec import scan_spec
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder
 
@@ -58,7 +58,7 @@ def main() -> None:
         t = time.perf_counter()
         for unit in spec.units:
             for x, _ in spec.batches(unit):
-                encode(spec.open()[1], x)
+                spec.open()[1].analyse(x)
         base = time.perf_counter() - t
         t = time.perf_counter()
         run_frequency(config, show_progress=False, quiet=True)

@@ -21,8 +21,9 @@ import torch
 
 
 def _batches(args: argparse.Namespace):
+    from bae.pipeline.harvest.config import HarvestConfig
     from bae.pipeline.harvest.corpus import load_corpus
-    from bae.pipeline.harvest.run import HarvestConfig, default_unit_rows, forward_batches, plan_units
+    from bae.pipeline.harvest.plan import forward_batches, plan_units
     from bae.pipeline.harvest.windows import tokenize_corpus
     from bae.pipeline.llm.load import load_model
 
@@ -30,11 +31,10 @@ def _batches(args: argparse.Namespace):
     loaded = load_model(None, "float32")
     docs = [d.text for d in load_corpus([]).docs]
     toks = tokenize_corpus(loaded.tokenizer, docs, cfg.context_length, max_tokens=cfg.token_budget)
-    plan = plan_units(toks.windows, default_unit_rows(cfg))
+    plan = plan_units(toks.windows, cfg.rows_per_unit)
     batches = []
-    for unit in plan.units:
-        windows = [plan.windows[i] for i in unit]
-        for batch in forward_batches(windows, cfg.batch_tokens):
+    for unit in range(len(plan.units)):
+        for batch in forward_batches(plan.unit_windows(unit), cfg.batch_tokens):
             batches.append(torch.stack([torch.from_numpy(w.input_ids).long() for w in batch]))
     return loaded, batches
 
@@ -50,11 +50,12 @@ def _time_forward(fn, batches) -> tuple[int, float]:
 
 def phase(args: argparse.Namespace) -> dict:
     if args.phase == "harvest":
-        from bae.pipeline.harvest.run import HarvestConfig, run_harvest
+        from bae.pipeline.harvest.config import HarvestConfig
+        from bae.pipeline.harvest.run import run_harvest
 
         with tempfile.TemporaryDirectory() as tmp:
             cfg = HarvestConfig(
-                output=f"{tmp}/store",
+                out=f"{tmp}/store",
                 context_length=args.context_length,
                 max_tokens=args.tokens,
                 layers=[args.layer],

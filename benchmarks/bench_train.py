@@ -50,11 +50,12 @@ def make_store(path: Path, n_rows: int) -> None:
         )
 
 
-def config(store: Path, steps: int):
+def config(store: Path, steps: int, out: str):
     from bae.trainer.config import TrainConfig
 
     return TrainConfig(
         store=str(store),
+        out=out,
         layer=1,
         steps=steps,
         batch_size=BATCH,
@@ -68,10 +69,11 @@ def config(store: Path, steps: int):
 
 
 def child_store(store: Path, steps: int) -> dict:
-    from bae.trainer.loop import LOG_FILE, train
+    from bae.trainer.run import train
+    from bae.trainer.run_folder import LOG_FILE
 
     with tempfile.TemporaryDirectory() as out:
-        train(config(store, steps), out, show_progress=False)
+        train(config(store, steps, out=str(out)), show_progress=False)
         last = json.loads((Path(out) / LOG_FILE).read_text().splitlines()[-1])
     return {"rows_per_s": last["tokens_per_s"]}
 
@@ -81,7 +83,7 @@ def child_memory(store: Path, steps: int) -> dict:
     from bae.trainer.models import build_autoencoder
     from bae.trainer.objectives import Objective
 
-    cfg = config(store, steps)
+    cfg = config(store, steps, out="unused")
     s = ActivationStore.open(str(store))
     data = torch.from_numpy(s.read_layer(1, 0, s.n_rows))
     torch.manual_seed(0)

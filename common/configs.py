@@ -67,10 +67,21 @@ def build_config(cls: type[C], data: dict[str, Any], source: str) -> C:
         raise BaeError(describe_validation_error(exc, source)) from exc
 
 
+def merge_nested(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s values on top; nested sections are merged field by field."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_nested(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(cls: type[C], path: str | Path | None, overrides: dict[str, Any]) -> C:
-    """File values, then CLI flags that were given (not None) on top, validated as ``cls``."""
+    """File values, then the overrides that were given (not None) on top, validated as ``cls``."""
     data = read_config_file(path) if path else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = merge_nested(data, {k: v for k, v in overrides.items() if v is not None})
     return build_config(cls, data, f"config {path}" if path else "options")
 
 

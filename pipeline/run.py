@@ -18,8 +18,13 @@ from pydantic import Field
 from bae.common.configs import StrictModel, build_config
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
+from bae.pipeline.entropy.config import EntropyConfig
+from bae.pipeline.harvest.config import HarvestConfig
+from bae.trainer.config import TrainConfig
+from bae.trainer.run_folder import RunFolder
 
 Stage = Literal["harvest", "train", "entropy"]
+LAYER_RUN_PREFIX = "bae-layer"
 STAGES: tuple[Stage, ...] = ("harvest", "train", "entropy")
 
 # The embedded default: document mode so that positions are positions in a document (entropy per
@@ -54,25 +59,24 @@ def _linked(section: dict[str, Any], stage: str, links: dict[str, Any]) -> dict[
     return {**section, **links}
 
 
-def _harvest_config(cfg: PipelineConfig, store_path: str) -> Any:
-    from bae.pipeline.harvest.run import HarvestConfig
+def layer_run(workdir: Path, layer: int) -> RunFolder:
+    """The run folder ``bae run`` trains one layer into."""
+    return RunFolder.at(workdir / f"{LAYER_RUN_PREFIX}{layer}")
 
+
+def _harvest_config(cfg: PipelineConfig, store_path: str) -> HarvestConfig:
     return build_config(
-        HarvestConfig, _linked(cfg.harvest, "harvest", {"output": store_path}), "pipeline harvest"
+        HarvestConfig, _linked(cfg.harvest, "harvest", {"out": store_path}), "pipeline harvest"
     )
 
 
-def _train_config(cfg: PipelineConfig, store_path: str, layer: int) -> Any:
-    from bae.trainer.config import TrainConfig
-
+def _train_config(cfg: PipelineConfig, store_path: str, layer: int, out: Path) -> TrainConfig:
     section = {k: v for k, v in cfg.train.items() if k != "layer"}
-    links = {"store": store_path, "layer": layer}
+    links = {"store": store_path, "layer": layer, "out": str(out)}
     return build_config(TrainConfig, _linked(section, "train", links), "pipeline train")
 
 
-def _entropy_config(cfg: PipelineConfig, store_path: str, checkpoints: list[str], out: Path) -> Any:
-    from bae.pipeline.entropy.run import EntropyConfig
-
+def _entropy_config(cfg: PipelineConfig, store_path: str, checkpoints: list[str], out: Path) -> EntropyConfig:
     links = {"store": store_path, "checkpoints": checkpoints, "out": str(out)}
     return build_config(EntropyConfig, _linked(cfg.entropy, "entropy", links), "pipeline entropy")
 
@@ -92,31 +96,31 @@ def _harvest(cfg: PipelineConfig, store_path: str) -> str:
     return f"{store_path}: {result.units_written} units written, {result.units_skipped} reused"
 
 
-def _train(cfg: PipelineConfig, store_path: str, workdir: Path) -> list[Path]:
+def _train(cfg: PipelineConfig, store_path: str, workdir: Path) -> list[RunFolder]:
     from bae.stores import ActivationStore
-    from bae.trainer.loop import train
+    from bae.trainer.run import train
 
     if not Path(store_path).exists():
         raise BaeError(f"pipeline: no store at {store_path}; run the harvest stage first")
     store = ActivationStore.open(store_path)
     layers = [cfg.train["layer"]] if "layer" in cfg.train else store.layers
-    outs = []
+    runs = []
     for layer in layers:
-        out = workdir / f"bae-layer{layer}"
-        train(_train_config(cfg, store_path, layer), out)
-        outs.append(out)
-    return outs
+        run = layer_run(workdir, layer)
+        train(_train_config(cfg, store_path, layer, run.root))
+        runs.append(run)
+    return runs
 
 
-def _entropy(cfg: PipelineConfig, store_path: str, checkpoints: list[Path], workdir: Path) -> Path:
+def _entropy(cfg: PipelineConfig, store_path: str, runs: list[RunFolder], workdir: Path) -> Path:
     from bae.pipeline.entropy.run import run_entropy
 
-    missing = [str(c) for c in checkpoints if not (c / "model").is_dir()]
-    if not checkpoints or missing:
+    missing = [str(r.root) for r in runs if not r.finished]
+    if not runs or missing:
         raise BaeError(
             f"pipeline: no trained model in {', '.join(missing) or workdir}; run the train stage first"
         )
-    models = [str(c / "model") for c in checkpoints]
+    models = [str(r.model_dir) for r in runs]
     return run_entropy(_entropy_config(cfg, store_path, models, workdir / "entropy")).plot
 
 
@@ -134,19 +138,19 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     store_path = str(workdir / "activations.zarr")
     # every section is checked before any work starts
     _harvest_config(cfg, store_path)
-    _train_config(cfg, store_path, 0)
+    _train_config(cfg, store_path, 0, layer_run(workdir, 0).root)
     _entropy_config(cfg, store_path, ["model"], workdir / "entropy")
     began = time.perf_counter()
     summary: dict[str, Any] = {"workdir": str(workdir)}
     if "harvest" in cfg.stages:
         summary["harvest"] = _harvest(cfg, store_path)
     if "train" in cfg.stages:
-        checkpoints = _train(cfg, store_path, workdir)
+        runs = _train(cfg, store_path, workdir)
     else:
-        checkpoints = sorted(workdir.glob("bae-layer*"))
-    summary["models"] = ", ".join(str(c / "model") for c in checkpoints) or "(none)"
+        runs = [RunFolder.at(p) for p in sorted(workdir.glob(f"{LAYER_RUN_PREFIX}*"))]
+    summary["models"] = ", ".join(str(r.model_dir) for r in runs) or "(none)"
     if "entropy" in cfg.stages:
-        summary["entropy plot"] = str(_entropy(cfg, store_path, checkpoints, workdir))
+        summary["entropy plot"] = str(_entropy(cfg, store_path, runs, workdir))
     summary["wall time"] = f"{time.perf_counter() - began:.0f} s"
     print_summary("bae run", summary)
     return summary

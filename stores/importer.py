@@ -11,6 +11,7 @@ import torch
 import zarr
 from pydantic import Field
 
+from bae.common.command import cli
 from bae.common.configs import StrictModel
 from bae.common.console import print_summary, progress
 from bae.common.errors import BaeError
@@ -21,20 +22,25 @@ from bae.stores.layout import LogicalDtype, StoreLayout
 class StoreRef(StrictModel):
     """``bae store info/verify``: which store."""
 
-    store: str = Field(description="store path or fsspec URL")
+    store: str = Field(
+        description="store path or fsspec URL (s3://, gs://, memory://)", json_schema_extra=cli(argument=True)
+    )
 
 
 class ImportConfig(StrictModel):
     """``bae store import``: where the activations come from and how they are stored."""
 
-    src: str = Field(description="a .npy file, a .safetensors file, or a Zarr array of shape [N, d]")
-    out: str = Field(description="store to create (path or fsspec URL)")
+    src: str = Field(
+        description="a .npy file, a .safetensors file, or a Zarr array of shape [N, d]",
+        json_schema_extra=cli(argument=True),
+    )
+    out: str = Field(description="store to create (path or fsspec URL)", json_schema_extra=cli("-o"))
     layer: int = Field(default=0, ge=0, description="layer index recorded for these activations")
     tensor: str | None = Field(default=None, description="tensor name inside a .safetensors file")
-    dtype: LogicalDtype = "float16"
-    unit_rows: int = Field(default=4096, ge=1)
-    overflow: Literal["error", "clamp"] = "error"
-    compressor: dict[str, Any] | None = None
+    dtype: LogicalDtype = Field("float16", description="storage dtype")
+    unit_rows: int = Field(default=4096, ge=1, description="rows per unit (chunk)")
+    overflow: Literal["error", "clamp"] = Field("error", description="values beyond the storage range")
+    compressor: dict[str, Any] | None = Field(None, description="numcodecs compressor, e.g. {name: zstd}")
 
 
 class _Source:

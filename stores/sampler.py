@@ -21,19 +21,10 @@ import numpy as np
 import torch
 
 from bae.common.errors import BaeError
+from bae.common.hashing import splitmix64, unit_interval
+from bae.common.selection import RowSelection
 from bae.stores.activation_store import ActivationStore
 from bae.stores.layout import any_nonfinite, decode_tensor
-
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """A fixed, platform-independent 64-bit hash of each element (SplitMix64's finalizer)."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + _MIX
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 def split_mask(doc_ids: np.ndarray, split: str, val_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
@@ -44,7 +35,7 @@ def split_mask(doc_ids: np.ndarray, split: str, val_fraction: float = 0.1, seed:
         raise BaeError(f"val_fraction {val_fraction}: expected a number in [0, 1]")
     with np.errstate(over="ignore"):
         keyed = np.asarray(doc_ids).astype(np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64))
-    u = (splitmix64(keyed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    u = unit_interval(splitmix64(keyed))
     return u < val_fraction if split == "val" else u >= val_fraction
 
 
@@ -57,6 +48,18 @@ class RowFilter:
     split: str | None = None
     val_fraction: float = 0.1
     split_seed: int = 0
+
+    @classmethod
+    def of(cls, selection: RowSelection, split: str | None = None) -> RowFilter:
+        """The filter of a stage's row selection, on one side of its split (None: both)."""
+        positions = selection.position_list
+        return cls(
+            selection.valid_only,
+            None if positions is None else frozenset(positions),
+            split,
+            selection.val_fraction,
+            selection.split_seed,
+        )
 
     def mask(self, rows: dict[str, np.ndarray]) -> np.ndarray:
         keep = rows["valid"].astype(bool) if self.valid_only else np.ones(len(rows["valid"]), bool)

@@ -11,13 +11,14 @@ from bae_testing.features import LAYER, ChatServer, make_text_store, save_autoen
 from bae_testing.stores import run_bae
 
 from bae.common.errors import BaeError
-from bae.pipeline.analysis.scan import random_keys
 from bae.pipeline.features.compare import run_compare
 from bae.pipeline.features.config import FeaturesConfig
 from bae.pipeline.features.contexts import KEY_TIES, run_contexts
 from bae.pipeline.features.frequency import run_frequency
+from bae.pipeline.features.topk import random_keys
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder, load_autoencoder
+from bae.trainer.provenance import Provenance
 
 ARCHS = ("bae", "relu_sae", "topk_sae")
 
@@ -90,7 +91,7 @@ def test_dense_and_dead_counts_on_a_constructed_model(tmp_path):
             positions=i[a:b] % 10,
             valid=np.ones(b - a, bool),
         )
-    model = build_autoencoder(ModelConfig(d_model=d, expansion=2), {"layer": LAYER})
+    model = build_autoencoder(ModelConfig(d_model=d, expansion=2), Provenance(layer=LAYER))
     with torch.no_grad():
         model.encoder.weight.zero_()
         model.encoder.bias.fill_(-1.0)  # bits 4..7 dead
@@ -136,7 +137,9 @@ def test_top_contexts_equal_a_direct_computation_across_unit_and_batch_merges(en
 
 def test_ties_are_broken_at_random_with_a_seed(tmp_path):
     _, data = make_text_store(tmp_path / "store.zarr", None, constant=True)
-    model = build_autoencoder(ModelConfig(architecture="relu_sae", d_model=16, expansion=4), {"layer": LAYER})
+    model = build_autoencoder(
+        ModelConfig(architecture="relu_sae", d_model=16, expansion=4), Provenance(layer=LAYER)
+    )
     with torch.no_grad():  # every feature the same: every (row, feature) score ties
         model.encoder.weight.copy_(model.encoder.weight[:1].expand(64, -1))
         model.encoder.bias.fill_(abs(float(model.encoder.bias[0])) + 5.0)

@@ -18,14 +18,10 @@ import zarr
 from bae_testing.tiny_models import save_tiny_model
 
 from bae.common.errors import BaeError
+from bae.pipeline.harvest.config import HarvestConfig
 from bae.pipeline.harvest.corpus import load_corpus
-from bae.pipeline.harvest.run import (
-    HarvestConfig,
-    check_free_space,
-    default_unit_rows,
-    plan_units,
-    run_harvest,
-)
+from bae.pipeline.harvest.plan import plan_units
+from bae.pipeline.harvest.run import check_free_space, run_harvest
 from bae.pipeline.harvest.windows import tokenize_corpus
 from bae.pipeline.llm.capture import LayerCapture
 from bae.pipeline.llm.load import load_model
@@ -59,7 +55,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def harvest(tmp_path: Path, model: Path, corpus: Path, name: str = "store", **kw) -> ActivationStore:
-    cfg = HarvestConfig(output=str(tmp_path / name), model=str(model), corpus=[str(corpus)], **kw)
+    cfg = HarvestConfig(out=str(tmp_path / name), model=str(model), corpus=[str(corpus)], **kw)
     result = run_harvest(cfg, show_progress=False)
     assert not result.interrupted
     return result.store
@@ -78,7 +74,7 @@ def reference(cfg: HarvestConfig, layers: list[int]) -> tuple[dict[int, np.ndarr
         cfg.positions,
         cfg.max_tokens,
     )
-    plan = plan_units(toks.windows, default_unit_rows(cfg))
+    plan = plan_units(toks.windows, cfg.rows_per_unit)
     out = {layer: [] for layer in layers}
     ids, positions = [], []
     for unit in plan.units:
@@ -243,7 +239,7 @@ def assert_same_store(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(left[name], right[name], err_msg=name)
     meta_a, meta_b = (dict(ActivationStore.open(p).meta) for p in (a, b))
     for meta in (meta_a, meta_b):
-        meta["config"] = {k: v for k, v in meta["config"].items() if k != "output"}
+        meta["config"] = {k: v for k, v in meta["config"].items() if k != "out"}
     assert meta_a == meta_b
 
 
@@ -350,7 +346,7 @@ def test_a_moved_store_resumes_where_it_is(models, corpus, tmp_path):
     (tmp_path / "store").rename(tmp_path / "moved")
     again = run_harvest(
         HarvestConfig(
-            output=str(tmp_path / "moved"),
+            out=str(tmp_path / "moved"),
             model=str(models["gpt2"]),
             corpus=[str(corpus)],
             layers="1",
@@ -360,7 +356,7 @@ def test_a_moved_store_resumes_where_it_is(models, corpus, tmp_path):
         show_progress=False,
     )
     assert again.units_written == 0 and again.units_skipped == n_units
-    assert "output" not in again.store.meta["config"]
+    assert "out" not in again.store.meta["config"]
 
 
 def test_changed_config_on_existing_store_is_refused(models, corpus, tmp_path):
@@ -382,7 +378,7 @@ def test_changed_config_on_existing_store_is_refused(models, corpus, tmp_path):
 )
 def test_bad_input_is_one_clear_error_and_no_store(kw, message, models, corpus, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
-    fields = {"output": str(tmp_path / "store"), "model": str(models["gpt2"]), "corpus": [str(corpus)]}
+    fields = {"out": str(tmp_path / "store"), "model": str(models["gpt2"]), "corpus": [str(corpus)]}
     fields.update(
         {k: [v.format(tmp=tmp_path) for v in val] if k == "corpus" else val for k, val in kw.items()}
     )
@@ -411,7 +407,7 @@ def test_preflight_refuses_when_disk_is_too_small(tmp_path):
 
 def test_embedded_smollm2_harvest_matches_hidden_states(tmp_path):
     """The default model (GGUF converted and cached once) on the builtin corpus, layer 15."""
-    cfg = HarvestConfig(output=str(tmp_path / "s"), max_tokens=96, context_length=32, store_dtype="float32")
+    cfg = HarvestConfig(out=str(tmp_path / "s"), max_tokens=96, context_length=32, store_dtype="float32")
     store = run_harvest(cfg, show_progress=False).store
     assert (
         store.layers == [15]

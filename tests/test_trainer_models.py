@@ -17,6 +17,7 @@ from bae.trainer.objectives import (
     entropy_term,
     reconstruction_loss,
 )
+from bae.trainer.provenance import Provenance
 
 
 @pytest.fixture
@@ -109,11 +110,11 @@ def test_topk_keeps_k_largest() -> None:
 @pytest.mark.parametrize("arch", ["bae", "relu_sae", "topk_sae"])
 def test_save_load_round_trip(tmp_path, arch: str) -> None:
     config = ModelConfig(architecture=arch, d_model=10, expansion=2, standardize=True, topk=4)
-    model = build_autoencoder(config, {"store": "s", "layer": 3, "d_model": 10})
+    model = build_autoencoder(config, Provenance(store="s", layer=3, d_model=10))
     model.set_normalization(torch.randn(10), torch.rand(10) + 0.5)
     model.save_pretrained(tmp_path / "m")
     loaded = load_autoencoder(tmp_path / "m")
-    assert type(loaded) is type(model) and loaded.source["layer"] == 3
+    assert type(loaded) is type(model) and loaded.provenance.layer == 3
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     h = np.random.default_rng(0).standard_normal((33, 10)).astype(np.float32)

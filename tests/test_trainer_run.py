@@ -19,7 +19,7 @@ from bae.common.errors import BaeError
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer import load_autoencoder
 from bae.trainer.config import TrainConfig
-from bae.trainer.loop import train
+from bae.trainer.run import train
 
 BAE = [sys.executable, "-m", "bae.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -159,10 +159,10 @@ def test_torchrun_two_processes_end_identical(store: Path, tmp_path: Path) -> No
         "import os\n"
         "from safetensors.torch import save_file\n"
         "from bae.trainer.config import TrainConfig\n"
-        "from bae.trainer.loop import train\n"
+        "from bae.trainer.run import train\n"
         f"cfg = TrainConfig(store={str(store)!r}, layer=3, steps=30, batch_size=32, log_every=10,"
-        " val_every=15, checkpoint_every=15, lambda_entropy=1e-3)\n"
-        f"model, _ = train(cfg, {str(tmp_path / 'out')!r}, show_progress=False)\n"
+        f" val_every=15, checkpoint_every=15, lambda_entropy=1e-3, out={str(tmp_path / 'out')!r})\n"
+        "model, _ = train(cfg, show_progress=False)\n"
         "rank = os.environ['RANK']\n"
         f"save_file(model.state_dict(), {str(tmp_path)!r} + f'/rank{{rank}}.safetensors')\n"
     )
@@ -204,23 +204,23 @@ def test_bad_inputs(store: Path, tmp_path: Path) -> None:
         )
 
     with pytest.raises(BaeError, match=r"batch_size 100000 .* larger than the training split"):
-        train(cfg(store, batch_size=100000), tmp_path / "b", show_progress=False)
+        train(cfg(store, batch_size=100000, out=str(tmp_path / "b")), show_progress=False)
 
     nan_store = tmp_path / "nan.zarr"
     make_store(nan_store, n=1024, unit=256)
     arr = zarr.open_array(str(nan_store / "layers" / "3"), mode="r+")
     arr[700, 5] = np.nan
     with pytest.raises(BaeError, match=r"NaN/inf .*rows 512\.\.768, first at row 700"):
-        train(cfg(nan_store, steps=50, val_fraction=0.0), tmp_path / "c", show_progress=False)
+        train(cfg(nan_store, steps=50, val_fraction=0.0, out=str(tmp_path / "c")), show_progress=False)
     assert not list((tmp_path / "c").glob("checkpoints/step-*"))
 
     out = tmp_path / "d"
-    train(cfg(store), out, show_progress=False)
+    train(cfg(store, out=str(out)), show_progress=False)
     before = weights(out)
     other_d = tmp_path / "d8.zarr"
     make_store(other_d, n=1024, d=8, unit=256)
     with pytest.raises(BaeError, match=r"checkpoint of a bae with d=16, .* bae with d=8"):
-        train(cfg(other_d), out, show_progress=False)
+        train(cfg(other_d, out=str(out)), show_progress=False)
     with pytest.raises(BaeError, match="bae with d=16, but this run trains a topk_sae"):
-        train(cfg(store, architecture="topk_sae"), out, show_progress=False)
+        train(cfg(store, architecture="topk_sae", out=str(out)), show_progress=False)
     assert_same_weights(weights(out), before)

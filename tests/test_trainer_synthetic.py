@@ -9,7 +9,7 @@ import pytest
 
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer.config import TrainConfig
-from bae.trainer.loop import train
+from bae.trainer.run import train
 
 
 def synthetic_store(path: Path, r: int, n: int = 8192, d: int = 64, noise: float = 0.05) -> Path:
@@ -39,6 +39,7 @@ def test_set_entropy_recovers_r_bits(tmp_path: Path, r: int) -> None:
     store = synthetic_store(tmp_path / "syn.zarr", r)
     config = TrainConfig(
         store=str(store),
+        out=str(tmp_path / "run"),
         layer=0,
         steps=1000,
         batch_size=256,
@@ -51,7 +52,7 @@ def test_set_entropy_recovers_r_bits(tmp_path: Path, r: int) -> None:
         val_every=1000,
         checkpoint_every=1000,
     )
-    _, summary = train(config, tmp_path / "run", show_progress=False)
+    _, summary = train(config, show_progress=False)
     assert summary["val_rows"] > 500
     assert abs(summary["val_set_entropy"] - r) <= 0.1 * r, summary
     assert summary["val_fvu"] < 0.05, summary

@@ -21,10 +21,10 @@ import torch
 from bae.common.atomic_files import temporary_dir
 from bae.common.errors import BaeError
 from bae.trainer.models import Autoencoder, replace_dir
+from bae.trainer.run_folder import RunFolder
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
-CHECKPOINTS = "checkpoints"
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,7 +47,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def checkpoint_dirs(out: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    return sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / STATE_PT).is_file())
+    return [p for p in RunFolder.at(out).checkpoint_candidates() if (p / STATE_PT).is_file()]
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -64,9 +64,8 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write checkpoint ``step`` atomically, then drop all but the newest ``keep``."""
-    root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{step:08d}"
+    target = RunFolder.at(out).checkpoint(step)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_dir(target)
     try:
         model.write_files(tmp)

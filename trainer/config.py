@@ -1,20 +1,22 @@
-"""``ModelConfig`` and ``TrainConfig``: every option of ``bae train`` (BAE_METHOD.md parity defaults).
+"""``ModelConfig`` and ``TrainConfig``: every option of ``bae train`` (parity defaults: docs/method.md).
 
 Imports no torch, so the CLI stays quick to start."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from bae.common.command import cli
 from bae.common.configs import StrictModel
+from bae.common.selection import RowSelection
 
 Architecture = Literal["bae", "relu_sae", "topk_sae"]
 
 
 class ModelConfig(StrictModel):
-    """Shape and options of an autoencoder; BAE_METHOD.md §1 parity values are the defaults."""
+    """Shape and options of an autoencoder; the reference code's values are the defaults."""
 
     architecture: Architecture = "bae"
     d_model: int
@@ -34,16 +36,16 @@ class ModelConfig(StrictModel):
         return self.expansion * self.d_model
 
 
-class TrainConfig(StrictModel):
+DEFAULT_STEPS = 10_000
+
+
+class TrainConfig(RowSelection):
     """What to train on, the model, the objective, the optimizer, and the bookkeeping."""
 
-    # data
-    store: str = Field(description="activation store (path or URL)")
-    layer: int = Field(description="layer of the store to train on")
-    positions: list[int] | None = Field(None, description="train on these token positions only")
-    valid_only: bool = Field(True, description="skip padding, BOS and special-token rows")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="documents held out for validation")
-    split_seed: int = Field(0, description="seed of the train/validation split by document")
+    # data (and the row selection: valid_only, positions, val_fraction, split_seed)
+    store: str = Field(description="activation store (path or URL)", json_schema_extra=cli("-s"))
+    layer: int = Field(description="layer of the store to train on", json_schema_extra=cli("-l"))
+    out: str = Field(description="output run directory", json_schema_extra=cli("-o"))
     standardize: bool = Field(False, description="standardize inputs with the store's mean and std")
     standardize_rows: int | None = Field(1_000_000, ge=2, description="rows used to estimate them")
     buffer_rows: int = Field(1 << 16, ge=1, description="rows shuffled together; memory ~ 3 x rows x d x 4 B")
@@ -67,7 +69,7 @@ class TrainConfig(StrictModel):
     )
     entropy_start_tokens: int | None = Field(None, ge=0, description="or from this many tokens")
     # optimization
-    steps: int | None = Field(None, ge=1, description="budget in optimizer steps")
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="budget in optimizer steps")
     tokens: int | None = Field(None, ge=1, description="budget in tokens (instead of steps)")
     batch_size: int = Field(512, ge=2, description="rows per step (per process)")
     lr: float = Field(5e-4, gt=0, description="Adam learning rate")
@@ -88,7 +90,7 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
-        if self.steps is not None and self.tokens is not None:
+        if "steps" in self.model_fields_set and self.tokens is not None:
             raise ValueError("give either steps or tokens as the budget, not both")
         if self.entropy_start_steps is not None and self.entropy_start_tokens is not None:
             raise ValueError("give either entropy_start_steps or entropy_start_tokens, not both")
@@ -100,7 +102,7 @@ class TrainConfig(StrictModel):
         """The budget in optimizer steps; a step consumes ``batch_size × world_size`` tokens."""
         if self.tokens is not None:
             return max(1, -(-self.tokens // (self.batch_size * world_size)))
-        return self.steps if self.steps is not None else 10_000
+        return self.steps
 
     def entropy_start_step(self, world_size: int = 1) -> int:
         """First step with λ_H on; default a quarter of the budget (the reference's 500 of 2000)."""
@@ -109,6 +111,10 @@ class TrainConfig(StrictModel):
         if self.entropy_start_tokens is not None:
             return -(-self.entropy_start_tokens // (self.batch_size * world_size))
         return self.total_steps(world_size) // 4
+
+    def recorded(self) -> dict[str, Any]:
+        """The config a resumed run must repeat: all but the run directory's own location."""
+        return self.model_dump(mode="json", exclude={"out"})
 
     def autoencoder_config(self, d_model: int) -> ModelConfig:
         """The model options of this config (every ModelConfig field but d_model has one here)."""

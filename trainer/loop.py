@@ -1,37 +1,28 @@
-"""The ``bae train`` loop: stream a store layer, fit an autoencoder, log, validate, checkpoint, resume."""
+"""The training loop: a ``Trainer`` fed by any iterator of batches logs, validates, checkpoints and
+stops cleanly on a signal; ``bae.trainer.run`` wires the store sampler into it."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 
-from bae.common.configs import require_same_config
-from bae.common.console import human_count, print_summary, progress
+from bae.common.console import progress
 from bae.common.errors import BaeError
 from bae.common.signals import StopRequest
-from bae.stores import ActivationStore, StoreSampler
-from bae.trainer.checkpoints import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from bae.common.stats import binary_entropy, fvu_from_sums
+from bae.stores import StoreSampler
 from bae.trainer.config import TrainConfig
-from bae.trainer.models import WEIGHTS_FILE, Autoencoder, build_autoencoder, read_model_config
-from bae.trainer.objectives import (
-    Objective,
-    binary_entropy,
-    covariance_term,
-    entropy_term,
-    fraction_of_variance_unexplained,
-)
+from bae.trainer.models import Autoencoder
+from bae.trainer.objectives import Objective, covariance_term, entropy_term, fraction_of_variance_unexplained
 
-LOG_FILE = "train_log.jsonl"
-MODEL_DIR = "model"
 DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
 
 
@@ -82,65 +73,15 @@ def lr_lambda(config: TrainConfig, total_steps: int):
     return factor
 
 
-def open_training_data(
-    config: TrainConfig, rank: int, world_size: int
-) -> tuple[ActivationStore, StoreSampler, StoreSampler | None]:
-    """The store, the training sampler (this rank's share) and the validation sampler."""
-    store = ActivationStore.open(config.store)
-    common = dict(
-        layer=config.layer,
-        valid_only=config.valid_only,
-        positions=config.positions,
-        val_fraction=config.val_fraction,
-        split_seed=config.split_seed,
-        buffer_rows=config.buffer_rows,
-        prefetch=config.prefetch,
-    )
-    split = "train" if config.val_fraction > 0 else None
-    train = StoreSampler(
-        store,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        split=split,
-        rank=rank,
-        world_size=world_size,
-        **common,
-    )
-    n_train = train.count_rows()
-    if n_train < config.batch_size * world_size:
-        raise BaeError(
-            f"batch_size {config.batch_size} × {world_size} process(es) is larger than the training "
-            f"split of store {config.store} layer {config.layer} ({n_train} rows after filters)"
-        )
-    val = None
-    if config.val_fraction > 0:
-        val = StoreSampler(store, batch_size=config.batch_size, seed=config.seed, split="val", **common)
-    return store, train, val
-
-
-def standardization(sampler: StoreSampler, max_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std (float64 sums) over the first ``max_rows`` eligible rows."""
-    n, total, total_sq = 0, 0.0, 0.0
-    for x, _ in sampler.iter_epoch_once():
-        if max_rows is not None:
-            x = x[: max_rows - n]
-        xd = x.double()
-        total, total_sq, n = total + xd.sum(0), total_sq + xd.pow(2).sum(0), n + len(x)
-        if max_rows is not None and n >= max_rows:
-            break
-    mean = total / n
-    std = (total_sq / n - mean.pow(2)).clamp_min(0).sqrt()
-    std = torch.where(std > 1e-8, std, torch.ones_like(std))
-    return mean.float(), std.float()
-
-
 @torch.no_grad()
 def validate(model: Autoencoder, sampler: StoreSampler, max_rows: int | None) -> dict[str, float]:
     """MSE, FVU and the set entropy Σ_j H_b(p̂_j) over the whole validation split (vs log2|S|)."""
     was_training = model.training
     model.eval()
     n, sse = 0, 0.0
-    sum_x = sum_sq = 0.0
+    sum_x = sum_sq = torch.zeros(
+        model.config.d_model, dtype=torch.float64, device=model.encoder.weight.device
+    )
     counts = torch.zeros(model.n_bits, dtype=torch.int64)
     device = model.encoder.weight.device
     for x_raw, _ in sampler.iter_epoch_once():
@@ -158,12 +99,11 @@ def validate(model: Autoencoder, sampler: StoreSampler, max_rows: int | None) ->
     model.train(was_training)
     if n == 0:
         return {}
-    variance = float((sum_sq - sum_x.pow(2) / n).sum())
-    p = counts.double() / n
+    p = (counts.double() / n).numpy()
     return {
         "val_rows": n,
-        "val_mse": sse / (n * x.shape[1]),
-        "val_fvu": sse / max(variance, 1e-30),
+        "val_mse": sse / (n * model.config.d_model),
+        "val_fvu": fvu_from_sums(sse, sum_x.cpu().numpy(), sum_sq.cpu().numpy(), n),
         "val_set_entropy": float(binary_entropy(p).sum()),
         "val_log2_rows": math.log2(n),
     }
@@ -202,20 +142,6 @@ class JsonlLog:
             f.write(json.dumps(record) + "\n")
 
 
-def check_resumable(ckpt: Path, config: TrainConfig, d_model: int, out: Path) -> dict[str, Any]:
-    """The checkpoint's state, after refusing a different d, architecture or config."""
-    recorded = read_model_config(ckpt)
-    old_arch, old_d = recorded["architecture"], recorded["model"]["d_model"]
-    if (old_arch, old_d) != (config.architecture, d_model):
-        raise BaeError(
-            f"{out} holds a checkpoint of a {old_arch} with d={old_d}, but this run trains a "
-            f"{config.architecture} with d={d_model}; use a new --out"
-        )
-    json_state, torch_state = load_checkpoint(ckpt)
-    require_same_config(f"training run {out}", json_state["config"], config.model_dump(mode="json"))
-    return {"json": json_state, "torch": torch_state}
-
-
 def ranks_agree(accelerator: Accelerator, model: Autoencoder) -> bool:
     """Whether every process holds the same weights (exact fingerprints, gathered)."""
     flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
@@ -224,164 +150,132 @@ def ranks_agree(accelerator: Accelerator, model: Autoencoder) -> bool:
     return bool((gathered == gathered[0]).all())
 
 
-def train(
-    config: TrainConfig, out: str | Path, show_progress: bool = True
-) -> tuple[Autoencoder, dict[str, Any]]:
-    """Train (or resume training) into ``out``; returns the model and the final summary."""
-    out = Path(out)
-    # accelerate forms a CPU process group (gloo, under torchrun) only when told cpu=True
-    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    accelerator = Accelerator(
-        cpu=config.cpu or no_gpu,
-        mixed_precision=config.mixed_precision,
-        log_with=config.log_with,
-        project_dir=str(out),
-    )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    store, sampler, val_sampler = open_training_data(config, rank, world)
-    d = store.d_model
-    total_steps = config.total_steps(world)
-    entropy_start = config.entropy_start_step(world)
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores: the model, optimizer, schedule, firing window and counters."""
 
-    ckpt = latest_checkpoint(out)
-    resumed = check_resumable(ckpt, config, d, out) if ckpt is not None else None
+    model: Autoencoder
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    window: FiringWindow
+    step: int = 0
+    tokens: int = 0
 
-    torch.manual_seed(config.seed)
-    source = {
-        "store": config.store,
-        "model": store.meta.get("model"),
-        "layer": config.layer,
-        "d_model": d,
-        "positions": config.positions,
-        "valid_only": config.valid_only,
-        "val_fraction": config.val_fraction,
-        "split_seed": config.split_seed,
-        "corpus_fingerprint": store.meta.get("corpus_fingerprint"),
-    }
-    model = build_autoencoder(config.autoencoder_config(d), source)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
-    window = FiringWindow(config.window_steps, model.n_bits)
-    step = tokens = 0
-    if resumed is not None:
-        js, ts = resumed["json"], resumed["torch"]
-        model.load_state_dict(load_file(str(ckpt / WEIGHTS_FILE)))
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        window.load(ts["window"])
-        sampler.load_state_dict(js["sampler"])
-        step, tokens = js["step"], js["tokens"]
-        restore_rng(js, ts)
-    elif config.standardize:
-        model.set_normalization(*standardization(sampler, config.standardize_rows))
 
-    if step >= total_steps and (out / MODEL_DIR).is_dir():
-        summary = {"status": "already complete", "steps": step, "tokens": tokens, "out": str(out)}
-        if main:
-            print_summary(f"bae train: {out}", summary)
-        return model, summary
+class Trainer:
+    """Fits ``state.model`` on batches of raw rows until ``total_steps``; logs every ``log_every``
+    steps, validates with ``validate_fn`` every ``val_every``, checkpoints with ``save_fn``, and on
+    SIGINT/SIGTERM checkpoints and exits 128 + signal (agreed across processes)."""
 
-    out.mkdir(parents=True, exist_ok=True)
-    log = JsonlLog(out / LOG_FILE, step if resumed else None) if main else None
-    if config.log_with:
-        accelerator.init_trackers("bae-train", config=config.model_dump(mode="json"))
-    model.to(accelerator.device)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-    objective = Objective(
-        config.architecture, config.lambda_entropy, config.lambda_covariance, config.l1_coefficient
-    )
+    def __init__(
+        self,
+        config: TrainConfig,
+        accelerator: Accelerator,
+        state: TrainState,
+        log: JsonlLog | None,
+        save_fn: Callable[[TrainState], None],
+        validate_fn: Callable[[Autoencoder], dict[str, float]] | None = None,
+    ):
+        self.config, self.accelerator, self.state, self.log = config, accelerator, state, log
+        self.save_fn, self.validate_fn = save_fn, validate_fn
+        self.world = accelerator.num_processes
+        self.total_steps = config.total_steps(self.world)
+        self.entropy_start = config.entropy_start_step(self.world)
+        self.objective = Objective(
+            config.architecture, config.lambda_entropy, config.lambda_covariance, config.l1_coefficient
+        )
+        state.model.to(accelerator.device)
+        self.ddp_model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
+        self.last_train: dict[str, Any] = {}
+        self.last_val: dict[str, float] = {}
+        self.last_checkpoint = state.step
+        self._clock = (time.perf_counter(), state.tokens)
 
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint(
-                out,
-                step,
-                model,
-                {
-                    "config": config.model_dump(mode="json"),
-                    "sampler": sampler.state_dict(),
-                    "tokens": tokens,
-                    "world_size": world,
-                },
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "window": window.state(),
-                },
-                config.keep_checkpoints,
-            )
-        accelerator.wait_for_everyone()
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
-    def record(metrics: dict[str, Any]) -> None:
-        if main:
-            log.write({"step": step, "tokens": tokens, **metrics})
-            if config.log_with:
-                accelerator.log(metrics, step=step)
+    def record(self, metrics: dict[str, Any]) -> None:
+        if self.main and self.log is not None:
+            self.log.write({"step": self.state.step, "tokens": self.state.tokens, **metrics})
+            if self.config.log_with:
+                self.accelerator.log(metrics, step=self.state.step)
 
-    bar = progress(total_steps, "train", unit="step", initial=step, disable=not (main and show_progress))
-    last_val: dict[str, float] = {}
-    last_train: dict[str, float] = {}
-    t_log, tokens_log = time.perf_counter(), tokens
-    batches: Iterator[torch.Tensor] = iter(sampler)
-    last_ckpt = step
-    with StopRequest() as stop, bar:
-        while step < total_steps:
-            x = model.normalize(next(batches).to(accelerator.device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            with accelerator.autocast():
-                out_codes = ddp_model(x)
-                loss, terms = objective(x, out_codes, entropy_on=step >= entropy_start)
-            accelerator.backward(loss)
-            if config.grad_clip is not None:
-                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            window.add(step, out_codes.bits)
-            step += 1
-            tokens += config.batch_size * world
-            bar.update(1)
-            if step % config.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                last_train = batch_metrics(x, out_codes, terms)
-                last_train.update(
-                    window.stats(),
-                    lr=scheduler.get_last_lr()[0],
-                    tokens_per_s=(tokens - tokens_log) / max(now - t_log, 1e-9),
-                    entropy_on=step > entropy_start,
-                )
-                t_log, tokens_log = now, tokens
-                record(last_train)
-                bar.set_postfix(mse=f"{last_train['mse']:.4g}", H=f"{last_train['batch_entropy']:.1f}")
-            if val_sampler is not None and (step % config.val_every == 0 or step == total_steps):
-                if main:
-                    last_val = validate(model, val_sampler, config.val_max_rows)
-                    record(last_val)
-                accelerator.wait_for_everyone()
-            if step % config.checkpoint_every == 0 or step == total_steps:
-                checkpoint()
-                last_ckpt = step
-            signum = stop.signum
-            if world > 1:
-                flag = torch.tensor([signum], device=accelerator.device)
-                signum = int(accelerator.reduce(flag, reduction="max").item())
-            if signum:
-                if last_ckpt != step:
-                    checkpoint()
-                raise SystemExit(128 + signum)
-    if world > 1 and not ranks_agree(accelerator, model):
-        raise BaeError(f"training run {out}: processes ended with different weights")
-    if main:
-        model.save_pretrained(out / MODEL_DIR)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    summary = {
-        "steps": step,
-        "tokens": human_count(tokens),
-        "model": str(out / MODEL_DIR),
-        "architecture": f"{config.architecture} d={d} d'={model.config.n_features} bits={model.n_bits}",
-        **{k: round(v, 6) if isinstance(v, float) else v for k, v in {**last_train, **last_val}.items()},
-    }
-    if main:
-        print_summary(f"bae train: {out}", summary)
-    return model, summary
+    def checkpoint(self) -> None:
+        if self.main:
+            self.save_fn(self.state)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = self.state.step
+
+    def step(self, x: torch.Tensor) -> tuple[Any, dict[str, Any]]:
+        """One optimizer step on normalized rows ``x``."""
+        st = self.state
+        st.optimizer.zero_grad(set_to_none=True)
+        with self.accelerator.autocast():
+            out = self.ddp_model(x)
+            loss, terms = self.objective(x, out, entropy_on=st.step >= self.entropy_start)
+        self.accelerator.backward(loss)
+        if self.config.grad_clip is not None:
+            self.accelerator.clip_grad_norm_(st.model.parameters(), self.config.grad_clip)
+        st.optimizer.step()
+        st.scheduler.step()
+        st.window.add(st.step, out.bits)
+        st.step += 1
+        st.tokens += self.config.batch_size * self.world
+        return out, terms
+
+    def log_step(self, x: torch.Tensor, out: Any, terms: dict[str, Any], bar: Any) -> None:
+        """Train metrics of this batch, with the firing window, lr and throughput."""
+        now, (t_log, tokens_log) = time.perf_counter(), self._clock
+        st = self.state
+        self.last_train = batch_metrics(x, out, terms)
+        self.last_train.update(
+            st.window.stats(),
+            lr=st.scheduler.get_last_lr()[0],
+            tokens_per_s=(st.tokens - tokens_log) / max(now - t_log, 1e-9),
+            entropy_on=st.step > self.entropy_start,
+        )
+        self._clock = (now, st.tokens)
+        self.record(self.last_train)
+        bar.set_postfix(mse=f"{self.last_train['mse']:.4g}", H=f"{self.last_train['batch_entropy']:.1f}")
+
+    def stop_signal(self, stop: StopRequest) -> int:
+        """The largest signal any process received (0: none)."""
+        signum = stop.signum
+        if self.world > 1:
+            flag = torch.tensor([signum], device=self.accelerator.device)
+            signum = int(self.accelerator.reduce(flag, reduction="max").item())
+        return signum
+
+    def after_step(self, x: torch.Tensor, out: Any, terms: dict[str, Any], bar: Any) -> None:
+        """Log, validate and checkpoint when their intervals come round (and at the last step)."""
+        step, last, cfg = self.state.step, self.state.step == self.total_steps, self.config
+        if step % cfg.log_every == 0 or last:
+            self.log_step(x, out, terms, bar)
+        if self.validate_fn is not None and (step % cfg.val_every == 0 or last):
+            if self.main:
+                self.last_val = self.validate_fn(self.state.model)
+                self.record(self.last_val)
+            self.accelerator.wait_for_everyone()
+        if step % cfg.checkpoint_every == 0 or last:
+            self.checkpoint()
+
+    def fit(self, batches: Iterator[torch.Tensor], show_progress: bool = True) -> None:
+        """Train on ``batches`` of raw rows until the budget is spent (or a signal stops it)."""
+        st, device = self.state, self.accelerator.device
+        bar = progress(
+            self.total_steps, "train", unit="step", initial=st.step, disable=not (self.main and show_progress)
+        )
+        with StopRequest() as stop, bar:
+            while st.step < self.total_steps:
+                x = st.model.normalize(next(batches).to(device, non_blocking=True))
+                out, terms = self.step(x)
+                bar.update(1)
+                self.after_step(x, out, terms, bar)
+                signum = self.stop_signal(stop)
+                if signum:
+                    if self.last_checkpoint != st.step:
+                        self.checkpoint()
+                    raise SystemExit(128 + signum)
+        if self.world > 1 and not ranks_agree(self.accelerator, st.model):
+            raise BaeError("training processes ended with different weights")

@@ -23,6 +23,8 @@ from bae.common.atomic_files import temporary_dir
 from bae.common.configs import build_config
 from bae.common.errors import BaeError
 from bae.trainer.config import ModelConfig
+from bae.trainer.provenance import Provenance
+from bae.trainer.run_folder import RunFolder
 
 CHECKPOINT_FORMAT = "bae-autoencoder"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -40,12 +42,17 @@ class Codes:
     recon: torch.Tensor
 
 
+def above_threshold(z: Any, threshold: str) -> Any:
+    """The step's comparison, for torch tensors and numpy arrays alike: z > 0 (``gt``) or z >= 0 (``ge``)."""
+    return z >= 0 if threshold == "ge" else z > 0
+
+
 class _StepSTE(torch.autograd.Function):
     """Heaviside step whose backward is the identity (straight-through estimator)."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, inclusive: bool) -> torch.Tensor:
-        return (z >= 0 if inclusive else z > 0).to(z.dtype)
+    def forward(ctx: Any, z: torch.Tensor, threshold: str) -> torch.Tensor:
+        return above_threshold(z, threshold).to(z.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -56,10 +63,10 @@ class _StepSigmoid(torch.autograd.Function):
     """Heaviside step whose backward is the derivative of sigmoid(z / τ)."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, inclusive: bool, temperature: float) -> torch.Tensor:
+    def forward(ctx: Any, z: torch.Tensor, threshold: str, temperature: float) -> torch.Tensor:
         ctx.save_for_backward(z)
         ctx.temperature = temperature
-        return (z >= 0 if inclusive else z > 0).to(z.dtype)
+        return above_threshold(z, threshold).to(z.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -72,10 +79,20 @@ def binary_step(
     z: torch.Tensor, threshold: str = "gt", estimator: str = "ste", temperature: float = 1.0
 ) -> torch.Tensor:
     """step(z) in {0, 1} (``gt``: z > 0, ``ge``: z >= 0) with the chosen gradient estimator."""
-    inclusive = threshold == "ge"
     if estimator == "ste":
-        return _StepSTE.apply(z, inclusive)
-    return _StepSigmoid.apply(z, inclusive, temperature)
+        return _StepSTE.apply(z, threshold)
+    return _StepSigmoid.apply(z, threshold, temperature)
+
+
+@dataclass
+class Analysis:
+    """Raw states seen by a trained autoencoder: ``bits`` (bool [n, n_bits], what entropy counts),
+    ``code`` (float [n, n_bits], what a feature's score is made of: a BAE's bits, an SAE's
+    activations) and ``decoder_input`` (what ``reconstruct`` takes)."""
+
+    bits: torch.Tensor
+    code: torch.Tensor
+    decoder_input: torch.Tensor
 
 
 class Autoencoder(nn.Module):
@@ -83,10 +100,10 @@ class Autoencoder(nn.Module):
 
     architecture: ClassVar[str]
 
-    def __init__(self, config: ModelConfig, source: dict[str, Any] | None = None):
+    def __init__(self, config: ModelConfig, provenance: Provenance | None = None):
         super().__init__()
         self.config = config
-        self.source = dict(source or {})
+        self.provenance = provenance or Provenance()
         d, n_enc = config.d_model, self.n_encoder_outputs(config)
         self.encoder = nn.Linear(d, n_enc, bias=config.encoder_bias)
         self.decoder = nn.Linear(config.n_features, d, bias=config.decoder_bias)
@@ -132,17 +149,25 @@ class Autoencoder(nn.Module):
         bits, code = self.codes(self.encoder(x))
         return Codes(bits=bits, code=code, recon=self.decoder(code))
 
-    # -- analysis API --------------------------------------------------------------------------
+    # -- analysis API: the one encode path every stage uses -------------------------------------
     def as_input(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Hidden states as a tensor on the model's device and dtype."""
         p = self.encoder.weight
         return torch.as_tensor(np.asarray(h) if not torch.is_tensor(h) else h).to(p.device, p.dtype)
 
+    def pre_activations(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Raw hidden states -> encoder outputs (input standardization applied)."""
+        return self.encoder(self.normalize(self.as_input(h)))
+
+    def bits_of(self, pre: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs -> bool code (for SAEs: activation > 0)."""
+        bits, _ = self.codes(pre)
+        return bits > 0
+
     @torch.no_grad()
     def encode(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Raw hidden states [n, d] -> bool bits [n, n_bits] (for SAEs: activation > 0)."""
-        bits, _ = self.codes(self.encoder(self.normalize(self.as_input(h))))
-        return bits > 0
+        """Raw hidden states [n, d] -> bool bits [n, n_bits]."""
+        return self.bits_of(self.pre_activations(h))
 
     def encode_bits(self, h: torch.Tensor | np.ndarray) -> np.ndarray:
         """Raw hidden states -> numpy bool bits [n, n_bits]."""
@@ -153,9 +178,20 @@ class Autoencoder(nn.Module):
         return np.packbits(self.encode_bits(h), axis=-1)
 
     @torch.no_grad()
+    def analyse(self, h: torch.Tensor | np.ndarray) -> Analysis:
+        """Raw hidden states -> bits, feature code and decoder input (see ``Analysis``)."""
+        bits, decoder_input = self.codes(self.pre_activations(h))
+        return Analysis(bits > 0, decoder_input.float(), decoder_input)
+
+    @torch.no_grad()
+    def reconstruct(self, decoder_input: torch.Tensor) -> torch.Tensor:
+        """Raw-space reconstruction from ``analyse(h).decoder_input``."""
+        return self.denormalize(self.decoder(decoder_input))
+
+    @torch.no_grad()
     def decode(self, code: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Code -> raw-space reconstruction: a BAE takes its bits, an SAE its activations."""
-        return self.denormalize(self.decoder(self.code_from_bits(self.as_input(code))))
+        return self.reconstruct(self.code_from_bits(self.as_input(code)))
 
     def code_from_bits(self, bits: torch.Tensor) -> torch.Tensor:
         """What the decoder consumes given ``encode``'s output (identity unless overridden)."""
@@ -168,7 +204,7 @@ class Autoencoder(nn.Module):
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "architecture": self.architecture,
             "model": self.config.model_dump(mode="json"),
-            "source": self.source,
+            "source": self.provenance.model_dump(mode="json"),
             "normalization": {"kind": "standardize"} if self.config.standardize else None,
         }
 
@@ -190,14 +226,6 @@ class Autoencoder(nn.Module):
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
         (directory / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> Autoencoder:
-        """Load a saved autoencoder of this class (the recorded architecture decides)."""
-        model = load_autoencoder(directory)
-        if not isinstance(model, cls):
-            raise BaeError(f"{directory}: holds a {model.architecture!r} model, not {cls.architecture!r}")
-        return model
-
 
 class BinaryAutoencoder(Autoencoder):
     """h1 = step(W_enc h + b_enc), ĥ = W_dec h1 + b_dec (optionally k bits per decoder input)."""
@@ -212,6 +240,19 @@ class BinaryAutoencoder(Autoencoder):
         c = self.config
         bits = binary_step(pre, c.threshold, c.estimator, c.temperature)
         return bits, self.code_from_bits(bits)
+
+    def bits_of(self, pre: torch.Tensor) -> torch.Tensor:
+        """The step taken in NumPy on CPU (several times faster than torch's compare-and-cast)."""
+        if pre.device.type != "cpu":
+            return above_threshold(pre, self.config.threshold)
+        return torch.from_numpy(above_threshold(pre.detach().numpy(), self.config.threshold))
+
+    @torch.no_grad()
+    def analyse(self, h: torch.Tensor | np.ndarray) -> Analysis:
+        """A BAE's feature code is its bits (k bits per decoder input: every bit is a feature)."""
+        bits = self.bits_of(self.pre_activations(h))
+        code = bits.to(self.encoder.weight.dtype)
+        return Analysis(bits, code.float(), self.code_from_bits(code))
 
     def code_from_bits(self, bits: torch.Tensor) -> torch.Tensor:
         """k-bit pathway: each group of k bits (first least significant) -> Σ b_i 2^i/(2^k − 1)."""
@@ -248,9 +289,9 @@ ARCHITECTURES: dict[str, type[Autoencoder]] = {
 }
 
 
-def build_autoencoder(config: ModelConfig, source: dict[str, Any] | None = None) -> Autoencoder:
+def build_autoencoder(config: ModelConfig, provenance: Provenance | None = None) -> Autoencoder:
     """A freshly initialised (PyTorch default init) model of ``config.architecture``."""
-    return ARCHITECTURES[config.architecture](config, source)
+    return ARCHITECTURES[config.architecture](config, provenance)
 
 
 def read_model_config(directory: str | Path) -> dict[str, Any]:
@@ -270,9 +311,10 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return path
-    if (path / "model" / CONFIG_FILE).is_file():
-        return path / "model"
-    checkpoints = sorted((path / "checkpoints").glob("step-*")) if path.is_dir() else []
+    run = RunFolder.at(path)
+    if (run.model_dir / CONFIG_FILE).is_file():
+        return run.model_dir
+    checkpoints = [c for c in run.checkpoint_candidates() if (c / CONFIG_FILE).is_file()]
     if checkpoints:
         return checkpoints[-1]
     raise BaeError(f"{path}: no saved autoencoder here (expected {CONFIG_FILE}, model/ or checkpoints/)")
@@ -283,13 +325,15 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Au
 
     ``path`` is a model directory (``config.json`` + ``model.safetensors``) or a ``bae train``
     output directory. The returned model's ``encode_bits(h)`` / ``encode_packed(h)`` take raw hidden
-    states (numpy or torch, [n, d]); ``model.source`` records the store, model and layer it was
+    states (numpy or torch, [n, d]); ``model.provenance`` records the store, LLM and layer it was
     trained on, and any input standardization is applied inside ``encode``.
     """
     directory = resolve_model_dir(path)
     data = read_model_config(directory)
     config = build_config(ModelConfig, data["model"], f"{directory / CONFIG_FILE}")
-    model = build_autoencoder(config, data.get("source"))
+    source = data.get("source") or {}
+    provenance = build_config(Provenance, source, f"{directory / CONFIG_FILE} source")
+    model = build_autoencoder(config, provenance)
     state = load_file(str(directory / WEIGHTS_FILE))
     try:
         model.load_state_dict(state)

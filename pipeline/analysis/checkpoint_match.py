@@ -21,8 +21,8 @@ def load_for_store(
     from bae.trainer import load_autoencoder
 
     model = load_autoencoder(checkpoint)
-    source = model.source or {}
-    layer = layer if layer is not None else source.get("layer")
+    provenance = model.provenance
+    layer = layer if layer is not None else provenance.layer
     if layer is None:
         if len(store.layers) != 1:
             raise BaeError(
@@ -39,7 +39,7 @@ def load_for_store(
             f"checkpoint {checkpoint} was trained on d_model={model.config.d_model} states, "
             f"but store {store.url} holds d_model={store.d_model}"
         )
-    recorded, actual = source.get("corpus_fingerprint"), store.meta.get("corpus_fingerprint")
+    recorded, actual = provenance.corpus_fingerprint, store.meta.get("corpus_fingerprint")
     if recorded and actual and recorded != actual:
         raise BaeError(
             f"checkpoint {checkpoint} was trained on another corpus than store {store.url} "

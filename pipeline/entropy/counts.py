@@ -32,9 +32,9 @@ from numcodecs import Zstd
 
 from bae.common.atomic_files import atomic_write_bytes
 from bae.common.errors import BaeError
+from bae.common.hashing import splitmix64, unit_interval
 from bae.pipeline.analysis.scan import cached_model, cached_store, map_reduce_units
 from bae.stores import RowFilter, iter_unit_rows
-from bae.stores.sampler import splitmix64
 from bae.trainer.models import WEIGHTS_FILE, resolve_model_dir
 
 GroupKey = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -161,7 +161,7 @@ def poisson_weights(doc_ids: np.ndarray, replicates: int, seed: int) -> np.ndarr
     salt = splitmix64(np.arange(replicates, dtype=np.uint64) + np.uint64(seed) * np.uint64(1_000_003))
     with np.errstate(over="ignore"):
         mixed = splitmix64(doc_ids.astype(np.uint64)[None, :] ^ salt[:, None])
-    u = (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    u = unit_interval(mixed)
     return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.int64)
 
 
@@ -211,18 +211,6 @@ def weights_digest(checkpoint: str) -> str:
     return digest.hexdigest()
 
 
-@torch.no_grad()
-def encode_bits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    """Raw states -> bool code [n, bits], as ``model.encode`` (a BAE's step taken in NumPy, which is
-    several times faster than torch's compare-and-cast on CPU)."""
-    pre = model.encoder(model.normalize(model.as_input(x)))
-    if model.architecture == "bae":
-        z = pre.cpu().numpy()
-        return z >= 0 if model.config.threshold == "ge" else z > 0
-    bits, _ = model.codes(pre)
-    return (bits > 0).cpu().numpy()
-
-
 def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
     """One unit's counts: read from its partial file if a previous run wrote it, else computed and saved."""
     path = spec.partial_path(unit)
@@ -234,7 +222,7 @@ def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
         keys, inverse = np.unique(spec.group_key(rows), return_inverse=True)
         for a in range(0, len(x), spec.batch_rows):
             part = slice(a, a + spec.batch_rows)
-            bits = encode_bits(model, torch.from_numpy(x[part]))
+            bits = model.encode_bits(x[part])
             counts = counts.merge(batch_counts(spec, keys, inverse[part], bits, rows["doc_ids"][part]))
     if path is not None:
         counts.save(path)

@@ -1,4 +1,4 @@
-"""``bae entropy``: feature-set entropy of a store's hidden states per group (BAE_METHOD.md §3).
+"""``bae entropy``: feature-set entropy of a store's hidden states per group (docs/method.md).
 
 For each checkpoint (one BAE per layer, or per (layer, positions) when the checkpoint records the
 positions it was trained on) one dask pass counts, per group and bit, the rows with the bit set
@@ -13,16 +13,16 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
 
 from bae.common.atomic_files import atomic_write_bytes, atomic_write_json, read_json
-from bae.common.configs import StrictModel, require_same_config
+from bae.common.configs import require_same_config
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
 from bae.pipeline.analysis.checkpoint_match import load_for_store
+from bae.pipeline.entropy.config import CONFIG_JSON, EntropyConfig
 from bae.pipeline.entropy.counts import (
     ConstantKey,
     CountSpec,
@@ -37,61 +37,6 @@ from bae.pipeline.entropy.plot import plot_entropy
 from bae.stores import ActivationStore, RowFilter
 
 ROW_GROUPINGS = {"position": "positions", "document": "doc_ids", "token": "token_ids"}
-CONFIG_JSON = "entropy_config.json"
-OPERATIONAL = ("out", "scheduler", "batch_rows")
-
-
-def parse_positions(spec: str | list[int] | None) -> list[int] | None:
-    """``"0-63"``, ``"0,8,16-31"`` or a list -> sorted unique positions (None: every position)."""
-    if spec is None or isinstance(spec, list):
-        return None if spec is None else sorted(set(spec))
-    out: set[int] = set()
-    for part in spec.replace(" ", "").split(","):
-        lo, sep, hi = part.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"positions {spec!r}: expected e.g. '0-63' or '0,8,16-31'")
-        out.update(range(int(lo), int(hi if sep else lo) + 1))
-    if not out:
-        raise ValueError(f"positions {spec!r}: empty range")
-    return sorted(out)
-
-
-class EntropyConfig(StrictModel):
-    """What ``bae entropy`` measures, over which rows, and how."""
-
-    store: str | None = Field(default=None, description="activation store (path or URL)")
-    checkpoints: list[str] = Field(
-        default_factory=list, description="autoencoders: one per layer, or per (layer, positions)"
-    )
-    out: str = Field(default="entropy", description="output directory")
-    group_by: str = Field(
-        default="position", description="position | document | token | all | a per-document field"
-    )
-    positions: str | list[int] | None = Field(
-        default=None, description="only these positions, e.g. '0-63' or '0,8,16' [all]"
-    )
-    valid_only: bool = True
-    split: Literal["train", "val"] | None = Field(default=None, description="one split of the documents")
-    val_fraction: float = Field(default=0.1, ge=0, le=1)
-    split_seed: int = 0
-    bootstrap: int = Field(default=0, ge=0, description="bootstrap replicates resampling documents (0: off)")
-    bootstrap_seed: int = 0
-    confidence: float = Field(default=0.95, gt=0, lt=1, description="bootstrap interval coverage")
-    joint_max_bits: int = Field(
-        default=20, ge=0, le=40, description="plug-in joint entropy when the code has at most this many bits"
-    )
-    batch_rows: int = Field(default=4096, ge=1, description="rows encoded at once (bounds memory)")
-    scheduler: str | None = Field(default=None, description="dask scheduler address [local threads]")
-
-    @field_validator("positions")
-    @classmethod
-    def _positions(cls, v: str | list[int] | None) -> str | list[int] | None:
-        parse_positions(v)
-        return v
-
-    def shaping(self) -> dict[str, Any]:
-        """The fields a re-run into the same output directory must repeat."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in OPERATIONAL}
 
 
 @dataclass
@@ -118,8 +63,7 @@ def resolve_models(store: ActivationStore, checkpoints: list[str]) -> list[Entro
     models = []
     for checkpoint in checkpoints:
         model, layer = load_for_store(store, checkpoint)
-        source = model.source or {}
-        positions = source.get("positions")
+        positions = model.provenance.positions
         models.append(
             EntropyModel(checkpoint, int(layer), sorted(positions) if positions else None, model.n_bits)
         )
@@ -150,8 +94,9 @@ def resolve_grouping(store: ActivationStore, group_by: str) -> tuple[GroupKey, n
     return DocumentKey(store.url, group_by), document_field(store.url, group_by)[0]
 
 
-def model_filter(config: EntropyConfig, model: EntropyModel, requested: list[int] | None) -> RowFilter:
+def model_filter(config: EntropyConfig, model: EntropyModel) -> RowFilter:
     """The rows a checkpoint measures: valid, requested positions ∩ its own, the chosen split."""
+    requested = config.position_list
     positions = requested
     if model.positions is not None:
         positions = model.positions if requested is None else sorted(set(model.positions) & set(requested))
@@ -160,13 +105,7 @@ def model_filter(config: EntropyConfig, model: EntropyModel, requested: list[int
                 f"checkpoint {model.checkpoint} covers positions {model.positions}, none of the requested "
                 f"positions {config.positions}"
             )
-    return RowFilter(
-        config.valid_only,
-        None if positions is None else frozenset(positions),
-        config.split,
-        config.val_fraction,
-        config.split_seed,
-    )
+    return RowFilter.of(config.model_copy(update={"positions": positions or "all"}), config.split)
 
 
 def check_no_empty_positions(parts: list[dict[str, Any]]) -> None:
@@ -266,7 +205,6 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
     store = ActivationStore.open(config.store)
     models = resolve_models(store, config.checkpoints)
     group_key, values = resolve_grouping(store, config.group_by)
-    requested = parse_positions(config.positions)
     units = tuple(int(u) for u in np.flatnonzero(store.done_mask()))
     if not units:
         raise BaeError(f"store {store.url} has no completed units")
@@ -275,7 +213,7 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
     record_config(config, out)
     parts = []
     for model in models:
-        row_filter = model_filter(config, model, requested)
+        row_filter = model_filter(config, model)
         spec = CountSpec(
             store=config.store,
             checkpoint=model.checkpoint,

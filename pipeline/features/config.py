@@ -11,19 +11,23 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from bae.common.command import cli
 from bae.common.configs import StrictModel, require_same_config
 from bae.common.errors import BaeError
+from bae.common.selection import SplitSelection
 
 
 class InterpretConfig(StrictModel):
-    """ComSem interpretation (BAE_METHOD.md §4) and the LLM that does it."""
+    """ComSem interpretation (docs/method.md) and the LLM that does it."""
 
     backend: Literal["openai", "transformers"] = Field(
         default="openai",
         description="openai: any OpenAI-compatible chat endpoint; transformers: a local model",
     )
     model: str = Field(
-        default="gpt-4o-mini", description="chat model name, or a local model dir/.gguf/hub id"
+        default="gpt-4o-mini",
+        description="chat model name, or a local model dir/.gguf/hub id",
+        json_schema_extra=cli(flag="--llm"),
     )
     base_url: str | None = Field(
         default=None, description="endpoint base URL (…/v1); default: $BAE_LLM_BASE_URL"
@@ -52,20 +56,24 @@ class InterpretConfig(StrictModel):
     cache_dir: str | None = Field(default=None, description="prompt/answer cache [<out>/llm_cache]")
 
 
-class FeaturesConfig(StrictModel):
+class FeaturesConfig(SplitSelection):
     """Frequencies, top contexts, interpretation and comparison of autoencoder features over a store."""
 
-    store: str | None = Field(default=None, description="activation store (path or URL)")
-    checkpoint: str | None = Field(default=None, description="autoencoder (model dir or `bae train` out)")
-    checkpoints: list[str] = Field(default_factory=list, description="for compare: autoencoders to compare")
-    out: str = Field(default="features", description="output directory")
-    layer: int | None = Field(default=None, description="store layer [the checkpoint's layer]")
-    valid_only: bool = True
-    split: Literal["train", "val"] | None = Field(
-        default=None, description="only one split of the documents (the trainer's split) [all rows]"
+    store: str | None = Field(
+        default=None, description="activation store (path or URL)", json_schema_extra=cli("-s")
     )
-    val_fraction: float = Field(default=0.1, ge=0, le=1)
-    split_seed: int = 0
+    checkpoint: str | None = Field(
+        default=None, description="autoencoder (model dir or `bae train` out)", json_schema_extra=cli("-a")
+    )
+    checkpoints: list[str] = Field(
+        default_factory=list,
+        description="an autoencoder to compare; repeat it",
+        json_schema_extra=cli("-a", flag="--checkpoint"),
+    )
+    out: str = Field(default="features", description="output directory", json_schema_extra=cli("-o"))
+    layer: int | None = Field(
+        default=None, description="store layer [the checkpoint's layer]", json_schema_extra=cli("-l")
+    )
     max_rows: int | None = Field(
         default=None, ge=1, description="use only the first units up to this many rows"
     )
@@ -108,6 +116,7 @@ class FeaturesConfig(StrictModel):
             "checkpoint",
             "layer",
             "valid_only",
+            "positions",
             "split",
             "val_fraction",
             "split_seed",

@@ -28,19 +28,13 @@ import torch
 from bae.common.atomic_files import atomic_write_json, read_json
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
-from bae.pipeline.analysis.scan import (
-    ScanSpec,
-    TopK,
-    encode,
-    map_reduce_units,
-    random_keys,
-    scan_spec,
-    select_top,
-)
+from bae.pipeline.analysis.scan import ScanSpec, map_reduce_units
 from bae.pipeline.analysis.token_text import TokenText, load_store_tokenizer
 from bae.pipeline.features.config import FeaturesConfig, check_recorded
 from bae.pipeline.features.frequency import FrequencyResult, run_frequency
 from bae.pipeline.features.report import write_report
+from bae.pipeline.features.spec import scan_spec
+from bae.pipeline.features.topk import TopK, random_keys, select_top
 from bae.stores import ActivationStore
 
 CONTEXTS_JSON = "contexts.json"
@@ -121,7 +115,8 @@ def contexts_partial(spec: ScanSpec, p: ScoreParams, unit: int) -> ContextsParti
     part = ContextsPartial.empty(n_features, p)
     features = torch.arange(n_features)
     for x, rows in spec.batches(unit):
-        bits, code, _ = encode(model, x)
+        seen = model.analyse(x)
+        bits, code = seen.bits, seen.code
         score = p.scores(bits, code)
         row = torch.from_numpy(rows)
         ties = random_keys(row[:, None], features[None, :], p.seed, KEY_TIES)

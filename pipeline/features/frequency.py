@@ -20,8 +20,9 @@ import numpy as np
 from bae.common.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text, read_json
 from bae.common.console import human_count, print_summary
 from bae.common.errors import BaeError
-from bae.pipeline.analysis.scan import ScanSpec, encode, map_reduce_units, reconstruct, scan_spec
+from bae.pipeline.analysis.scan import ScanSpec, map_reduce_units
 from bae.pipeline.features.config import FeaturesConfig, check_recorded
+from bae.pipeline.features.spec import scan_spec
 
 FREQUENCY_JSON = "frequency.json"
 DEAD_MIN_ROWS = 1_000_000
@@ -78,8 +79,9 @@ def stats_partial(spec: ScanSpec, unit: int) -> FeatureStats:
     f, d = model.n_bits, model.config.d_model
     stats = FeatureStats(0, np.zeros(f, np.int64), np.zeros(f), np.zeros(f), 0.0, np.zeros(d), np.zeros(d))
     for x, _ in spec.batches(unit):
-        bits, code, decoder_input = encode(model, x)
-        err = (x - reconstruct(model, decoder_input)).double()
+        seen = model.analyse(x)
+        bits, code = seen.bits, seen.code
+        err = (x - model.reconstruct(seen.decoder_input)).double()
         xd = x.double()
         stats = stats.merge(
             FeatureStats(

@@ -16,10 +16,10 @@ from typing import Any, Literal
 import numpy as np
 
 from bae.common.errors import BaeError
+from bae.common.selection import PositionChoice as Positions
 
 Mode = Literal["packed", "document"]
 BosPolicy = Literal["auto", "always", "never"]
-Positions = Literal["all", "last"] | list[int]
 _TOKENIZE_BATCH = 256
 
 
@@ -198,21 +198,3 @@ def _packed(
         if win.n_rows:
             windows.append(win)
     return Tokenized(windows, n_tokens, n_docs, n_truncated)
-
-
-def parse_positions(value: str | Sequence[int]) -> Positions:
-    """``"all"``, ``"last"``, ``"0,5,10"`` or a list of ints -> a positions selection."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("all", "last"):
-            return text  # type: ignore[return-value]
-        try:
-            value = [int(p) for p in text.split(",") if p.strip()]
-        except ValueError:
-            raise BaeError(
-                f"positions {value!r}: expected all, last, or a comma-separated list of integers"
-            ) from None
-    items = sorted(set(int(p) for p in value))
-    if not items or items[0] < 0:
-        raise BaeError(f"positions {value!r}: expected non-negative integers")
-    return items

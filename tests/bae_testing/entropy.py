@@ -9,6 +9,7 @@ import torch
 
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder
+from bae.trainer.provenance import Provenance
 
 LAYER = 4
 D = 8
@@ -65,7 +66,7 @@ def save_bae(
     """A BAE whose encoder is the identity (recovers the store's bits exactly) or seeded random."""
     torch.manual_seed(seed)
     model = build_autoencoder(
-        ModelConfig(d_model=d, expansion=expansion), {"layer": layer, "d_model": d, "positions": positions}
+        ModelConfig(d_model=d, expansion=expansion), Provenance(layer=layer, d_model=d, positions=positions)
     )
     if identity:
         with torch.no_grad():

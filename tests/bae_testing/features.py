@@ -13,6 +13,7 @@ import torch
 
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder
+from bae.trainer.provenance import Provenance
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -97,7 +98,7 @@ def save_autoencoder(
     torch.manual_seed(seed)
     model = build_autoencoder(
         ModelConfig(architecture=architecture, d_model=d, expansion=expansion, **model_kw),
-        {"layer": LAYER, "d_model": d},
+        Provenance(layer=LAYER, d_model=d),
     )
     return model.save_pretrained(path)
 

@@ -1,0 +1,42 @@
+"""``EntropyConfig``: what ``bae entropy`` measures, over which rows, and how."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from bae.common.command import cli
+from bae.common.selection import SplitSelection
+
+CONFIG_JSON = "entropy_config.json"
+OPERATIONAL = ("out", "scheduler", "batch_rows")
+
+
+class EntropyConfig(SplitSelection):
+    """What ``bae entropy`` measures, over which rows, and how."""
+
+    store: str | None = Field(
+        default=None, description="activation store (path or URL)", json_schema_extra=cli("-s")
+    )
+    checkpoints: list[str] = Field(
+        default_factory=list,
+        description="autoencoder: one per layer, or per (layer, positions); repeat it",
+        json_schema_extra=cli("-a", flag="--checkpoint"),
+    )
+    out: str = Field(default="entropy", description="output directory", json_schema_extra=cli("-o"))
+    group_by: str = Field(
+        default="position", description="position | document | token | all | a per-document field"
+    )
+    bootstrap: int = Field(default=0, ge=0, description="bootstrap replicates resampling documents (0: off)")
+    bootstrap_seed: int = Field(default=0, description="seed of the bootstrap replicates")
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="bootstrap interval coverage")
+    joint_max_bits: int = Field(
+        default=20, ge=0, le=40, description="plug-in joint entropy when the code has at most this many bits"
+    )
+    batch_rows: int = Field(default=4096, ge=1, description="rows encoded at once (bounds memory)")
+    scheduler: str | None = Field(default=None, description="dask scheduler address [local threads]")
+
+    def shaping(self) -> dict[str, Any]:
+        """The fields a re-run into the same output directory must repeat."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in OPERATIONAL}

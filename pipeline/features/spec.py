@@ -1,0 +1,26 @@
+"""The store rows and checkpoint a ``bae features`` pass reads."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bae.common.errors import BaeError
+from bae.pipeline.analysis.checkpoint_match import load_for_store
+from bae.pipeline.analysis.scan import ScanSpec
+from bae.pipeline.features.config import FeaturesConfig
+from bae.stores import ActivationStore, RowFilter
+
+
+def scan_spec(config: FeaturesConfig, checkpoint: str | None = None) -> ScanSpec:
+    """Open the store and checkpoint named by ``config`` and check that they belong together."""
+    url = config.need("store")
+    checkpoint = checkpoint or config.need("checkpoint")
+    store = ActivationStore.open(url)
+    _, layer = load_for_store(store, checkpoint, config.layer)
+    units = [int(u) for u in np.flatnonzero(store.done_mask())]
+    if not units:
+        raise BaeError(f"store {url} has no completed units")
+    if config.max_rows is not None:
+        units = [u for u in units if store.unit_range(u)[0] < config.max_rows] or units[:1]
+    row_filter = RowFilter.of(config, config.split)
+    return ScanSpec(url, checkpoint, int(layer), row_filter, tuple(units), config.batch_rows)

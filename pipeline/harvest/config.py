@@ -1,0 +1,101 @@
+"""``HarvestConfig``: everything that decides the contents of a harvested store, and where it goes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from bae.common.command import cli
+from bae.common.configs import StrictModel
+from bae.common.errors import BaeError
+from bae.common.selection import PositionChoice, parse_positions
+from bae.pipeline.harvest.corpus import BUILTIN
+
+DEFAULT_BUILTIN_TOKENS = 65_536
+ROWS_PER_UNIT_TARGET = 4096
+
+
+class HarvestConfig(StrictModel):
+    """Everything that decides the contents of a harvested store, and where to write it."""
+
+    out: str = Field(
+        "activations.zarr",
+        description="store path or fsspec URL",
+        json_schema_extra=cli("-o", hidden=["--output"]),
+    )
+    model: str | None = Field(
+        None,
+        description="LLM: hub id, local directory or .gguf file [embedded SmolLM2-135M-Instruct]",
+        json_schema_extra=cli("-m"),
+    )
+    model_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="compute dtype; auto = bfloat16 on CUDA, float32 on CPU"
+    )
+    device_map: str | None = Field(None, description="accelerate device_map (e.g. 'auto') for large models")
+    corpus: list[str] = Field(
+        default_factory=list,
+        description="files, directories, globs, saved datasets; repeatable [Python's own docs]",
+    )
+    text_field: str = Field("text", description="text field of JSON/JSONL/Parquet/dataset records")
+    line_docs: bool = Field(False, description="plain text: one document per line")
+    encoding_errors: Literal["strict", "replace"] = Field("strict", description="undecodable bytes")
+    mode: Literal["packed", "document"] = Field("packed", description="pack documents, or one per window")
+    context_length: int = Field(512, ge=2, description="tokens per forward window")
+    bos: Literal["auto", "always", "never"] = Field("auto", description="start every window with BOS?")
+    positions: PositionChoice = Field(
+        "all", description="positions stored: all, last (of each document), or e.g. 0-63,80"
+    )
+    layers: list[int] | None = Field(
+        None, description="HF hidden_states indices, e.g. 3,6,9 [n_layers // 2]", json_schema_extra=cli("-l")
+    )
+    store_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="storage dtype")
+    overflow: Literal["error", "clamp"] = Field("error", description="values beyond the storage range")
+    compressor: Literal["none", "zstd"] = Field("none", description="chunk compression")
+    unit_rows: int | None = Field(None, ge=1, description="rows per unit [~4096, whole windows]")
+    batch_tokens: int = Field(8192, ge=1, description="token budget of one forward batch")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=f"stop after this many input tokens [all; embedded corpus: {DEFAULT_BUILTIN_TOKENS}]",
+    )
+
+    @field_validator("positions", mode="before")
+    @classmethod
+    def _positions(cls, value: Any) -> Any:
+        try:
+            return parse_positions(value)
+        except BaeError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError("expected a comma-separated list of integers, e.g. 3,6,9") from None
+        return value
+
+    def recorded(self) -> dict[str, Any]:
+        """The config as recorded in the store and compared on resume: all but the store's own
+        location, so a store that was moved or copied still resumes."""
+        return self.model_dump(mode="json", exclude={"out"})
+
+    @property
+    def uses_builtin(self) -> bool:
+        return not self.corpus or self.corpus == [BUILTIN]
+
+    @property
+    def token_budget(self) -> int | None:
+        if self.max_tokens is None and self.uses_builtin:
+            return DEFAULT_BUILTIN_TOKENS
+        return self.max_tokens
+
+    @property
+    def rows_per_unit(self) -> int:
+        """``unit_rows``, or ~4096 rows as a whole number of full windows."""
+        if self.unit_rows is not None:
+            return self.unit_rows
+        return max(self.context_length, ROWS_PER_UNIT_TARGET // self.context_length * self.context_length)

@@ -1,0 +1,221 @@
+"""``bae train``: open the store, build or resume the training state, and run the ``Trainer`` on the
+store sampler; the run folder gets checkpoints, the metrics log and, at the end, ``model/``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from bae.common.configs import require_same_config
+from bae.common.console import human_count, print_summary
+from bae.common.errors import BaeError
+from bae.stores import ActivationStore, RowFilter, StoreSampler
+from bae.trainer.checkpoints import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from bae.trainer.config import TrainConfig
+from bae.trainer.loop import FiringWindow, JsonlLog, Trainer, TrainState, lr_lambda, validate
+from bae.trainer.models import WEIGHTS_FILE, Autoencoder, build_autoencoder, read_model_config
+from bae.trainer.provenance import Provenance
+from bae.trainer.run_folder import RunFolder
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """accelerate forms a CPU process group (gloo, under torchrun) only when told cpu=True."""
+    no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    return Accelerator(
+        cpu=config.cpu or no_gpu,
+        mixed_precision=config.mixed_precision,
+        log_with=config.log_with,
+        project_dir=config.out,
+    )
+
+
+def open_samplers(
+    config: TrainConfig, store: ActivationStore, rank: int, world_size: int
+) -> tuple[StoreSampler, StoreSampler | None]:
+    """The training sampler (this rank's share) and the validation sampler of the config's rows."""
+    rows = RowFilter.of(config)
+    shared = dict(
+        layer=config.layer,
+        valid_only=rows.valid_only,
+        positions=rows.positions,
+        val_fraction=rows.val_fraction,
+        split_seed=rows.split_seed,
+        buffer_rows=config.buffer_rows,
+        prefetch=config.prefetch,
+    )
+    split = "train" if config.val_fraction > 0 else None
+    train = StoreSampler(
+        store,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        split=split,
+        rank=rank,
+        world_size=world_size,
+        **shared,
+    )
+    n_train = train.count_rows()
+    if n_train < config.batch_size * world_size:
+        raise BaeError(
+            f"batch_size {config.batch_size} × {world_size} process(es) is larger than the training "
+            f"split of store {config.store} layer {config.layer} ({n_train} rows after filters)"
+        )
+    val = None
+    if config.val_fraction > 0:
+        val = StoreSampler(store, batch_size=config.batch_size, seed=config.seed, split="val", **shared)
+    return train, val
+
+
+def standardization(sampler: StoreSampler, max_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (float64 sums) over the first ``max_rows`` eligible rows."""
+    n, total, total_sq = 0, 0.0, 0.0
+    for x, _ in sampler.iter_epoch_once():
+        if max_rows is not None:
+            x = x[: max_rows - n]
+        xd = x.double()
+        total, total_sq, n = total + xd.sum(0), total_sq + xd.pow(2).sum(0), n + len(x)
+        if max_rows is not None and n >= max_rows:
+            break
+    mean = total / n
+    std = (total_sq / n - mean.pow(2)).clamp_min(0).sqrt()
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    return mean.float(), std.float()
+
+
+def provenance(config: TrainConfig, store: ActivationStore) -> Provenance:
+    """What the checkpoint records about the rows it is trained on."""
+    return Provenance(
+        store=config.store,
+        model=store.meta.get("model"),
+        layer=config.layer,
+        d_model=store.d_model,
+        positions=config.position_list,
+        valid_only=config.valid_only,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
+        corpus_fingerprint=store.meta.get("corpus_fingerprint"),
+    )
+
+
+def check_resumable(
+    run: RunFolder, config: TrainConfig, d_model: int
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The latest checkpoint's (json, torch) state, after refusing a different d, architecture or config."""
+    ckpt = latest_checkpoint(run.root)
+    if ckpt is None:
+        return None
+    recorded = read_model_config(ckpt)
+    old_arch, old_d = recorded["architecture"], recorded["model"]["d_model"]
+    if (old_arch, old_d) != (config.architecture, d_model):
+        raise BaeError(
+            f"{run.root} holds a checkpoint of a {old_arch} with d={old_d}, but this run trains a "
+            f"{config.architecture} with d={d_model}; use a new --out"
+        )
+    json_state, torch_state = load_checkpoint(ckpt)
+    require_same_config(f"training run {run.root}", json_state["config"], config.recorded())
+    model_state = load_file(str(ckpt / WEIGHTS_FILE))
+    return {**json_state, "weights": model_state}, torch_state
+
+
+def initial_state(
+    config: TrainConfig, store: ActivationStore, sampler: StoreSampler, run: RunFolder, world: int
+) -> tuple[TrainState, bool]:
+    """A fresh training state, or the latest checkpoint's (sampler cursor and RNGs restored); resumed?"""
+    resumed = check_resumable(run, config, store.d_model)
+    torch.manual_seed(config.seed)
+    model = build_autoencoder(config.autoencoder_config(store.d_model), provenance(config, store))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, config.total_steps(world)))
+    state = TrainState(model, optimizer, scheduler, FiringWindow(config.window_steps, model.n_bits))
+    if resumed is None:
+        if config.standardize:
+            model.set_normalization(*standardization(sampler, config.standardize_rows))
+        return state, False
+    js, ts = resumed
+    model.load_state_dict(js["weights"])
+    optimizer.load_state_dict(ts["optimizer"])
+    scheduler.load_state_dict(ts["scheduler"])
+    state.window.load(ts["window"])
+    sampler.load_state_dict(js["sampler"])
+    state.step, state.tokens = js["step"], js["tokens"]
+    restore_rng(js, ts)
+    return state, True
+
+
+def checkpoint_writer(config: TrainConfig, run: RunFolder, sampler: StoreSampler, world: int) -> Any:
+    """The function that writes a checkpoint of a training state into the run folder."""
+
+    def save(state: TrainState) -> None:
+        save_checkpoint(
+            run.root,
+            state.step,
+            state.model,
+            {
+                "config": config.recorded(),
+                "sampler": sampler.state_dict(),
+                "tokens": state.tokens,
+                "world_size": world,
+            },
+            {
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "window": state.window.state(),
+            },
+            config.keep_checkpoints,
+        )
+
+    return save
+
+
+def train(config: TrainConfig, show_progress: bool = True) -> tuple[Autoencoder, dict[str, Any]]:
+    """Train (or resume training) into ``config.out``; returns the model and the final summary."""
+    run = RunFolder.at(config.out)
+    accelerator = make_accelerator(config)
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    store = ActivationStore.open(config.store)
+    sampler, val_sampler = open_samplers(config, store, accelerator.process_index, world)
+    state, resumed = initial_state(config, store, sampler, run, world)
+    if state.step >= config.total_steps(world) and run.finished:
+        summary = {
+            "status": "already complete",
+            "steps": state.step,
+            "tokens": state.tokens,
+            "out": config.out,
+        }
+        if main:
+            print_summary(f"bae train: {config.out}", summary)
+        return state.model, summary
+    run.root.mkdir(parents=True, exist_ok=True)
+    log = JsonlLog(run.log, state.step if resumed else None) if main else None
+    if config.log_with:
+        accelerator.init_trackers("bae-train", config=config.model_dump(mode="json"))
+    validate_fn = None
+    if val_sampler is not None:
+        validate_fn = lambda model: validate(model, val_sampler, config.val_max_rows)  # noqa: E731
+    trainer = Trainer(
+        config, accelerator, state, log, checkpoint_writer(config, run, sampler, world), validate_fn
+    )
+    trainer.fit(iter(sampler), show_progress)
+    if main:
+        state.model.save_pretrained(run.model_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    summary = train_summary(config, state, trainer, store.d_model)
+    if main:
+        print_summary(f"bae train: {config.out}", summary)
+    return state.model, summary
+
+
+def train_summary(config: TrainConfig, state: TrainState, trainer: Trainer, d: int) -> dict[str, Any]:
+    """The one-screen summary: budget, model shape, last train and validation metrics."""
+    model = state.model
+    last = {**trainer.last_train, **trainer.last_val}
+    return {
+        "steps": state.step,
+        "tokens": human_count(state.tokens),
+        "model": str(RunFolder.at(config.out).model_dir),
+        "architecture": f"{config.architecture} d={d} d'={model.config.n_features} bits={model.n_bits}",
+        **{k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()},
+    }
