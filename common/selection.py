@@ -57,10 +57,10 @@ class RowSelection(StrictModel):
     """The rows a stage reads: valid rows only or all, which positions, and how documents are split
     into train and validation (a hash of the document id; the same split in every stage)."""
 
-    valid_only: bool = Field(True, description="skip padding, BOS and special-token rows")
-    positions: Literal["all"] | list[int] = Field("all", description=POSITIONS_HELP)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="documents held out for validation")
-    split_seed: int = Field(0, description="seed of the train/validation split by document")
+    valid_only: bool = Field(default=True, description="skip padding, BOS and special-token rows")
+    positions: Literal["all"] | list[int] = Field(default="all", description=POSITIONS_HELP)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="documents held out for validation")
+    split_seed: int = Field(default=0, description="seed of the train/validation split by document")
 
     @field_validator("positions", mode="before")
     @classmethod
@@ -79,4 +79,6 @@ class RowSelection(StrictModel):
 class SplitSelection(RowSelection):
     """A row selection for the analysis stages, which may read one side of the split only."""
 
-    split: Literal["train", "val"] | None = Field(None, description="only one split of the documents [all]")
+    split: Literal["train", "val"] | None = Field(
+        default=None, description="only one split of the documents [all]"
+    )

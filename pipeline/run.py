@@ -44,8 +44,8 @@ DEFAULT_ENTROPY = {"group_by": "position"}
 class PipelineConfig(StrictModel):
     """One file for the whole pipeline: a workdir and each stage's own options."""
 
-    workdir: str = Field("runs/default", description="where the store, checkpoints and results go")
-    stages: list[Stage] = Field(list(STAGES), description="stages to run, in pipeline order")
+    workdir: str = Field(default="runs/default", description="where the store, checkpoints and results go")
+    stages: list[Stage] = Field(default=list(STAGES), description="stages to run, in pipeline order")
     harvest: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_HARVEST))
     train: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_TRAIN))
     entropy: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_ENTROPY))

@@ -37,10 +37,14 @@ class ImportConfig(StrictModel):
     out: str = Field(description="store to create (path or fsspec URL)", json_schema_extra=cli("-o"))
     layer: int = Field(default=0, ge=0, description="layer index recorded for these activations")
     tensor: str | None = Field(default=None, description="tensor name inside a .safetensors file")
-    dtype: LogicalDtype = Field("float16", description="storage dtype")
+    dtype: LogicalDtype = Field(default="float16", description="storage dtype")
     unit_rows: int = Field(default=4096, ge=1, description="rows per unit (chunk)")
-    overflow: Literal["error", "clamp"] = Field("error", description="values beyond the storage range")
-    compressor: dict[str, Any] | None = Field(None, description="numcodecs compressor, e.g. {name: zstd}")
+    overflow: Literal["error", "clamp"] = Field(
+        default="error", description="values beyond the storage range"
+    )
+    compressor: dict[str, Any] | None = Field(
+        default=None, description="numcodecs compressor, e.g. {name: zstd}"
+    )
 
 
 class _Source:

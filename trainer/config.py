@@ -46,47 +46,57 @@ class TrainConfig(RowSelection):
     store: str = Field(description="activation store (path or URL)", json_schema_extra=cli("-s"))
     layer: int = Field(description="layer of the store to train on", json_schema_extra=cli("-l"))
     out: str = Field(description="output run directory", json_schema_extra=cli("-o"))
-    standardize: bool = Field(False, description="standardize inputs with the store's mean and std")
-    standardize_rows: int | None = Field(1_000_000, ge=2, description="rows used to estimate them")
-    buffer_rows: int = Field(1 << 16, ge=1, description="rows shuffled together; memory ~ 3 x rows x d x 4 B")
-    prefetch: int = Field(2, ge=1, description="shuffle windows read ahead by a background thread")
-    # model
-    architecture: Architecture = Field("bae", description="the model: bae, or a baseline SAE")
-    expansion: int = Field(4, ge=1, description="d' / d")
-    encoder_bias: bool = Field(True, description="bias before the step")
-    decoder_bias: bool = Field(True, description="bias of the reconstruction")
-    threshold: Literal["gt", "ge"] = Field("gt", description="bit = z > 0 (gt) or z >= 0 (ge)")
-    estimator: Literal["ste", "sigmoid"] = Field("ste", description="gradient of the step")
-    temperature: float = Field(1.0, gt=0, description="sigmoid estimator temperature")
-    k_bits: int = Field(1, ge=1, le=16, description="bits per decoded feature (k-bit decoding)")
-    topk: int = Field(32, ge=1, description="active features of the topk_sae baseline")
-    # objective
-    lambda_entropy: float = Field(1e-7, ge=0, description="weight of the minibatch entropy term")
-    lambda_covariance: float = Field(1e-7, ge=0, description="weight of the covariance term (0 skips it)")
-    l1_coefficient: float = Field(1e-3, ge=0, description="L1 weight of the relu_sae baseline")
-    entropy_start_steps: int | None = Field(
-        None, ge=0, description="entropy term on from this step (default: a quarter of the budget)"
+    standardize: bool = Field(default=False, description="standardize inputs with the store's mean and std")
+    standardize_rows: int | None = Field(default=1_000_000, ge=2, description="rows used to estimate them")
+    buffer_rows: int = Field(
+        default=1 << 16, ge=1, description="rows shuffled together; memory ~ 3 x rows x d x 4 B"
     )
-    entropy_start_tokens: int | None = Field(None, ge=0, description="or from this many tokens")
+    prefetch: int = Field(default=2, ge=1, description="shuffle windows read ahead by a background thread")
+    # model
+    architecture: Architecture = Field(default="bae", description="the model: bae, or a baseline SAE")
+    expansion: int = Field(default=4, ge=1, description="d' / d")
+    encoder_bias: bool = Field(default=True, description="bias before the step")
+    decoder_bias: bool = Field(default=True, description="bias of the reconstruction")
+    threshold: Literal["gt", "ge"] = Field(default="gt", description="bit = z > 0 (gt) or z >= 0 (ge)")
+    estimator: Literal["ste", "sigmoid"] = Field(default="ste", description="gradient of the step")
+    temperature: float = Field(default=1.0, gt=0, description="sigmoid estimator temperature")
+    k_bits: int = Field(default=1, ge=1, le=16, description="bits per decoded feature (k-bit decoding)")
+    topk: int = Field(default=32, ge=1, description="active features of the topk_sae baseline")
+    # objective
+    lambda_entropy: float = Field(default=1e-7, ge=0, description="weight of the minibatch entropy term")
+    lambda_covariance: float = Field(
+        default=1e-7, ge=0, description="weight of the covariance term (0 skips it)"
+    )
+    l1_coefficient: float = Field(default=1e-3, ge=0, description="L1 weight of the relu_sae baseline")
+    entropy_start_steps: int | None = Field(
+        default=None, ge=0, description="entropy term on from this step (default: a quarter of the budget)"
+    )
+    entropy_start_tokens: int | None = Field(default=None, ge=0, description="or from this many tokens")
     # optimization
-    steps: int = Field(DEFAULT_STEPS, ge=1, description="budget in optimizer steps")
-    tokens: int | None = Field(None, ge=1, description="budget in tokens (instead of steps)")
-    batch_size: int = Field(512, ge=2, description="rows per step (per process)")
-    lr: float = Field(5e-4, gt=0, description="Adam learning rate")
-    schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
-    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this")
-    seed: int = Field(0, description="initialization and sampling seed")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="accelerate mixed precision")
-    cpu: bool = Field(False, description="train on CPU even where a GPU is present")
+    steps: int = Field(default=DEFAULT_STEPS, ge=1, description="budget in optimizer steps")
+    tokens: int | None = Field(default=None, ge=1, description="budget in tokens (instead of steps)")
+    batch_size: int = Field(default=512, ge=2, description="rows per step (per process)")
+    lr: float = Field(default=5e-4, gt=0, description="Adam learning rate")
+    schedule: Literal["constant", "cosine"] = Field(default="constant", description="learning-rate schedule")
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps")
+    grad_clip: float | None = Field(default=None, gt=0, description="clip the gradient norm to this")
+    seed: int = Field(default=0, description="initialization and sampling seed")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        default="no", description="accelerate mixed precision"
+    )
+    cpu: bool = Field(default=False, description="train on CPU even where a GPU is present")
     # bookkeeping
-    log_every: int = Field(100, ge=1, description="steps between metric logs")
-    val_every: int = Field(1000, ge=1, description="steps between validations")
-    val_max_rows: int | None = Field(None, ge=1, description="cap on validation rows")
-    checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints")
-    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
-    window_steps: int = Field(100, ge=1, description="steps in the firing-rate window (dense/dead counts)")
-    log_with: list[str] | None = Field(None, description="accelerate trackers, e.g. tensorboard, wandb")
+    log_every: int = Field(default=100, ge=1, description="steps between metric logs")
+    val_every: int = Field(default=1000, ge=1, description="steps between validations")
+    val_max_rows: int | None = Field(default=None, ge=1, description="cap on validation rows")
+    checkpoint_every: int = Field(default=1000, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(default=2, ge=1, description="checkpoints kept on disk")
+    window_steps: int = Field(
+        default=100, ge=1, description="steps in the firing-rate window (dense/dead counts)"
+    )
+    log_with: list[str] | None = Field(
+        default=None, description="accelerate trackers, e.g. tensorboard, wandb"
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:

@@ -14,12 +14,12 @@ from bae.common.configs import StrictModel
 class Provenance(StrictModel):
     """The store, LLM, layer and rows an autoencoder was trained on."""
 
-    store: str | None = Field(None, description="the activation store it was trained on")
-    model: dict | str | None = Field(None, description="the LLM that made the store (id, revision)")
-    layer: int | None = Field(None, description="hidden_states index of the layer")
-    d_model: int | None = Field(None, description="width of the hidden states")
-    positions: list[int] | None = Field(None, description="token positions trained on (None: all)")
+    store: str | None = Field(default=None, description="the activation store it was trained on")
+    model: dict | str | None = Field(default=None, description="the LLM that made the store (id, revision)")
+    layer: int | None = Field(default=None, description="hidden_states index of the layer")
+    d_model: int | None = Field(default=None, description="width of the hidden states")
+    positions: list[int] | None = Field(default=None, description="token positions trained on (None: all)")
     valid_only: bool = True
     val_fraction: float = 0.1
     split_seed: int = 0
-    corpus_fingerprint: str | None = Field(None, description="the store's corpus fingerprint")
+    corpus_fingerprint: str | None = Field(default=None, description="the store's corpus fingerprint")

@@ -20,42 +20,54 @@ class HarvestConfig(StrictModel):
     """Everything that decides the contents of a harvested store, and where to write it."""
 
     out: str = Field(
-        "activations.zarr",
+        default="activations.zarr",
         description="store path or fsspec URL",
         json_schema_extra=cli("-o", hidden=["--output"]),
     )
     model: str | None = Field(
-        None,
+        default=None,
         description="LLM: hub id, local directory or .gguf file [embedded SmolLM2-135M-Instruct]",
         json_schema_extra=cli("-m"),
     )
     model_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="compute dtype; auto = bfloat16 on CUDA, float32 on CPU"
+        default="auto", description="compute dtype; auto = bfloat16 on CUDA, float32 on CPU"
     )
-    device_map: str | None = Field(None, description="accelerate device_map (e.g. 'auto') for large models")
+    device_map: str | None = Field(
+        default=None, description="accelerate device_map (e.g. 'auto') for large models"
+    )
     corpus: list[str] = Field(
         default_factory=list,
         description="files, directories, globs, saved datasets; repeatable [Python's own docs]",
     )
-    text_field: str = Field("text", description="text field of JSON/JSONL/Parquet/dataset records")
-    line_docs: bool = Field(False, description="plain text: one document per line")
-    encoding_errors: Literal["strict", "replace"] = Field("strict", description="undecodable bytes")
-    mode: Literal["packed", "document"] = Field("packed", description="pack documents, or one per window")
-    context_length: int = Field(512, ge=2, description="tokens per forward window")
-    bos: Literal["auto", "always", "never"] = Field("auto", description="start every window with BOS?")
+    text_field: str = Field(default="text", description="text field of JSON/JSONL/Parquet/dataset records")
+    line_docs: bool = Field(default=False, description="plain text: one document per line")
+    encoding_errors: Literal["strict", "replace"] = Field(default="strict", description="undecodable bytes")
+    mode: Literal["packed", "document"] = Field(
+        default="packed", description="pack documents, or one per window"
+    )
+    context_length: int = Field(default=512, ge=2, description="tokens per forward window")
+    bos: Literal["auto", "always", "never"] = Field(
+        default="auto", description="start every window with BOS?"
+    )
     positions: PositionChoice = Field(
-        "all", description="positions stored: all, last (of each document), or e.g. 0-63,80"
+        default="all", description="positions stored: all, last (of each document), or e.g. 0-63,80"
     )
     layers: list[int] | None = Field(
-        None, description="HF hidden_states indices, e.g. 3,6,9 [n_layers // 2]", json_schema_extra=cli("-l")
+        default=None,
+        description="HF hidden_states indices, e.g. 3,6,9 [n_layers // 2]",
+        json_schema_extra=cli("-l"),
     )
-    store_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="storage dtype")
-    overflow: Literal["error", "clamp"] = Field("error", description="values beyond the storage range")
-    compressor: Literal["none", "zstd"] = Field("none", description="chunk compression")
-    unit_rows: int | None = Field(None, ge=1, description="rows per unit [~4096, whole windows]")
-    batch_tokens: int = Field(8192, ge=1, description="token budget of one forward batch")
+    store_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        default="float16", description="storage dtype"
+    )
+    overflow: Literal["error", "clamp"] = Field(
+        default="error", description="values beyond the storage range"
+    )
+    compressor: Literal["none", "zstd"] = Field(default="none", description="chunk compression")
+    unit_rows: int | None = Field(default=None, ge=1, description="rows per unit [~4096, whole windows]")
+    batch_tokens: int = Field(default=8192, ge=1, description="token budget of one forward batch")
     max_tokens: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description=f"stop after this many input tokens [all; embedded corpus: {DEFAULT_BUILTIN_TOKENS}]",
     )
