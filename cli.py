@@ -18,6 +18,7 @@ from bae.common.errors import BaeError
 from bae.pipeline.entropy.config import EntropyConfig
 from bae.pipeline.features.config import FeaturesConfig
 from bae.pipeline.harvest.config import HarvestConfig
+from bae.pipeline.harvest.icl import IclPromptsConfig
 from bae.stores.importer import ImportConfig, StoreRef
 from bae.trainer.config import TrainConfig
 
@@ -49,6 +50,12 @@ def _harvest(config: HarvestConfig, show_progress: bool) -> int:
     return harvest_command(config, show_progress)
 
 
+def _icl_prompts(config: IclPromptsConfig) -> None:
+    from bae.pipeline.harvest.icl import write_icl_prompts
+
+    write_icl_prompts(config)
+
+
 def _train(config: TrainConfig, show_progress: bool) -> None:
     from bae.trainer.run import train
 
@@ -67,6 +74,16 @@ app.command("harvest")(
         _harvest,
         "Run a causal LM over a corpus and cache hidden states of chosen layers in a Zarr store.\n\n"
         "Re-running the same command resumes; launch with `torchrun --nproc_per_node N` for data parallel.",
+    )
+)
+app.command("icl-prompts")(
+    config_command(
+        IclPromptsConfig,
+        _icl_prompts,
+        "Write in-context-learning prompts (k demonstrations + a query) from a staicc dataset as JSONL.\n\n"
+        "Harvest them with `bae harvest --corpus prompts.jsonl --text-field prompt --mode document "
+        "--positions last`; group by `k` in `bae entropy`.",
+        progress=False,
     )
 )
 app.command("train")(

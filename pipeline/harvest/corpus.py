@@ -1,4 +1,5 @@
-"""Corpus readers: text, JSONL/JSON, Parquet, saved `datasets`, and the builtin Python-docs corpus.
+"""Corpus readers: text, JSONL/JSON, Parquet, saved `datasets`, ``staicc:`` datasets and the builtin
+Python-docs corpus.
 
 Every reader yields documents in a deterministic order; :func:`load_corpus` drops empty documents
 (counting them), fingerprints the ordered result and collects per-document metadata columns.
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bae.common.errors import BaeError
+from bae.pipeline.harvest.staicc import is_staicc_spec, staicc_documents
 
 BUILTIN = "builtin"
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
@@ -264,11 +266,15 @@ def builtin_docs() -> Iterator[Document]:
 def iter_documents(
     sources: Sequence[str], text_field: str = "text", line_docs: bool = False, decoder: _Decoder | None = None
 ) -> Iterator[Document]:
-    """Documents of every source in order (empty ones included); ``builtin`` names the docs corpus."""
+    """Documents of every source in order (empty ones included); ``builtin`` names the docs corpus,
+    ``staicc:NAME[:SPLIT]`` a dataset of the ``staicc`` package (label metadata per document)."""
     decoder = decoder or _Decoder("strict")
     for source in sources or [BUILTIN]:
         if source == BUILTIN:
             yield from builtin_docs()
+        if is_staicc_spec(source):
+            yield from (Document(text, meta) for text, meta in staicc_documents(source))
+            continue
             continue
         for path, name in _expand(source):
             if _is_saved_dataset(path):
