@@ -272,9 +272,9 @@ def iter_documents(
     for source in sources or [BUILTIN]:
         if source == BUILTIN:
             yield from builtin_docs()
+            continue
         if is_staicc_spec(source):
             yield from (Document(text, meta) for text, meta in staicc_documents(source))
-            continue
             continue
         for path, name in _expand(source):
             if _is_saved_dataset(path):
