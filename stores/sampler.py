@@ -70,19 +70,26 @@ class RowFilter:
         return keep
 
 
+def unit_row_arrays(
+    store: ActivationStore, row_filter: RowFilter, unit: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(mask of one unit's rows that pass the filter, their row arrays plus ``row``, the store index)."""
+    rows = store.read_unit_rows(unit)
+    keep = row_filter.mask(rows)
+    kept = {k: v[keep] for k, v in rows.items()}
+    kept["row"] = store.unit_range(unit)[0] + np.flatnonzero(keep)
+    return keep, kept
+
+
 def read_unit(
     store: ActivationStore, layer: int, row_filter: RowFilter, unit: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
     """One unit's rows that pass the filter, still in the storage dtype, and their row arrays."""
-    rows = store.read_unit_rows(unit)
-    keep = row_filter.mask(rows)
+    keep, rows = unit_row_arrays(store, row_filter, unit)
     if not keep.any():
         return None
     raw = store.read_unit_layer(layer, unit)
-    if not keep.all():
-        raw, rows = raw[keep], {k: v[keep] for k, v in rows.items()}
-    rows["row"] = store.unit_range(unit)[0] + np.flatnonzero(keep)
-    return raw, rows
+    return (raw if keep.all() else raw[keep]), rows
 
 
 def check_finite(store: ActivationStore, layer: int, x: torch.Tensor, row_index: np.ndarray) -> None:

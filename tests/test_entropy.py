@@ -33,6 +33,7 @@ def known(tmp_path_factory):
 
 def entropy(known, out: Path, **kw):
     store, _, ckpt = known
+    kw.setdefault("null_groups", 0)
     config = EntropyConfig(store=store.url, checkpoints=[str(ckpt)], out=str(out), **kw)
     return run_entropy(config, show_progress=False).table.to_pydict()
 
@@ -48,13 +49,13 @@ def test_entropy_per_position_is_exact(known, tmp_path):
     np.testing.assert_allclose(table["ceiling_bits"], np.log2(40))
     assert table["varying_bits"] == [1, 2, 3, 4, 5, 6, 7, 8, 8]  # position t: min(t, 8) fair coins
     assert all(lo <= hi for lo, hi in zip(table["ci_low"], table["ci_high"]))
-    for p, joint, h in zip(table["position"], table["joint_entropy_bits"], table["entropy_bits"]):
+    for p, joint, h in zip(table["position"], table["joint_plugin_bits"], table["entropy_bits"]):
         codes = data["bits"][v & (data["positions"] == p)] @ (1 << np.arange(8))
         freq = np.unique(codes, return_counts=True)[1] / len(codes)
         assert joint == pytest.approx(-(freq * np.log2(freq)).sum(), rel=1e-12)
         assert joint <= h + 1e-12  # Σ_j H_b(p_j) bounds the joint entropy from above
     out = tmp_path / "out"
-    assert pq.read_table(out / "entropy.parquet").to_pydict() == table
+    np.testing.assert_equal(pq.read_table(out / "entropy.parquet").to_pydict(), table)  # NaN == NaN
     assert (out / "entropy.csv").read_text().splitlines()[0].startswith('"layer","checkpoint","position"')
     assert (out / "entropy.png").stat().st_size > 0
     assert json.loads((out / "entropy_config.json").read_text())["config"]["bootstrap"] == 16
@@ -117,7 +118,7 @@ def test_local_cluster_equals_threads(known, tmp_path):
         remote = entropy(
             known, tmp_path / "cluster", bootstrap=8, group_by="k", scheduler=cluster.scheduler_address
         )
-    assert remote == local
+    np.testing.assert_equal(remote, local)  # NaN == NaN
     assert len(list((tmp_path / "cluster" / "partials").glob("*/unit-*.npz.zst"))) == known[0].n_units
 
 
@@ -148,7 +149,9 @@ def test_per_position_checkpoints_cover_their_positions(known, tmp_path):
     store, data, _ = known
     early = save_bae(tmp_path / "early", positions=[1, 2, 3, 4])
     late = save_bae(tmp_path / "late", positions=[5, 6, 7, 8, 9])
-    config = EntropyConfig(store=store.url, checkpoints=[str(early), str(late)], out=str(tmp_path / "o"))
+    config = EntropyConfig(
+        store=store.url, checkpoints=[str(early), str(late)], out=str(tmp_path / "o"), null_groups=0
+    )
     table = run_entropy(config, show_progress=False).table.to_pydict()
     assert table["position"] == list(range(1, 10))
     assert table["checkpoint"] == [str(early)] * 4 + [str(late)] * 5
@@ -210,8 +213,15 @@ def test_icl_workflow_harvest_train_entropy_by_k(tmp_path):
     entropy_cmd = f"entropy --store {store} --checkpoint {run} --group-by k --out {tmp_path / 'ent'}"
     proc = run_bae(*entropy_cmd.split(), "--no-progress", check=True)
     assert "bae entropy" in proc.stdout and "4 k groups" in proc.stdout
-    table = pq.read_table(tmp_path / "ent" / "entropy.parquet").to_pydict()
+    full = pq.read_table(tmp_path / "ent" / "entropy.parquet").to_pydict()
+    real = [i for i, g in enumerate(full["null_group"]) if g is None]
+    table = {k: [v[i] for i in real] for k, v in full.items()}
     assert table["k"] == [0, 1, 2, 3] and table["n"] == [15, 15, 15, 15]
-    assert table["code_bits"] == [32] * 4 and "joint_entropy_bits" not in table  # d' = 32 > 20
+    assert table["code_bits"] == [32] * 4
     assert all(0 <= h <= 32 for h in table["entropy_bits"])
+    # 15 rows per k: whole codes of 32 bits are (nearly) all distinct, so no group is resolved
+    assert all(v in ("lower_bound", "collapsed") for v in table["verdict"]), table["verdict"]
+    assert all(j <= np.log2(15) + 1e-9 for j in table["joint_plugin_bits"])
+    nulls = [i for i, g in enumerate(full["null_group"]) if g is not None]
+    assert nulls and all(full["n"][i] == 15 for i in nulls)  # random groups of the same n
     assert (tmp_path / "ent" / "entropy.png").stat().st_size > 0

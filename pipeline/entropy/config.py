@@ -31,9 +31,21 @@ class EntropyConfig(SplitSelection):
     bootstrap: int = Field(default=0, ge=0, description="bootstrap replicates resampling documents (0: off)")
     bootstrap_seed: int = Field(default=0, description="seed of the bootstrap replicates")
     confidence: float = Field(default=0.95, gt=0, lt=1, description="bootstrap interval coverage")
-    joint_max_bits: int = Field(
-        default=20, ge=0, le=40, description="plug-in joint entropy when the code has at most this many bits"
+    joint: bool = Field(
+        default=True, description="count whole codes: distinct codes, plug-in and joint estimates"
     )
+    pair_bits: int = Field(
+        default=256, ge=0, description="bits in the Chow–Liu upper bound's pairwise statistics (0: no bound)"
+    )
+    equal_n: int | None = Field(
+        default=None, ge=2, description="subsample every group to this many rows (seeded) [no subsampling]"
+    )
+    null_groups: int = Field(
+        default=8,
+        ge=0,
+        description="random groups of the same n drawn from the whole selection (0: none)",
+    )
+    sample_seed: int = Field(default=0, description="seed of --equal-n and the null groups")
     batch_rows: int = Field(default=4096, ge=1, description="rows encoded at once (bounds memory)")
     scheduler: str | None = Field(default=None, description="dask scheduler address [local threads]")
 

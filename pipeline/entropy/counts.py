@@ -5,8 +5,9 @@ of rows in the group and, per code bit, how many of those rows have the bit set 
 that pass a ``RowFilter``. A group key is any picklable callable ``rows -> int64 [n]`` over a unit's
 row arrays (``token_ids``, ``doc_ids``, ``positions``, ``valid``, ``row``): ``RowKey("positions")``,
 ``RowKey("doc_ids")``, ``DocumentKey(store, field)`` for per-document metadata, ``ConstantKey()`` for all
-rows in one group. Optionally it also gathers Poisson-bootstrap replicates (documents reweighted) and
-the histogram of whole codes per group (for a plug-in joint entropy when the code is short).
+rows in one group. It also counts whole codes per group (128-bit hashes, any code width), the
+pairwise co-occurrences of chosen bits, and optionally Poisson-bootstrap replicates (documents
+reweighted); a ``RowSample`` cuts groups to equal size and adds null groups (negative keys).
 
 The work is one dask task per store unit (read, encode in batches under ``no_grad``, segment-sum per
 group), folded pairwise; memory is one batch plus the per-group counts, whatever the store's size.
@@ -34,6 +35,8 @@ from bae.common.atomic_files import atomic_write_bytes
 from bae.common.errors import BaeError
 from bae.common.hashing import splitmix64, unit_interval
 from bae.pipeline.analysis.scan import cached_model, cached_store, map_reduce_units
+from bae.pipeline.entropy.codes import CodeTable, code_hashes
+from bae.pipeline.entropy.sampling import RowSample
 from bae.stores import RowFilter, iter_unit_rows
 from bae.trainer.models import WEIGHTS_FILE, resolve_model_dir
 
@@ -90,17 +93,21 @@ class GroupCounts:
     ones: np.ndarray  # int64 [G, bits]: rows of the group with each bit set
     boot_rows: np.ndarray | None = None  # int64 [B, G]: Poisson-weighted rows per bootstrap replicate
     boot_ones: np.ndarray | None = None  # int64 [B, G, bits]
-    codes: np.ndarray | None = None  # int64 [P, 3]: (group key, whole code as an integer, count)
+    pairs: np.ndarray | None = None  # int64 [G, m, m]: rows with both of two chosen bits set
+    codes: CodeTable | None = None  # whole codes: (group, code hash) -> count
 
     @classmethod
-    def empty(cls, bits: int, bootstrap: int, joint: bool) -> GroupCounts:
+    def empty(cls, bits: int, bootstrap: int, pair_bits: int, joint: bool) -> GroupCounts:
         return cls(
             np.zeros(0, np.int64),
             np.zeros(0, np.int64),
             np.zeros((0, bits), np.int64),
             np.zeros((bootstrap, 0), np.int64) if bootstrap else None,
             np.zeros((bootstrap, 0, bits), np.int64) if bootstrap else None,
-            np.zeros((0, 3), np.int64) if joint else None,
+            np.zeros((0, pair_bits, pair_bits), np.int64) if pair_bits else None,
+            CodeTable.of_rows(np.zeros(0, np.int64), np.zeros((0, 2), np.uint64), empty_weights(bootstrap))
+            if joint
+            else None,
         )
 
     def merge(self, other: GroupCounts) -> GroupCounts:
@@ -119,33 +126,36 @@ class GroupCounts:
         merged = GroupCounts(keys, add(self.rows, other.rows, 0), add(self.ones, other.ones, 0))
         if self.boot_rows is not None and other.boot_rows is not None:
             merged.boot_rows = add(self.boot_rows, other.boot_rows, 1)
-            merged.boot_ones = add(self.boot_ones, other.boot_ones, 1)
+            merged.boot_ones = add(self.boot_ones, other.boot_ones, 1)  # type: ignore[arg-type]
+        if self.pairs is not None and other.pairs is not None:
+            merged.pairs = add(self.pairs, other.pairs, 0)
         if self.codes is not None and other.codes is not None:
-            merged.codes = sum_codes(np.concatenate([self.codes, other.codes]))
+            merged.codes = self.codes.merge(other.codes)
         return merged
 
     def save(self, path: Path) -> None:
         """Atomically write the counts: smallest integer dtypes, an ``.npz`` compressed with zstd."""
-        arrays = {k: v for k, v in asdict(self).items() if v is not None}
+        arrays = {k: v for k, v in asdict(self).items() if isinstance(v, np.ndarray)}
         small = {
             k: v.astype(np.min_scalar_type(int(v.max(initial=1)))) if v.min(initial=0) >= 0 else v
             for k, v in arrays.items()
         }
+        codes = self.codes.arrays() if self.codes is not None else {}
         buffer = io.BytesIO()
-        np.savez(buffer, **small)
+        np.savez(buffer, **small, **codes)
         atomic_write_bytes(path, Zstd(level=1).encode(buffer.getvalue()))
 
     @classmethod
     def load(cls, path: Path) -> GroupCounts:
         with np.load(io.BytesIO(Zstd().decode(path.read_bytes()))) as data:
-            return cls(**{k: data[k].astype(np.int64) for k in data.files})
+            arrays = {k: data[k] for k in data.files}
+        codes = CodeTable.from_arrays(arrays) if "code_group" in arrays else None
+        plain = {k: v.astype(np.int64) for k, v in arrays.items() if not k.startswith("code_")}
+        return cls(**plain, codes=codes)
 
 
-def sum_codes(codes: np.ndarray) -> np.ndarray:
-    """Rows (group, code, count) with equal (group, code) summed into one."""
-    pairs, inverse = np.unique(codes[:, :2], axis=0, return_inverse=True)
-    counts = np.bincount(inverse.reshape(-1), weights=codes[:, 2], minlength=len(pairs)).astype(np.int64)
-    return np.column_stack([pairs, counts]).astype(np.int64)
+def empty_weights(bootstrap: int) -> np.ndarray | None:
+    return np.zeros((bootstrap, 0), np.int64) if bootstrap else None
 
 
 # Poisson(1) inverse CDF: P(X <= k) for k = 0..19; a uniform above the last entry maps to 20.
@@ -179,7 +189,9 @@ class CountSpec:
     batch_rows: int = 4096
     bootstrap: int = 0
     bootstrap_seed: int = 0
-    joint: bool = False
+    joint: bool = True  # count whole codes per group
+    pair_bits: tuple[int, ...] = ()  # bits whose pairwise co-occurrences are counted
+    sample: RowSample | None = None  # equal-size and null groups
 
     def fingerprint(self) -> str:
         """A hash of everything that shapes the counts (the partials directory's name)."""
@@ -191,6 +203,8 @@ class CountSpec:
             "weights": weights_digest(self.checkpoint),
             "bootstrap": [self.bootstrap, self.bootstrap_seed],
             "joint": self.joint,
+            "pair_bits": list(self.pair_bits),
+            "sample": hashlib.sha256(repr(self.sample).encode()).hexdigest(),
         }
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -217,13 +231,17 @@ def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
     if path is not None and path.is_file():
         return GroupCounts.load(path)
     store, model = cached_store(spec.store), cached_model(spec.checkpoint)
-    counts = GroupCounts.empty(model.n_bits, spec.bootstrap, spec.joint)
+    counts = GroupCounts.empty(model.n_bits, spec.bootstrap, len(spec.pair_bits), spec.joint)
     for _, x, rows in iter_unit_rows(store, spec.layer, spec.row_filter, [unit]):
-        keys, inverse = np.unique(spec.group_key(rows), return_inverse=True)
+        row_keys, doc_ids = spec.group_key(rows), rows["doc_ids"]
+        if spec.sample is not None:
+            index, row_keys = spec.sample.select(row_keys, rows["row"])
+            x, doc_ids = x[index], doc_ids[index]
+        keys, inverse = np.unique(row_keys, return_inverse=True)
         for a in range(0, len(x), spec.batch_rows):
             part = slice(a, a + spec.batch_rows)
             bits = model.encode_bits(x[part])
-            counts = counts.merge(batch_counts(spec, keys, inverse[part], bits, rows["doc_ids"][part]))
+            counts = counts.merge(batch_counts(spec, keys, inverse[part], bits, doc_ids[part]))
     if path is not None:
         counts.save(path)
     return counts
@@ -247,10 +265,18 @@ def batch_counts(
         # float32 sums of weights <= 20 over at most batch_rows rows stay exact integers below 2**24
         boot = [w[:, lo:hi] @ b[lo:hi] for lo, hi in spans]
         counts.boot_ones = torch.stack(boot, 1).round().to(torch.int64).numpy()
+    if spec.pair_bits:
+        chosen = torch.from_numpy(sorted_bits[:, list(spec.pair_bits)]).to(torch.float32)
+        # float32 sums of 0/1 products over at most batch_rows < 2**24 rows are exact integers
+        counts.pairs = (
+            torch.stack([chosen[lo:hi].T @ chosen[lo:hi] for lo, hi in spans]).to(torch.int64).numpy()
+        )
     if spec.joint:
-        code = sorted_bits.astype(np.int64) @ (1 << np.arange(bits.shape[1], dtype=np.int64))
         group = np.repeat(counts.keys, counts.rows)
-        counts.codes = sum_codes(np.column_stack([group, code, np.ones(len(code), np.int64)]))
+        boot = (
+            poisson_weights(doc_ids[order], spec.bootstrap, spec.bootstrap_seed) if spec.bootstrap else None
+        )
+        counts.codes = CodeTable.of_rows(group, code_hashes(np.packbits(sorted_bits, axis=1)), boot)
     return counts
 
 

@@ -17,6 +17,42 @@ from bae.common.atomic_files import atomic_savefig
 HISTOGRAM_GROUPINGS = ("document", "token")
 
 
+def draw_series(ax: Any, x: np.ndarray, s: dict[str, Any], color: str) -> None:
+    """One layer: Σ H_b (dotted, an upper bound), the joint estimate with its interval (solid), the
+    log2 n ceiling (dashed), groups that only give a lower bound as hollow markers, and the null
+    groups' joint range as a band."""
+    order = np.argsort(x, kind="stable")
+    x = x[order]
+    marker = "o" if len(x) <= 48 else None
+    label = s["label"]
+    ax.plot(x, s["entropy_bits"][order], color=color, linestyle=":", label=f"{label} Σ H_b (upper bound)")
+    ax.plot(x, s["ceiling_bits"][order], color=color, linestyle="--", alpha=0.6, label=f"{label} log2 n")
+    if "ci_low" in s:
+        ax.fill_between(x, s["ci_low"][order], s["ci_high"][order], color=color, alpha=0.1)
+    if "joint_bits" not in s:
+        return
+    resolved = (s["verdict"][order] == "resolved").astype(bool)
+    joint = np.where(resolved, s["joint_bits"][order], np.nan)
+    ax.plot(x, joint, color=color, marker=marker, label=f"{label} joint H (resolved)")
+    ax.fill_between(x, s["joint_low"][order], s["joint_high"][order], where=resolved, color=color, alpha=0.25)
+    lower = (s["verdict"][order] == "lower_bound").astype(bool)
+    if lower.any():
+        ax.plot(
+            x[lower],
+            s["joint_plugin_bits"][order][lower],
+            linestyle="none",
+            marker="^",
+            markerfacecolor="none",
+            color=color,
+            label=f"{label} ≥ plug-in (undersampled)",
+        )
+    null = s.get("null", {})
+    if len(null.get("n", [])):
+        key = "joint_bits" if np.isfinite(null["joint_bits"]).any() else "joint_plugin_bits"
+        lo, hi = np.nanmin(null[key]), np.nanmax(null[key])
+        ax.axhspan(lo, hi, color=color, alpha=0.08, label=f"{label} random groups ({key})")
+
+
 def plot_entropy(series: list[dict[str, Any]], group_by: str, path: Path) -> Path:
     """Write the figure; each series holds ``label``, ``x`` (group values) and the table's columns."""
     import matplotlib
@@ -35,19 +71,12 @@ def plot_entropy(series: list[dict[str, Any]], group_by: str, path: Path) -> Pat
         numeric = all(isinstance(v, (int, float, np.integer, np.floating)) for v in values)
         ticks = sorted(set(map(str, values))) if not numeric else None
         for i, s in enumerate(series):
-            color = f"C{i % 10}"
             x = np.asarray(s["x"], np.float64) if numeric else np.array([ticks.index(str(v)) for v in s["x"]])
-            order = np.argsort(x, kind="stable")
-            x = x[order]
-            marker = "o" if len(x) <= 32 else None
-            ax.plot(x, s["entropy_bits"][order], color=color, marker=marker, label=f"{s['label']} Ĥ")
-            ax.plot(x, s["ceiling_bits"][order], color=color, linestyle="--", label=f"{s['label']} log2 n")
-            if "ci_low" in s:
-                ax.fill_between(x, s["ci_low"][order], s["ci_high"][order], color=color, alpha=0.2)
+            draw_series(ax, x, s, f"C{i % 10}")
         if ticks is not None:
             ax.set_xticks(range(len(ticks)), ticks, rotation=30 if len(ticks) > 8 else 0)
         ax.set_xlabel(group_by)
-        ax.set_ylabel("feature-set entropy Ĥ (bits)")
+        ax.set_ylabel("entropy of the code (bits)")
     ax.set_title(f"BAE feature-set entropy per {group_by}")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -21,7 +21,9 @@ from bae.common.atomic_files import atomic_write_bytes, atomic_write_json, read_
 from bae.common.configs import require_same_config
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
+from bae.common.stats import binary_entropy
 from bae.pipeline.analysis.checkpoint_match import load_for_store
+from bae.pipeline.analysis.scan import cached_model
 from bae.pipeline.entropy.config import CONFIG_JSON, EntropyConfig
 from bae.pipeline.entropy.counts import (
     ConstantKey,
@@ -34,7 +36,8 @@ from bae.pipeline.entropy.counts import (
 )
 from bae.pipeline.entropy.estimates import estimate_columns
 from bae.pipeline.entropy.plot import plot_entropy
-from bae.stores import ActivationStore, RowFilter
+from bae.pipeline.entropy.sampling import SamplePlan, plan_sample
+from bae.stores import ActivationStore, RowFilter, iter_unit_rows
 
 ROW_GROUPINGS = {"position": "positions", "document": "doc_ids", "token": "token_ids"}
 
@@ -77,6 +80,31 @@ def resolve_models(store: ActivationStore, checkpoints: list[str]) -> list[Entro
                     "positions; give one per layer, or per (layer, disjoint positions)"
                 )
     return models
+
+
+PAIR_SAMPLE_ROWS = 16384
+
+
+def choose_pair_bits(
+    store: ActivationStore, model: EntropyModel, row_filter: RowFilter, units: tuple[int, ...], m: int
+) -> tuple[int, ...]:
+    """The bits whose pairwise statistics the Chow–Liu bound uses: all of them when the code has at
+    most ``m``, else the ``m`` of highest marginal entropy in rows read from units spread over the
+    store (a deterministic choice; any subset gives a valid bound)."""
+    if m == 0:
+        return ()
+    if model.n_bits <= m:
+        return tuple(range(model.n_bits))
+    autoencoder = cached_model(model.checkpoint)
+    step = max(1, len(units) // 8)
+    ones, n = np.zeros(model.n_bits), 0
+    for _, x, _ in iter_unit_rows(store, model.layer, row_filter, units[::step]):
+        bits = autoencoder.encode_bits(x[: PAIR_SAMPLE_ROWS - n])
+        ones, n = ones + bits.sum(0), n + len(bits)
+        if n >= PAIR_SAMPLE_ROWS:
+            break
+    entropy = binary_entropy(ones / max(n, 1))
+    return tuple(sorted(int(i) for i in np.argsort(-entropy, kind="stable")[:m]))
 
 
 def resolve_grouping(store: ActivationStore, group_by: str) -> tuple[GroupKey, np.ndarray | None]:
@@ -123,15 +151,27 @@ def check_no_empty_positions(parts: list[dict[str, Any]]) -> None:
             )
 
 
+def real_groups_first(keys: np.ndarray) -> np.ndarray:
+    """Real groups (keys ≥ 0) ascending, then null groups 0, 1, ... (keys −1, −2, ...)."""
+    big = int(keys.max(initial=0)) + 1
+    return np.argsort(np.where(keys >= 0, keys, big - keys), kind="stable")
+
+
 def build_table(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | None) -> Any:
-    """One pyarrow table: a row per (checkpoint, group)."""
+    """One pyarrow table: a row per (checkpoint, group), null groups last with ``null_group`` set."""
     import pyarrow as pa
 
     columns: dict[str, list[Any]] = {}
     for part in parts:
-        n = len(part["keys"])
-        group = part["keys"] if values is None else values[part["keys"]]
-        fixed = {"layer": [part["layer"]] * n, "checkpoint": [part["checkpoint"]] * n, group_by: group}
+        keys = part["keys"]
+        real = keys >= 0
+        group = np.where(real, keys, 0) if values is None else values[np.where(real, keys, 0)]
+        fixed = {
+            "layer": [part["layer"]] * len(keys),
+            "checkpoint": [part["checkpoint"]] * len(keys),
+            group_by: [g if r else None for g, r in zip(np.asarray(group).tolist(), real)],
+            "null_group": [None if r else -1 - int(k) for k, r in zip(keys, real)],
+        }
         for name, col in {**fixed, **part["columns"]}.items():
             columns.setdefault(name, []).extend(np.asarray(col).tolist())
     return pa.table(columns)
@@ -153,18 +193,22 @@ def write_table(table: Any, out: Path) -> tuple[Path, Path]:
 def plot_series(
     parts: list[dict[str, Any]], group_by: str, values: np.ndarray | None
 ) -> list[dict[str, Any]]:
-    """Lines to draw: per layer when grouping by position (per-position checkpoints joined), else per part."""
+    """Lines to draw: per layer when grouping by position (per-position checkpoints joined), else per
+    part; each with its real groups' columns and, under ``null``, its null groups' columns."""
     merged: dict[Any, dict[str, Any]] = {}
     layer_parts = [p["layer"] for p in parts]
     for part in parts:
         several = layer_parts.count(part["layer"]) > 1 and group_by != "position"
         key = (part["layer"], part["checkpoint"]) if several else part["layer"]
         label = f"layer {part['layer']}" + (f" ({Path(part['checkpoint']).name})" if several else "")
-        x = part["keys"] if values is None else values[part["keys"]]
-        s = merged.setdefault(key, {"label": label, "x": []})
+        real = part["keys"] >= 0
+        x = part["keys"][real] if values is None else values[part["keys"][real]]
+        s = merged.setdefault(key, {"label": label, "x": [], "null": {}})
         s["x"] = [*s["x"], *np.asarray(x).tolist()]
         for name, col in part["columns"].items():
-            s[name] = np.concatenate([s.get(name, np.zeros(0)), np.asarray(col, np.float64)])
+            col = np.asarray(col)
+            s[name] = np.concatenate([s.get(name, np.zeros(0, col.dtype)), col[real]])
+            s["null"][name] = np.concatenate([s["null"].get(name, np.zeros(0, col.dtype)), col[~real]])
     return list(merged.values())
 
 
@@ -176,22 +220,39 @@ def record_config(config: EntropyConfig, out: Path) -> None:
     atomic_write_json(out / CONFIG_JSON, {"config": config.shaping(), "full": config.model_dump(mode="json")})
 
 
-def summarize(table_parts: list[dict[str, Any]], group_by: str, values: np.ndarray | None) -> dict[str, Any]:
-    """One line per checkpoint: range of Ĥ, where it peaks, and the largest ceiling."""
+def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | None) -> dict[str, Any]:
+    """Per checkpoint: groups and rows, the range of Σ H_b and of the joint estimate, verdict counts,
+    and the null groups' range when there are any."""
     lines: dict[str, Any] = {}
-    for part in table_parts:
-        h, ceiling = part["columns"]["entropy_bits"], part["columns"]["ceiling_bits"]
-        top = int(np.nanargmax(h))
-        at = part["keys"][top] if values is None else values[part["keys"][top]]
-        lines[f"layer {part['layer']} ({Path(part['checkpoint']).name})"] = (
-            f"{len(h)} {group_by} groups, {int(part['columns']['n'].sum())} rows, "
-            f"Ĥ {np.nanmin(h):.2f}..{np.nanmax(h):.2f} bits (max at {group_by} {at}), "
-            f"d'={part['columns']['code_bits'][0]}, ceiling log2 n <= {np.max(ceiling):.2f}"
+    for part in parts:
+        real = part["keys"] >= 0
+        cols = {k: np.asarray(v)[real] for k, v in part["columns"].items()}
+        name = f"layer {part['layer']} ({Path(part['checkpoint']).name})"
+        h, n = cols["entropy_bits"], cols["n"]
+        lines[name] = (
+            f"{len(h)} {group_by} groups, {int(n.sum())} rows (n {int(n.min())}..{int(n.max())}), d'="
+            f"{cols['code_bits'][0]}; Σ H_b {np.nanmin(h):.1f}..{np.nanmax(h):.1f} bits (an upper bound)"
         )
-        saturated = int((h >= ceiling - 0.5).sum())
-        if saturated:
-            lines[f"layer {part['layer']} ({Path(part['checkpoint']).name})"] += (
-                f"; {saturated} group(s) at or near log2 n: too few rows to resolve, not saturation"
+        if "joint_bits" in cols:
+            verdict, counted = np.unique(cols["verdict"].astype(str), return_counts=True)
+            lines[f"{name} verdicts"] = ", ".join(f"{c} {v}" for v, c in zip(verdict, counted))
+            resolved = cols["verdict"] == "resolved"
+            if resolved.any():
+                j = cols["joint_bits"][resolved]
+                lines[f"{name} joint H"] = f"{np.min(j):.2f}..{np.max(j):.2f} bits where resolved"
+            lower = cols["verdict"] == "lower_bound"
+            if lower.any():
+                lines[f"{name} undersampled"] = (
+                    f"{int(lower.sum())} group(s): only H ≥ plug-in "
+                    f"({np.min(cols['joint_plugin_bits'][lower]):.1f}..{np.max(cols['joint_plugin_bits'][lower]):.1f}"
+                    " bits) is known; more rows per group would resolve them"
+                )
+        null = {k: np.asarray(v)[~real] for k, v in part["columns"].items()}
+        if len(null["n"]):
+            key = "joint_bits" if "joint_bits" in null else "entropy_bits"
+            lines[f"{name} null"] = (
+                f"{len(null['n'])} random groups of n={int(np.median(null['n']))}: "
+                f"{key} {np.nanmin(null[key]):.2f}..{np.nanmax(null[key]):.2f}"
             )
     return lines
 
@@ -214,6 +275,10 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
     parts = []
     for model in models:
         row_filter = model_filter(config, model)
+        sample = None
+        if config.equal_n is not None or config.null_groups:
+            plan = SamplePlan(config.store, row_filter, group_key, units, config.sample_seed)
+            sample, _ = plan_sample(plan, config.equal_n, config.null_groups, config.scheduler, show_progress)
         spec = CountSpec(
             store=config.store,
             checkpoint=model.checkpoint,
@@ -224,7 +289,9 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
             batch_rows=config.batch_rows,
             bootstrap=config.bootstrap,
             bootstrap_seed=config.bootstrap_seed,
-            joint=model.n_bits <= config.joint_max_bits,
+            joint=config.joint,
+            pair_bits=choose_pair_bits(store, model, row_filter, units, config.pair_bits),
+            sample=sample,
         ).with_partials(out / "partials")
         counts = count_groups(spec, config.scheduler, show_progress, f"entropy: layer {model.layer}")
         if len(counts.keys) == 0:
@@ -232,13 +299,14 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
                 f"empty selection: no rows of store {store.url} layer {model.layer} pass the filters "
                 f"(positions {config.positions or 'all'}, split {config.split or 'all'})"
             )
-        columns = estimate_columns(counts, config.confidence)
+        columns = estimate_columns(counts, config.confidence, spec.pair_bits)
+        order = real_groups_first(counts.keys)
         parts.append(
             {
                 "layer": model.layer,
                 "checkpoint": model.checkpoint,
-                "keys": counts.keys,
-                "columns": columns,
+                "keys": counts.keys[order],
+                "columns": {name: np.asarray(col)[order] for name, col in columns.items()},
                 "expected": row_filter.positions,
             }
         )

@@ -20,6 +20,7 @@ import numpy as np
 from bae.common.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text, read_json
 from bae.common.console import human_count, print_summary
 from bae.common.errors import BaeError
+from bae.common.stats import fvu_from_sums
 from bae.pipeline.analysis.scan import ScanSpec, map_reduce_units
 from bae.pipeline.features.config import FeaturesConfig, check_recorded
 from bae.pipeline.features.spec import scan_spec
@@ -57,9 +58,8 @@ class FeatureStats:
 
     @property
     def fvu(self) -> float:
-        """Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over all rows, in raw hidden-state space."""
-        variance = float((self.x_sq - self.x_sum**2 / max(self.rows, 1)).sum())
-        return self.sse / max(variance, 1e-30)
+        """The project's FVU (``bae.common.stats``) over all rows, in raw hidden-state space."""
+        return fvu_from_sums(self.sse, self.x_sum, self.x_sq, self.rows)
 
     @property
     def mean_l0(self) -> float:

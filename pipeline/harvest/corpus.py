@@ -26,7 +26,6 @@ from bae.common.errors import BaeError
 from bae.pipeline.harvest.staicc import is_staicc_spec, staicc_documents
 
 BUILTIN = "builtin"
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 _REPLACE_HANDLER = "bae-count-replace"
