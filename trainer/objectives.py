@@ -1,4 +1,4 @@
-"""The training objective, with exactly the normalization of BAE_METHOD.md §2.
+"""The training objective, with exactly the normalization of docs/method.md (objective).
 
 L = L_r + λ_H(t)·H + λ_D·D  (BAE);  L_r + λ_L1·mean_i Σ_j |f_ij|  (ReLU SAE);  L_r  (TopK SAE).
 """

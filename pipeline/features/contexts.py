@@ -1,6 +1,6 @@
 """Top contexts of every feature and the ComSem sample sets, in one bounded-memory dask pass.
 
-Scores (BAE_METHOD.md §4): a BAE bit scores ``|h1 − p̄|`` (its rarer state scores higher), an SAE
+Scores (docs/method.md): a BAE bit scores ``|h1 − p̄|`` (its rarer state scores higher), an SAE
 feature its activation, optionally z-scored per feature. A (token, feature) pair is *eligible* when
 the score is positive (for an SAE: when the feature fires). Ties are broken by a seeded random key
 per (row, feature), so equal scores never favour low feature indices or early rows, and the result

@@ -1,5 +1,5 @@
 """Firing frequency of every feature over a store: dense and dead counts, BAE oriented frequency,
-a log-scale histogram, and a per-feature JSON/CSV table (BAE_METHOD.md §4).
+a log-scale histogram, and a per-feature JSON/CSV table (docs/method.md).
 
 One dask pass over the store gathers, per feature, how many rows fire it and the sum and sum of
 squares of its code (SAE activations, for z-scoring), plus the reconstruction error for FVU.

@@ -1,4 +1,4 @@
-"""ComSem interpretation (BAE_METHOD.md §4): explain each feature from its top-scoring assigned tokens
+"""ComSem interpretation (docs/method.md): explain each feature from its top-scoring assigned tokens
 as one short phrase, then judge further assigned tokens (should be "yes") and non-assigned ones
 (should be "no"); the score is the fraction of judgements consistent with that expectation.
 

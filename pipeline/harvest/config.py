@@ -37,7 +37,7 @@ class HarvestConfig(StrictModel):
     )
     corpus: list[str] = Field(
         default_factory=list,
-        description="files, directories, globs, saved datasets; repeatable [Python's own docs]",
+        description="files, dirs, globs, saved datasets, staicc:NAME[:SPLIT]; repeatable [Python's own docs]",
     )
     text_field: str = Field(default="text", description="text field of JSON/JSONL/Parquet/dataset records")
     line_docs: bool = Field(default=False, description="plain text: one document per line")

@@ -1,6 +1,6 @@
 """Capture hidden states of chosen layers with forward hooks, stopping after the deepest one.
 
-Layer numbering follows HF ``output_hidden_states`` (BAE_METHOD.md §5): 0 is the embedding output
+Layer numbering follows HF ``output_hidden_states`` (docs/method.md): 0 is the embedding output
 (the input of block 0), ``l`` is the output of block ``l-1``, and the last index (``n_layers``) is
 the output of the final norm, as HF reports it.
 """
