@@ -6,12 +6,14 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import dask.array as da
 import numpy as np
 import torch
 import zarr
+import zarr.errors
+import zarr.registry
 from zarr.codecs import Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore
 
@@ -35,6 +37,9 @@ from bae.stores.layout import (
 INCOMPLETE_ATTR = "bae_incomplete"
 _WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bae-store-write")
 SPARSE_ARRAYS = ("units/clamped",)  # mostly zero: a zero chunk is not stored (read back as zero)
+
+if TYPE_CHECKING:
+    from zarr.core.common import AccessModeLiteral
 
 
 def _zarr_store(url: str, read_only: bool) -> LocalStore | FsspecStore:
@@ -165,7 +170,9 @@ class ActivationStore:
         if not _exists(url):
             raise BaeError(f"store {url}: not found")
         try:
-            group = zarr.open_group(_zarr_store(url, read_only=mode == "r"), mode=mode, zarr_format=3)
+            group = zarr.open_group(
+                _zarr_store(url, read_only=mode == "r"), mode=cast("AccessModeLiteral", mode), zarr_format=3
+            )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as exc:
             raise BaeError(f"{url} is not a bae activation store (no Zarr v3 group there)") from exc
         attrs = dict(group.attrs)
@@ -220,7 +227,9 @@ class ActivationStore:
         arrays, whose usual value is the fill value."""
         names = (*ROW_ARRAYS, "units/done", "units/clamped", *(f"layers/{layer}" for layer in self.layers))
         return {
-            name: self.group[name].with_config({"write_empty_chunks": name not in SPARSE_ARRAYS})
+            name: cast(zarr.Array, self.group[name]).with_config(
+                {"write_empty_chunks": name not in SPARSE_ARRAYS}
+            )
             for name in names
         }
 
@@ -256,7 +265,7 @@ class ActivationStore:
         start, stop = self.unit_range(unit)
         files = self._chunk_files.get(name)
         if files is None:
-            values = self._arrays[name][start:stop]
+            values = cast(np.ndarray, self._arrays[name][start:stop])
             if out is None:
                 return values
             out[: stop - start] = values
@@ -303,7 +312,7 @@ class ActivationStore:
             for layer, (_, stored) in converted.items()
         ]
         for name, values in row_values.items():
-            self._write_chunk(name, unit, values)
+            self._write_chunk(name, unit, cast(np.ndarray, values))  # converted above
         for future in pending:
             future.result()
         clamped = 0
@@ -321,17 +330,17 @@ class ActivationStore:
 
     def done_mask(self) -> np.ndarray:
         """Boolean [n_units]: which units are completely written."""
-        return self._arrays["units/done"][:].astype(bool)
+        return cast(np.ndarray, self._arrays["units/done"][:]).astype(bool)
 
     def is_done(self, unit: int) -> bool:
         return bool(self._arrays["units/done"][unit])
 
     def clamped_counts(self) -> np.ndarray:
-        return self._arrays["units/clamped"][:]
+        return cast(np.ndarray, self._arrays["units/clamped"][:])
 
     def read_layer(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a layer as float32."""
-        return decode_values(self._layer_array(layer)[start:stop], self.layout.dtype)
+        return decode_values(cast(np.ndarray, self._layer_array(layer)[start:stop]), self.layout.dtype)
 
     def read_layer_tensor(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a layer as a float32 torch tensor."""
@@ -339,7 +348,7 @@ class ActivationStore:
 
     def read_layer_physical(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a layer as stored (float16, uint16 bfloat16 bits, or float32)."""
-        return self._layer_array(layer)[start:stop]
+        return cast(np.ndarray, self._layer_array(layer)[start:stop])
 
     def read_unit_layer(self, layer: int, unit: int, out: np.ndarray | None = None) -> np.ndarray:
         """One unit's rows of a layer as stored, read into ``out`` ([unit_rows, d], physical dtype) if
@@ -353,22 +362,27 @@ class ActivationStore:
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """The per-row arrays (token_ids, doc_ids, positions, valid) for rows ``start:stop``."""
-        return {name: self._arrays[name][start:stop] for name in ROW_ARRAYS}
+        return {name: cast(np.ndarray, self._arrays[name][start:stop]) for name in ROW_ARRAYS}
 
     def documents(self) -> dict[str, np.ndarray]:
         """Per-document metadata fields recorded from the corpus."""
-        return {name: self.group[f"documents/{name}"][:] for name in self.meta.get("document_fields", [])}
+        return {
+            name: cast(np.ndarray, cast(zarr.Array, self.group[f"documents/{name}"])[:])
+            for name in self.meta.get("document_fields", [])
+        }
 
     def dask_layer(self, layer: int) -> da.Array:
         """A float32 dask view of one layer, one block per unit."""
-        arr = da.from_array(self._layer_array(layer), chunks=(self.unit_rows, self.d_model), asarray=True)
+        # dask leaves `chunks` unannotated, so pyright infers str from its default "auto"
+        arr = da.from_array(self._layer_array(layer), chunks=(self.unit_rows, self.d_model), asarray=True)  # pyright: ignore[reportArgumentType]
         return arr.map_blocks(decode_values, self.layout.dtype, dtype=np.float32)
 
     def dask_rows(self, name: str) -> da.Array:
         """A dask view of a per-row array, one block per unit."""
         if name not in ROW_ARRAYS:
             raise BaeError(f"unknown row array {name!r}; expected one of {', '.join(ROW_ARRAYS)}")
-        return da.from_array(self._arrays[name], chunks=(self.unit_rows,), asarray=True)
+        # dask leaves `chunks` unannotated, so pyright infers str from its default "auto"
+        return da.from_array(self._arrays[name], chunks=(self.unit_rows,), asarray=True)  # pyright: ignore[reportArgumentType]
 
     def __repr__(self) -> str:
         return f"ActivationStore({self.url!r}, rows={self.n_rows}, d={self.d_model}, layers={self.layers})"
@@ -386,5 +400,5 @@ def _write_documents(group: zarr.Group, documents: Mapping[str, np.ndarray]) -> 
             group.create_array(f"documents/{name}", shape=arr.shape, dtype=str, fill_value="")
         else:
             group.create_array(f"documents/{name}", shape=arr.shape, dtype=arr.dtype, fill_value=0)
-        group[f"documents/{name}"][:] = arr
+        cast(zarr.Array, group[f"documents/{name}"])[:] = arr
     return next(iter(lengths.values()), 0)

@@ -149,7 +149,8 @@ class ChunkFiles:
             raise ValueError(f"out: expected a C-contiguous {self.dtype} array of shape {self.chunk_shape}")
         path = self.path(chunk)
         flat = out.reshape(-1).view(np.uint8)
-        view = memoryview(flat)
+        # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+        view = memoryview(flat)  # pyright: ignore[reportArgumentType]
         try:
             with open(path, "rb", buffering=0) as f:
                 got = 0
@@ -177,7 +178,8 @@ def _crc_bytes(data: np.ndarray) -> bytes:
 
 def _write_all(fd: int, parts: list[np.ndarray | bytes]) -> None:
     """``writev`` all of ``parts``, continuing after a short write."""
-    views = [memoryview(p).cast("B") for p in parts]
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+    views = [memoryview(p).cast("B") for p in parts]  # pyright: ignore[reportArgumentType]
     while views:
         n = os.writev(fd, views)
         while views and n >= len(views[0]):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -16,7 +16,9 @@ def store_summary(store: ActivationStore) -> dict[str, Any]:
     meta = store.meta
     done = store.done_mask()
     valid_rows = int(store.dask_rows("valid").astype(np.int64).sum().compute()) if done.any() else 0
-    rows_done = sum(np.subtract(*store.unit_range(int(u))[::-1]) for u in np.flatnonzero(done))
+    rows_done = sum(
+        np.subtract(*cast(tuple[int, int], store.unit_range(int(u))[::-1])) for u in np.flatnonzero(done)
+    )
     on_disk = bytes_on_disk(store.url)
     model = meta.get("model") or {}
     dtype = meta["dtype"]
