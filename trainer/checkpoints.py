@@ -13,7 +13,7 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ STATE_PT = "trainer_state.pt"
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states (the first two JSON-able)."""
-    np_state = np.random.get_state()
+    # numpy's stub picks the dict overload for a bare call; the default legacy=True returns the tuple
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     return {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],

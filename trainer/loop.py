@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -244,7 +244,7 @@ class Trainer:
         signum = stop.signum
         if self.world > 1:
             flag = torch.tensor([signum], device=self.accelerator.device)
-            signum = int(self.accelerator.reduce(flag, reduction="max").item())
+            signum = int(cast(torch.Tensor, self.accelerator.reduce(flag, reduction="max")).item())
         return signum
 
     def after_step(self, x: torch.Tensor, out: Any, terms: dict[str, Any], bar: Any) -> None:

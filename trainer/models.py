@@ -99,6 +99,8 @@ class Autoencoder(nn.Module):
     """Shared machinery: optional input standardization, encoding to bits, (de)serialization."""
 
     architecture: ClassVar[str]
+    input_mean: torch.Tensor  # buffers, registered only when config.standardize
+    input_std: torch.Tensor
 
     def __init__(self, config: ModelConfig, provenance: Provenance | None = None):
         super().__init__()

@@ -3,7 +3,7 @@ store sampler; the run folder gets checkpoints, the metrics log and, at the end,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -20,6 +20,10 @@ from bae.trainer.models import WEIGHTS_FILE, Autoencoder, build_autoencoder, rea
 from bae.trainer.provenance import Provenance
 from bae.trainer.run_folder import RunFolder
 
+if TYPE_CHECKING:
+    from accelerate.tracking import GeneralTracker
+    from accelerate.utils import LoggerType
+
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """accelerate forms a CPU process group (gloo, under torchrun) only when told cpu=True."""
@@ -27,7 +31,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return Accelerator(
         cpu=config.cpu or no_gpu,
         mixed_precision=config.mixed_precision,
-        log_with=config.log_with,
+        log_with=cast("list[str | LoggerType | GeneralTracker] | None", config.log_with),
         project_dir=config.out,
     )
 
@@ -37,7 +41,7 @@ def open_samplers(
 ) -> tuple[StoreSampler, StoreSampler | None]:
     """The training sampler (this rank's share) and the validation sampler of the config's rows."""
     rows = RowFilter.of(config)
-    shared = dict(
+    shared: dict[str, Any] = dict(
         layer=config.layer,
         valid_only=rows.valid_only,
         positions=rows.positions,
@@ -78,8 +82,8 @@ def standardization(sampler: StoreSampler, max_rows: int | None) -> tuple[torch.
         total, total_sq, n = total + xd.sum(0), total_sq + xd.pow(2).sum(0), n + len(x)
         if max_rows is not None and n >= max_rows:
             break
-    mean = total / n
-    std = (total_sq / n - mean.pow(2)).clamp_min(0).sqrt()
+    mean = cast(torch.Tensor, total) / n
+    std = (cast(torch.Tensor, total_sq) / n - mean.pow(2)).clamp_min(0).sqrt()
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
     return mean.float(), std.float()
 
