@@ -3,10 +3,13 @@
     python benchmarks/bench_entropy.py [--rows 65536] [--d 576] [--expansion 4] [--doc-len 128]
 
 Baseline (same run, same process): the float32 rows already in memory, the encoder matmul
-``x @ W_encᵀ + b`` in batches of 4096, nothing else (not even the threshold). Measured: the full
-reduction (read the Zarr store, decode float16, encode, per-position counts, write each unit's
-partial counts) on local dask threads; then the same with every partial already on disk (a resumed
-run's cost).
+``x @ W_encᵀ + b`` in batches of 4096, nothing else (not even the threshold). Measured: the
+reduction with Σ H_b only (read the Zarr store, decode float16, encode, per-position counts, write
+each unit's partial counts) on local dask threads; the same with every estimator on (whole-code
+hashes and counts, pair counts of 64 bits for the Chow–Liu bound as by default, 32 bootstrap
+replicates) followed by the estimates themselves (NSB, Chow–Liu trees, verdicts); and the Σ H_b reduction again with every
+partial already on disk (a resumed run's cost). ``--pair-cost`` also times the Chow–Liu bound's
+parts at d' = 8192 with all bits paired: the BᵀB GEMM per batch of 4096 rows and the tree per group.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bae.pipeline.entropy.bounds import chow_liu_bound
 from bae.pipeline.entropy.counts import CountSpec, RowKey, count_groups
+from bae.pipeline.entropy.estimates import estimate_columns
 from bae.stores import ActivationStore, RowFilter, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder
 from bae.trainer.provenance import Provenance
@@ -86,6 +91,7 @@ def main() -> None:
     parser.add_argument("--doc-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rss", action="store_true", help="also peak memory vs store size")
+    parser.add_argument("--pair-cost", action="store_true", help="also the Chow–Liu bound's cost at d'=8192")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-entropy-"))
     n = args.rows
@@ -95,17 +101,36 @@ def main() -> None:
     model.save_pretrained(tmp / "bae")
     w, b, xt = model.encoder.weight.detach(), model.encoder.bias.detach(), torch.from_numpy(x)
     units = tuple(range(store.n_units))
-    results = {"bare encode matmul": [], "entropy reduction": [], "entropy, partials on disk": []}
+    results: dict[str, list[float]] = {
+        "bare encode matmul": [],
+        "Σ H_b only": [],
+        "all estimators": [],
+        "Σ H_b, partials on disk": [],
+    }
+    pair_bits = tuple(range(0, model.n_bits, max(1, model.n_bits // 64)))[:64]
     for r in range(args.repeats):
         results["bare encode matmul"].append(bare_encode(xt, w, b))
-        spec = CountSpec(store.url, str(tmp / "bae"), 0, RowFilter(), RowKey("positions"), units)
+        spec = CountSpec(store.url, str(tmp / "bae"), 0, RowFilter(), RowKey("positions"), units, joint=False)
         spec = spec.with_partials(tmp / f"partials-{r}")
         t = time.perf_counter()
         counts = count_groups(spec, show_progress=False)
-        results["entropy reduction"].append(time.perf_counter() - t)
+        results["Σ H_b only"].append(time.perf_counter() - t)
         t = time.perf_counter()
         count_groups(spec, show_progress=False)
-        results["entropy, partials on disk"].append(time.perf_counter() - t)
+        results["Σ H_b, partials on disk"].append(time.perf_counter() - t)
+        full = CountSpec(
+            store.url,
+            str(tmp / "bae"),
+            0,
+            RowFilter(),
+            RowKey("positions"),
+            units,
+            bootstrap=32,
+            pair_bits=pair_bits,
+        ).with_partials(tmp / f"partials-all-{r}")
+        t = time.perf_counter()
+        estimate_columns(count_groups(full, show_progress=False), 0.95, pair_bits)
+        results["all estimators"].append(time.perf_counter() - t)
     assert int(counts.rows.sum()) == n
     base = min(results["bare encode matmul"])
     print(
@@ -117,6 +142,24 @@ def main() -> None:
         print(f"  {name:28s} {n / best:>12,.0f} rows/s   {base / best:5.2f}x bare encode")
     if args.rss:
         rss_report(tmp, n, args.d, args.doc_len, tmp / "bae")
+    if args.pair_cost:
+        pair_cost(8192)
+
+
+def pair_cost(m: int, rows: int = 4096) -> None:
+    """Seconds for the Chow–Liu bound's parts with m paired bits: BᵀB of one batch, and one tree."""
+    rng = np.random.default_rng(0)
+    bits = torch.from_numpy((rng.random((rows, m)) < 0.3).astype(np.float32))
+    t = time.perf_counter()
+    pairs = (bits.T @ bits).to(torch.int64).numpy()
+    gemm = time.perf_counter() - t
+    t = time.perf_counter()
+    chow_liu_bound(rows, pairs.diagonal().copy(), pairs)
+    tree = time.perf_counter() - t
+    print(
+        f"  pair bound at m={m}: BᵀB of {rows} rows {gemm:.2f} s (float32 GEMM), "
+        f"tree {tree:.2f} s per group, pair counts {m * m * 8 / 2**20:.0f} MiB per group (int64)"
+    )
 
 
 if __name__ == "__main__":

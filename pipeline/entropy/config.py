@@ -35,7 +35,7 @@ class EntropyConfig(SplitSelection):
         default=True, description="count whole codes: distinct codes, plug-in and joint estimates"
     )
     pair_bits: int = Field(
-        default=256, ge=0, description="bits in the Chow–Liu upper bound's pairwise statistics (0: no bound)"
+        default=64, ge=0, description="bits in the Chow–Liu upper bound's pairwise statistics (0: no bound)"
     )
     equal_n: int | None = Field(
         default=None, ge=2, description="subsample every group to this many rows (seeded) [no subsampling]"

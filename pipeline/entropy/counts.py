@@ -258,26 +258,34 @@ def batch_counts(
     spans = list(itertools.pairwise(bounds))
     ones = np.stack([sorted_bits[lo:hi].sum(0, dtype=np.int32) for lo, hi in spans]).astype(np.int64)
     counts = GroupCounts(keys[present], np.diff(bounds).astype(np.int64), ones)
-    if spec.bootstrap:
-        weights = poisson_weights(doc_ids[order], spec.bootstrap, spec.bootstrap_seed)
+    weights = poisson_weights(doc_ids[order], spec.bootstrap, spec.bootstrap_seed) if spec.bootstrap else None
+    if weights is not None:
         counts.boot_rows = np.add.reduceat(weights, bounds[:-1], axis=1)
-        w, b = torch.from_numpy(weights).to(torch.float32), torch.from_numpy(sorted_bits).to(torch.float32)
-        # float32 sums of weights <= 20 over at most batch_rows rows stay exact integers below 2**24
-        boot = [w[:, lo:hi] @ b[lo:hi] for lo, hi in spans]
-        counts.boot_ones = torch.stack(boot, 1).round().to(torch.int64).numpy()
+        counts.boot_ones = grouped_products(weights.T, sorted_bits, bounds).transpose(1, 0, 2)
     if spec.pair_bits:
-        chosen = torch.from_numpy(sorted_bits[:, list(spec.pair_bits)]).to(torch.float32)
-        # float32 sums of 0/1 products over at most batch_rows < 2**24 rows are exact integers
-        counts.pairs = (
-            torch.stack([chosen[lo:hi].T @ chosen[lo:hi] for lo, hi in spans]).to(torch.int64).numpy()
-        )
+        chosen = sorted_bits[:, list(spec.pair_bits)]
+        counts.pairs = grouped_products(chosen, chosen, bounds)
     if spec.joint:
         group = np.repeat(counts.keys, counts.rows)
-        boot = (
-            poisson_weights(doc_ids[order], spec.bootstrap, spec.bootstrap_seed) if spec.bootstrap else None
-        )
-        counts.codes = CodeTable.of_rows(group, code_hashes(np.packbits(sorted_bits, axis=1)), boot)
+        counts.codes = CodeTable.of_rows(group, code_hashes(np.packbits(sorted_bits, axis=1)), weights)
     return counts
+
+
+def padded_groups(values: np.ndarray, bounds: np.ndarray) -> torch.Tensor:
+    """float32 [G, n_max, k]: each group's rows (``bounds[g]:bounds[g+1]`` of ``values``), zero-padded."""
+    sizes = np.diff(bounds)
+    padded = np.zeros((len(sizes), int(sizes.max(initial=0)), values.shape[1]), np.float32)
+    slot = np.arange(len(values)) - np.repeat(bounds[:-1], sizes)
+    padded[np.repeat(np.arange(len(sizes)), sizes), slot] = values
+    return torch.from_numpy(padded)
+
+
+def grouped_products(left: np.ndarray, right: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """int64 [G, a, b]: Σ over each group's rows of leftᵀ·right ([n, a] and [n, b], small integers),
+    as one batched product. float32 sums stay exact integers below 2**24 (at most batch_rows rows
+    of 0/1 bits times Poisson weights ≤ 20)."""
+    x, y = padded_groups(left, bounds), padded_groups(right, bounds)
+    return torch.bmm(x.transpose(1, 2), y).round().to(torch.int64).numpy()
 
 
 def count_groups(
