@@ -8,8 +8,9 @@ reduction with Σ H_b only (read the Zarr store, decode float16, encode, per-pos
 each unit's partial counts) on local dask threads; the same with every estimator on (whole-code
 hashes and counts, pair counts of 64 bits for the Chow–Liu bound as by default, 32 bootstrap
 replicates) followed by the estimates themselves (NSB, Chow–Liu trees, verdicts); and the Σ H_b
-reduction again with every partial already on disk (a resumed run's cost). ``--pair-cost`` also times the Chow–Liu bound's
-parts at d' = 8192 with all bits paired: the BᵀB GEMM per batch of 4096 rows and the tree per group.
+reduction again with every partial already on disk (a resumed run's cost). ``--pair-cost`` also
+times the Chow–Liu bound's parts at d' = 8192 with all bits paired: the BᵀB GEMM per batch of 4096
+rows and the tree per group.
 """
 
 from __future__ import annotations
