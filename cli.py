@@ -16,7 +16,7 @@ from bae.common.command import config_command, switch
 from bae.common.configs import load_config
 from bae.common.errors import BaeError
 from bae.pipeline.entropy.config import EntropyConfig
-from bae.pipeline.features.config import FeaturesConfig
+from bae.pipeline.features.config import SCAN_FIELDS, FeaturesConfig
 from bae.pipeline.harvest.config import HarvestConfig
 from bae.pipeline.harvest.icl import IclPromptsConfig
 from bae.stores.importer import ImportConfig, StoreRef
@@ -101,18 +101,7 @@ app.command("entropy")(
     )
 )
 
-SCAN = [
-    "store",
-    "checkpoint",
-    "out",
-    "layer",
-    "valid_only",
-    "positions",
-    "split",
-    "val_fraction",
-    "split_seed",
-]
-SCAN += ["max_rows", "batch_rows", "scheduler"]
+SCAN = [*SCAN_FIELDS, "out", "batch_rows", "scheduler"]
 LLM = ["interpret.backend", "interpret.model", "interpret.base_url", "interpret.threshold"]
 LLM += ["interpret.max_features"]
 

@@ -97,6 +97,11 @@ def _flag_type(annotation: Any) -> Any:
     return Optional[str]  # noqa: UP045 (Literal choices, int lists, unions: the config parses them)
 
 
+def _is_number_list(annotation: Any) -> bool:
+    base = _base(annotation)
+    return typing.get_origin(base) is list and typing.get_args(base) in ((int,), (float,))
+
+
 def _default_text(field: FieldInfo) -> str | None:
     if field.is_required():
         return None
@@ -183,6 +188,8 @@ def flag_values(flags: list[FieldFlag], given: dict[str, Any]) -> dict[str, Any]
             value = alias if value is None else value
         if value is None or value == []:
             continue
+        if isinstance(value, str) and _is_number_list(f.field.annotation):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # "0.1,0.2" -> the config parses each
         node = data
         for key in f.path[:-1]:
             node = node.setdefault(key, {})

@@ -56,6 +56,20 @@ class InterpretConfig(StrictModel):
     cache_dir: str | None = Field(default=None, description="prompt/answer cache [<out>/llm_cache]")
 
 
+# the fields that decide which rows a pass reads and how they are encoded
+SCAN_FIELDS = (
+    "store",
+    "checkpoint",
+    "layer",
+    "valid_only",
+    "positions",
+    "split",
+    "val_fraction",
+    "split_seed",
+    "max_rows",
+)
+
+
 class FeaturesConfig(SplitSelection):
     """Frequencies, top contexts, interpretation and comparison of autoencoder features over a store."""
 
@@ -79,7 +93,10 @@ class FeaturesConfig(SplitSelection):
     )
     batch_rows: int = Field(default=1024, ge=1, description="rows encoded at once (bounds memory)")
     scheduler: str | None = Field(default=None, description="dask scheduler address [local threads]")
-    dense_thresholds: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.5])
+    dense_thresholds: list[float] = Field(
+        default_factory=lambda: [0.1, 0.2, 0.5],
+        description="firing frequencies that count as dense, e.g. 0.1,0.5",
+    )
     top_k: int = Field(default=20, ge=1, description="contexts kept per feature")
     context_before: int = Field(default=16, ge=0, description="tokens shown before the active one")
     context_after: int = Field(default=4, ge=0, description="tokens shown after the active one")
@@ -111,17 +128,7 @@ class FeaturesConfig(SplitSelection):
         """The fields that shape one stage's output (what a re-run must match); operational ones
         (output path, scheduler, batch size, retries, concurrency, cache) are left out."""
         data = self.model_dump(mode="json")
-        scan = [
-            "store",
-            "checkpoint",
-            "layer",
-            "valid_only",
-            "positions",
-            "split",
-            "val_fraction",
-            "split_seed",
-            "max_rows",
-        ]
+        scan = list(SCAN_FIELDS)
         contexts = ["top_k", "z_score", "seed", "tokenizer", "context_before", "context_after"]
         sampling = ["features_per_token", "n_explain", "n_test", "n_negative", "negative_pool"]
         judging = [

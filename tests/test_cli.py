@@ -1,0 +1,104 @@
+"""The command tree generated from the configs: one flag style across commands, real defaults in
+help, old spellings kept as hidden aliases, bad values refused with one clear message."""
+
+from __future__ import annotations
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from bae.cli import app
+from bae.common.errors import BaeError
+
+COMMAND = typer.main.get_command(app)
+
+
+def leaf_commands(
+    group: click.Group = COMMAND, path: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], click.Command]:  # type: ignore[assignment]
+    out: dict[tuple[str, ...], click.Command] = {}
+    for name, cmd in group.commands.items():  # type: ignore[attr-defined]
+        if isinstance(cmd, click.Group):
+            out.update(leaf_commands(cmd, (*path, name)))
+        else:
+            out[(*path, name)] = cmd
+    return out
+
+
+def options(cmd: click.Command) -> dict[str, list[str]]:
+    """Each option's long flag -> all its spellings (visible ones only)."""
+    return {
+        p.opts[0]: [*p.opts, *p.secondary_opts]
+        for p in cmd.params
+        if isinstance(p, click.Option) and not p.hidden
+    }
+
+
+@pytest.mark.parametrize("path", sorted(leaf_commands()), ids=" ".join)
+def test_flags_mean_the_same_everywhere(path: tuple[str, ...]) -> None:
+    opts = options(leaf_commands()[path])
+    shorts = {s: long for long, spellings in opts.items() for s in spellings if not s.startswith("--")}
+    expected = {
+        "-o": "--out",
+        "-s": "--store",
+        "-a": "--checkpoint",
+        "-m": "--model",
+        "-l": "--layer",
+        "-c": "--config",
+    }
+    for short, long in shorts.items():
+        if short in expected:
+            assert long == expected[short], (
+                f"{' '.join(path)}: {short} is {long}, elsewhere {expected[short]}"
+            )
+    for long, short in (("--out", "-o"), ("--store", "-s"), ("--checkpoint", "-a")):
+        if long in opts:
+            assert short in opts[long], f"{' '.join(path)}: {long} lacks {short}"
+    assert "--output" not in opts  # the old harvest spelling is a hidden alias, not a second flag
+
+
+def test_help_shows_real_defaults() -> None:
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    line = next(ln for ln in result.output.splitlines() if "--steps" in ln)
+    assert "[default: 10000]" in line and "None" not in line
+
+
+def test_hidden_output_alias_still_sets_the_store_path() -> None:
+    from bae.common.command import field_flags, flag_values
+    from bae.pipeline.harvest.config import HarvestConfig
+
+    flags = field_flags(HarvestConfig)
+    given = {"out__alias0": "old.zarr"}
+    assert HarvestConfig(**flag_values(flags, given)).out == "old.zarr"
+    given["out"] = "new.zarr"  # the visible flag wins
+    assert HarvestConfig(**flag_values(flags, given)).out == "new.zarr"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["entropy", "--store", "s", "--checkpoint", "c", "--positions", "9-3"], "positions '9-3'"),
+        (["entropy", "--store", "s", "--checkpoint", "c", "--positions", "last"], "positions 'last'"),
+        (
+            ["train", "--store", "s", "--layer", "1", "--out", "o", "--steps", "5", "--tokens", "9"],
+            "either steps",
+        ),
+        (["features", "frequency", "--dense-thresholds", "0.1,2"], "dense_thresholds"),
+    ],
+)
+def test_bad_values_are_one_clear_error(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, BaeError), result.output
+    assert message in str(result.exception) and "\n" not in str(result.exception)
+
+
+def test_one_positions_syntax() -> None:
+    from bae.common.selection import parse_positions
+
+    assert parse_positions("0-3,8") == [0, 1, 2, 3, 8]
+    assert parse_positions([5, 1, 5]) == [1, 5]
+    assert parse_positions("all") == "all" and parse_positions("last") == "last"
+    with pytest.raises(BaeError, match="expected all, or integers"):
+        parse_positions("last", allow_last=False)
