@@ -96,7 +96,7 @@ class CodeTable:
         new = np.ones(len(g), dtype=bool)
         new[1:] = (g[1:] != g[:-1]) | (h[1:, 0] != h[:-1, 0]) | (h[1:, 1] != h[:-1, 1])
         starts = np.flatnonzero(new)
-        boot = None if self.boot is None else np.add.reduceat(self.boot[order], starts, axis=0)
+        boot = None if self.boot is None else np.add.reduceat(self.boot[order], starts, 0, np.int32)
         return CodeTable(g[starts], h[starts], np.add.reduceat(self.count[order], starts), boot)
 
     def merge(self, other: CodeTable, max_distinct: int = DEFAULT_MAX_DISTINCT) -> CodeTable:

@@ -2,9 +2,10 @@
 
 ``--equal-n N`` keeps, in every group, the N rows with the smallest seeded hash of their store row
 index: a uniform sample without replacement, the same in any unit order or on any worker. Null
-groups partition the selection at random (a second hash) into groups of about ``total / n`` rows,
-each then cut to exactly n rows the same way; their estimates show what a group of that size reads
-when the grouping means nothing. Both need one pass over the row arrays (no hidden states) first.
+groups partition the selection at random (a second hash) into parts of n + 4√n rows on average,
+each then cut to exactly n rows the same way (a part short of n rows, rare, is dropped); their
+estimates show what a group of that size reads when the grouping means nothing. Both need one pass
+over the row arrays (no hidden states) first.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def plan_sample(
                 f"--equal-n {equal_n} exceeds the size of {len(small)} group(s): {shown}; choose at most "
                 f"{min(v for _, v in small)} or leave those groups out (e.g. with --positions)"
             )
-    partitions = sum(sizes.values()) // max(n, 1)
+    # parts of expected size n + 4√n: each holds at least n rows but with probability ~3e-5
+    partitions = sum(sizes.values()) // max(int(np.ceil(n + 4 * np.sqrt(n))), 1)
     null = (partitions, min(null_groups, partitions) if n >= 2 else 0)
     if equal_n is None and not null[1]:
         return RowSample(plan.seed), sizes
