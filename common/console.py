@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -46,7 +46,7 @@ def human_count(n: float) -> str:
 
 def format_summary(title: str, rows: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> str:
     """A titled block of aligned ``key  value`` lines."""
-    items = list(rows.items() if isinstance(rows, Mapping) else rows)
+    items = cast(list[tuple[str, Any]], list(rows.items() if isinstance(rows, Mapping) else rows))
     width = max((len(k) for k, _ in items), default=0)
     lines = [title] + [f"  {k.ljust(width)}  {v}" for k, v in items]
     return "\n".join(lines)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import dask
 import dask.bag as db
+import dask.config
 import numpy as np
 import torch
 from dask.callbacks import Callback
@@ -22,6 +23,9 @@ from dask.callbacks import Callback
 from bae.common.console import progress
 from bae.stores import ActivationStore, RowFilter, iter_unit_rows
 from bae.trainer import Autoencoder, load_autoencoder
+
+if TYPE_CHECKING:
+    from distributed import Future
 
 T = TypeVar("T")
 
@@ -99,6 +103,6 @@ def map_reduce_units(
         from distributed import Client
 
         with Client(scheduler) as client:
-            return client.compute(folded).result()
+            return cast("Future", client.compute(folded)).result()  # one collection in: one future out
     with _TaskProgress(desc, show_progress), dask.config.set(scheduler="threads"):
         return folded.compute()

@@ -30,6 +30,7 @@ def checkpoint_names(checkpoints: list[str]) -> list[str]:
 def compare_row(name: str, config: FeaturesConfig, interpret: bool, show_progress: bool) -> dict[str, Any]:
     freq = run_frequency(config, show_progress, quiet=True)
     s = freq.summary
+    assert config.checkpoint is not None  # set by for_checkpoint; run_frequency needs it
     architecture = read_model_config(resolve_model_dir(config.checkpoint))["architecture"]
     row: dict[str, Any] = {"name": name, "architecture": architecture, "features": s["features"]}
     row.update({k: v for k, v in s.items() if k.startswith(("dense>", "oriented_dense>"))})

@@ -195,6 +195,7 @@ def feature_records(
     """One record per feature: frequency, assigned count, top contexts and ComSem samples with text."""
     n_features = len(freq.frequency)
     neg_rows = part.negatives.row[0]
+    assert part.negatives.extra is not None and part.contexts.extra is not None  # both made with extra
     neg_feats = part.negatives.extra[0]
     neg_ok = neg_rows >= 0
     neg_rows, neg_feats = neg_rows[neg_ok], neg_feats[neg_ok]
@@ -260,7 +261,8 @@ def run_contexts(config: FeaturesConfig, show_progress: bool = True, quiet: bool
     path = out / CONTEXTS_JSON
     recorded = read_json(path)
     if check_recorded(f"contexts output {path}", recorded and recorded["config"], config, "contexts"):
-        data = recorded
+        assert recorded is not None  # check_recorded is False for a missing file
+        data: dict[str, Any] = recorded
     else:
         spec = scan_spec(config)
         store, model = spec.open()

@@ -155,7 +155,8 @@ def plot_histogram(
         series.append(("oriented min(f, 1-f)", np.minimum(freq, 1 - freq)))
     for label, values in series:
         live = values[values > 0]
-        ax.hist(np.log10(live), bins=bins, alpha=0.6, label=f"{label} ({len(values) - len(live)} at 0)")
+        # matplotlib's stub wants a Sequence for bins; it takes any array-like
+        ax.hist(np.log10(live), bins=bins, alpha=0.6, label=f"{label} ({len(values) - len(live)} at 0)")  # pyright: ignore[reportArgumentType]
     for t in summary_thresholds(summary):
         ax.axvline(math.log10(t), color="k", linestyle=":", linewidth=0.8)
     ax.set_yscale("log")
@@ -191,6 +192,7 @@ def run_frequency(
     path = out / FREQUENCY_JSON
     recorded = read_json(path)
     if check_recorded(f"frequency output {path}", recorded and recorded["config"], config, "frequency"):
+        assert recorded is not None  # check_recorded is False for a missing file
         result = FrequencyResult(
             recorded["summary"],
             np.asarray(recorded["frequency"]),

@@ -117,7 +117,8 @@ def run_interpret(config: FeaturesConfig, show_progress: bool = True, quiet: boo
     recorded = read_json(path)
     data = run_contexts(config, show_progress, quiet=True)
     if check_recorded(f"interpretation {path}", recorded and recorded["config"], config, "interpret"):
-        result = recorded
+        assert recorded is not None  # check_recorded is False for a missing file
+        result: dict[str, Any] = recorded
     else:
         it = config.interpret
         chat = CachedChat(make_backend(it), Path(it.cache_dir or out / "llm_cache"), it)
@@ -133,9 +134,10 @@ def run_interpret(config: FeaturesConfig, show_progress: bool = True, quiet: boo
             for future in pending:
                 future.cancel()
             for future in done:
-                if future.exception() is not None:
+                exc = future.exception()
+                if exc is not None:
                     bar.close()
-                    raise future.exception()
+                    raise exc
                 verdicts[futures[future]] = future.result()
         bar.close()
         features = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from bae.common.errors import BaeError
@@ -14,7 +16,7 @@ from bae.stores import ActivationStore, RowFilter
 def scan_spec(config: FeaturesConfig, checkpoint: str | None = None) -> ScanSpec:
     """Open the store and checkpoint named by ``config`` and check that they belong together."""
     url = config.need("store")
-    checkpoint = checkpoint or config.need("checkpoint")
+    checkpoint = checkpoint or cast(str, config.need("checkpoint"))
     store = ActivationStore.open(url)
     _, layer = load_for_store(store, checkpoint, config.layer)
     units = [int(u) for u in np.flatnonzero(store.done_mask())]

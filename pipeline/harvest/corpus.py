@@ -178,7 +178,7 @@ def _is_saved_dataset(path: Path) -> bool:
 
 def _dataset_docs(path: Path, name: str, text_field: str) -> Iterator[Document]:
     try:
-        import datasets
+        import datasets  # pyright: ignore[reportMissingImports]  # optional: only for saved datasets
     except ImportError:
         raise BaeError(
             f"corpus {path} is a saved `datasets` dataset; install the `datasets` package to read it"

@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ def _pending_bytes(out: str, layout: StoreLayout) -> int:
         done = ActivationStore.open(out).done_mask()
     except BaeError:
         done = np.zeros(layout.n_units, dtype=bool)
-    pending = sum(layout.unit_range(u)[1] - layout.unit_range(u)[0] for u in np.flatnonzero(~done))
+    pending = sum(layout.unit_range(int(u))[1] - layout.unit_range(int(u))[0] for u in np.flatnonzero(~done))
     return int(pending) * layout.bytes_per_row
 
 
@@ -163,7 +163,8 @@ class Prepared:
 def prepare(cfg: HarvestConfig, state: PartialState) -> Prepared:
     """Read the corpus, load the model, tokenize, plan units and lay out the store."""
     corpus = load_corpus(cfg.corpus, cfg.text_field, cfg.line_docs, cfg.encoding_errors)
-    loaded = load_model(cfg.model, cfg.model_dtype, state.device, cfg.device_map)
+    # PartialState sets its device on creation
+    loaded = load_model(cfg.model, cfg.model_dtype, cast(torch.device, state.device), cfg.device_map)
     layers = check_layers(cfg.layers if cfg.layers is not None else [loaded.n_layers // 2], loaded.n_layers)
     if loaded.max_positions is not None and cfg.context_length > loaded.max_positions:
         raise BaeError(

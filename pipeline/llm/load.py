@@ -92,7 +92,7 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
         # save_pretrained refuses a model that carries a (GGUF) quantization_config: rebuild it plain
         config = loaded.config
         if hasattr(config, "quantization_config"):
-            del config.quantization_config
+            delattr(config, "quantization_config")  # set on GGUF loads only: not a declared attribute
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(loaded.state_dict())
         plain.save_pretrained(tmp)
@@ -156,7 +156,8 @@ def load_model(
         model_id = str(path.resolve()) if path.exists() else spec
         revision = getattr(model.config, "_commit_hash", None)
     if device_map is None:
-        model.to(device)
+        # transformers wraps `to` with functools.wraps(nn.Module.to), which pyright binds wrongly
+        model.to(device)  # pyright: ignore[reportArgumentType]
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, revision=revision)
 
 
