@@ -6,15 +6,18 @@ its ``--config`` file field and its help text are one declaration.
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from bae.common.command import config_command, switch
 from bae.common.configs import load_config
 from bae.common.errors import BaeError
+from bae.pipeline.entropy.calibrate import CalibrateConfig
 from bae.pipeline.entropy.config import EntropyConfig
 from bae.pipeline.features.config import SCAN_FIELDS, FeaturesConfig
 from bae.pipeline.harvest.config import HarvestConfig
@@ -93,13 +96,52 @@ app.command("train")(
         "Fit a Binary Autoencoder (or a baseline SAE) on a store layer; re-run to resume.",
     )
 )
-app.command("entropy")(
-    config_command(
-        EntropyConfig,
-        _entropy,
-        "Feature-set entropy per token position (or another grouping) over a whole store.",
+
+
+def _calibrate(config: CalibrateConfig, show_progress: bool) -> None:
+    from bae.pipeline.entropy.calibrate import run_calibrate
+
+    run_calibrate(config, show_progress)
+
+
+def entropy_group(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` as the callback of the ``entropy`` group: it runs when no subcommand is given, so
+    ``bae entropy --store ... --checkpoint ...`` is today's command and ``bae entropy calibrate``
+    a subcommand beside it."""
+
+    def callback(ctx: typer.Context, **given: Any) -> None:
+        if ctx.invoked_subcommand is None:
+            command(**given)
+
+    ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    params = [ctx, *inspect.signature(command).parameters.values()]
+    callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    callback.__doc__ = command.__doc__
+    return callback
+
+
+entropy_app = typer.Typer(invoke_without_command=True)
+entropy_app.callback()(
+    entropy_group(
+        config_command(
+            EntropyConfig,
+            _entropy,
+            "Feature-set entropy per token position (or another grouping) over a whole store.\n\n"
+            "`bae entropy calibrate` first measures how close training and the estimators get to a known "
+            "entropy on synthetic data of the store's scale.",
+        )
     )
 )
+entropy_app.command("calibrate")(
+    config_command(
+        CalibrateConfig,
+        _calibrate,
+        "Train and measure on synthetic stores of known code entropy at a store layer's d and scale; "
+        "a table of truth vs estimate (run it before trusting an entropy number).\n\n"
+        "Takes every `bae train` option, applied to each synthetic set as given; re-running resumes.",
+    )
+)
+app.add_typer(entropy_app, name="entropy")
 
 SCAN = [*SCAN_FIELDS, "out", "batch_rows", "scheduler"]
 LLM = ["interpret.backend", "interpret.model", "interpret.base_url", "interpret.threshold"]
