@@ -33,6 +33,7 @@ def _timed(fn) -> float:
 
 
 def main() -> None:
+    assert __doc__ is not None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0, help="float16 payload to write and read")
     parser.add_argument("--d", type=int, default=1024)

@@ -10,6 +10,7 @@ from bae_testing.stores import synthetic_rows, write_units
 
 from bae.common.errors import BaeError
 from bae.stores import ActivationStore, StoreLayout
+from bae.stores.layout import LogicalDtype
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -32,7 +33,9 @@ def test_large_chunks_checksummed_beside_the_write_are_identical_to_zarr(tmp_pat
     _assert_identical_to_zarr(tmp_path, 2500, 1024, 512, "float32", True)
 
 
-def _assert_identical_to_zarr(tmp_path: Path, n: int, unit_rows: int, d: int, dtype: str, checksum: bool):
+def _assert_identical_to_zarr(
+    tmp_path: Path, n: int, unit_rows: int, d: int, dtype: LogicalDtype, checksum: bool
+):
     layout = StoreLayout(
         n_rows=n, unit_rows=unit_rows, d_model=d, layers=[1, 4], dtype=dtype, checksum=checksum
     )

@@ -114,9 +114,15 @@ def test_local_cluster_equals_threads(known, tmp_path):
     from distributed import LocalCluster
 
     local = entropy(known, tmp_path / "threads", bootstrap=8, group_by="k")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    # distributed leaves dashboard_address unannotated (pyright infers str from ":8787"; None turns the
+    # dashboard off), and `with` yields sync(__aenter__), which pyright reads as a coroutine
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:  # pyright: ignore[reportArgumentType]
         remote = entropy(
-            known, tmp_path / "cluster", bootstrap=8, group_by="k", scheduler=cluster.scheduler_address
+            known,
+            tmp_path / "cluster",
+            bootstrap=8,
+            group_by="k",
+            scheduler=cluster.scheduler_address,  # pyright: ignore[reportAttributeAccessIssue]
         )
     np.testing.assert_equal(remote, local)  # NaN == NaN
     assert len(list((tmp_path / "cluster" / "partials").glob("*/unit-*.npz.zst"))) == known[0].n_units

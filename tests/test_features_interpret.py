@@ -9,7 +9,7 @@ import pytest
 from bae_testing.features import ChatServer, make_text_store, save_autoencoder, save_tokenizer
 
 from bae.common.errors import BaeError
-from bae.pipeline.features.config import FeaturesConfig
+from bae.pipeline.features.config import FeaturesConfig, InterpretConfig
 from bae.pipeline.features.interpret import run_interpret
 from bae.pipeline.features.llm_client import clean_explanation, parse_yes_no
 
@@ -32,7 +32,10 @@ def _config(tmp: Path, checkpoint: Path, out: str, url: str, **interpret) -> Fea
         **interpret,
     }
     return FeaturesConfig(
-        store=str(tmp / "store.zarr"), checkpoint=str(checkpoint), out=str(tmp / out), interpret=options
+        store=str(tmp / "store.zarr"),
+        checkpoint=str(checkpoint),
+        out=str(tmp / out),
+        interpret=InterpretConfig.model_validate(options),
     )
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -224,11 +225,11 @@ def read_all(path: Path) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(path), mode="r")
     out = {}
     for name in ("token_ids", "doc_ids", "positions", "valid", "units/done", "units/clamped"):
-        out[name] = group[name][:]
-    for name in group["layers"].array_keys():
-        out[f"layers/{name}"] = group[f"layers/{name}"][:]
-    for name in group["documents"].array_keys():
-        out[f"documents/{name}"] = group[f"documents/{name}"][:]
+        out[name] = cast(zarr.Array, group[name])[:]
+    for name in cast(zarr.Group, group["layers"]).array_keys():
+        out[f"layers/{name}"] = cast(zarr.Array, group[f"layers/{name}"])[:]
+    for name in cast(zarr.Group, group["documents"]).array_keys():
+        out[f"documents/{name}"] = cast(zarr.Array, group[f"documents/{name}"])[:]
     return out
 
 
@@ -349,7 +350,7 @@ def test_a_moved_store_resumes_where_it_is(models, corpus, tmp_path):
             out=str(tmp_path / "moved"),
             model=str(models["gpt2"]),
             corpus=[str(corpus)],
-            layers="1",
+            layers="1",  # pyright: ignore[reportArgumentType]  # parsed by a before-validator, as from the CLI
             context_length=16,
             max_tokens=200,
         ),

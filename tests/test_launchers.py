@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import zarr
@@ -48,7 +49,9 @@ def test_accelerate_launch_harvest_then_train(tmp_path):
         zarr.open_group(str(tmp_path / "multi"), mode="r"),
     )
     for name in ("layers/2", "token_ids", "doc_ids", "positions", "valid"):
-        np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+        np.testing.assert_array_equal(
+            cast(zarr.Array, a[name])[:], cast(zarr.Array, b[name])[:], err_msg=name
+        )
     assert single.meta["config"] | {"output": None} == multi.meta["config"] | {"output": None}
 
     train = ["train", "--store", str(tmp_path / "multi"), "--layer", "2", "--out", str(tmp_path / "bae")]

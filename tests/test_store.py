@@ -148,6 +148,7 @@ def test_sigkill_at_arbitrary_moments_then_rerun_is_identical(tmp_path):
     cmd, env = _writer(tmp_path, str(tmp_path / "s"), "full")
     for target in ("unit 2", "unit 7", "unit 11"):
         proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
         for line in proc.stdout:
             if line.strip() == target:
                 time.sleep(0.005)  # inside the unit's writes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def bits() -> torch.Tensor:
 def test_reconstruction_is_per_element_mean() -> None:
     x, y = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
     expected = sum((x[i, j] - y[i, j]) ** 2 for i in range(5) for j in range(7)) / 35
-    assert torch.isclose(reconstruction_loss(x, y), expected)
+    assert torch.isclose(reconstruction_loss(x, y), cast(torch.Tensor, expected))
 
 
 def test_entropy_is_sum_of_binary_entropies_in_bits(bits: torch.Tensor) -> None:
@@ -74,6 +75,7 @@ def test_step_forward_and_straight_through_gradient(threshold: str) -> None:
     assert h.tolist() == [0.0, zero, 1.0, 1.0]
     upstream = torch.tensor([1e-6, -2.5, 3.0, 0.5])
     h.backward(upstream)
+    assert z.grad is not None
     assert torch.equal(z.grad, upstream)
 
 
@@ -81,6 +83,7 @@ def test_sigmoid_estimator_gradient() -> None:
     z = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
     binary_step(z, "gt", "sigmoid", temperature=0.5).backward(torch.ones(3))
     s = torch.sigmoid(z.detach() / 0.5)
+    assert z.grad is not None
     assert torch.allclose(z.grad, s * (1 - s) / 0.5)
 
 

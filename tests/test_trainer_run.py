@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO, cast
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def store(tmp_path_factory) -> Path:
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while not path.exists():
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, cast(IO[str], proc.stderr).read()
         assert time.monotonic() < end
         time.sleep(0.005)
 
@@ -167,6 +168,7 @@ def test_torchrun_two_processes_end_identical(store: Path, tmp_path: Path) -> No
         f"save_file(model.state_dict(), {str(tmp_path)!r} + f'/rank{{rank}}.safetensors')\n"
     )
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
     proc = subprocess.run(
         [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(script)],
         capture_output=True,

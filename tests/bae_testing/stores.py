@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import zarr
@@ -59,7 +60,9 @@ def assert_stores_identical(a: str | Path, b: str | Path) -> None:
     )
     assert names_a == names_b
     for name in names_a:
-        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
+        np.testing.assert_array_equal(
+            cast(zarr.Array, ga[name])[:], cast(zarr.Array, gb[name])[:], err_msg=name
+        )
 
 
 def run_bae(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers as T
@@ -31,7 +32,7 @@ def make_tokenizer() -> T.PreTrainedTokenizerFast:
 
 
 def tiny_config(kind: str, vocab: int, max_positions: int = 128) -> T.PretrainedConfig:
-    common = {"vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    common: dict[str, Any] = {"vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     if kind == "gpt2":
         return T.GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=max_positions, **common)
     if kind == "llama":
