@@ -187,7 +187,8 @@ def test_arrays_round_trip_and_cap(tmp_path):
     h = code_hashes(np.packbits(rng.random((100, 64)) < 0.5, axis=1))
     for weights in (None, rng.poisson(1.0, (4, 100))):
         table = CodeTable.of_rows(np.arange(100) % 3, h, weights)
-        np.savez(tmp_path / "t.npz", **table.arrays())
+        # numpy's stub lets **arrays bind to its `allow_pickle: bool` keyword
+        np.savez(tmp_path / "t.npz", **table.arrays())  # pyright: ignore[reportArgumentType]
         with np.load(tmp_path / "t.npz") as data:
             back = CodeTable.from_arrays({k: data[k] for k in data.files})
         _assert_tables_equal(back, table)
@@ -494,6 +495,7 @@ def test_whole_codes_counted_exactly_at_128_bits(wide):
         assert columns["distinct_codes"][i] == len(ref) and columns["singletons"][i] == (ref == 1).sum()
         assert columns["joint_plugin_bits"][i] == pytest.approx(plugin_entropy(ref), abs=1e-12)
         chosen = codes[:, [0, 5, 127]].astype(np.int64)
+        assert counts.pairs is not None
         np.testing.assert_array_equal(counts.pairs[i], chosen.T @ chosen)
 
 
@@ -550,6 +552,8 @@ def test_local_cluster_equals_threads_with_joint_pairs_bootstrap(wide, tmp_path)
     kw = {"bootstrap": 4, "null_groups": 2}
     local = _run(wide, tmp_path / "threads", **kw)
     assert {"joint_bits", "upper_bits", "joint_ci_low", "ci_low"} <= set(local)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        remote = _run(wide, tmp_path / "cluster", scheduler=cluster.scheduler_address, **kw)
+    # distributed leaves dashboard_address unannotated (pyright infers str from ":8787"; None turns the
+    # dashboard off), and `with` yields sync(__aenter__), which pyright reads as a coroutine
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:  # pyright: ignore[reportArgumentType]
+        remote = _run(wide, tmp_path / "cluster", scheduler=cluster.scheduler_address, **kw)  # pyright: ignore[reportAttributeAccessIssue]
     np.testing.assert_equal(remote, local)  # NaN == NaN
