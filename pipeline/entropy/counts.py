@@ -142,7 +142,8 @@ class GroupCounts:
         }
         codes = self.codes.arrays() if self.codes is not None else {}
         buffer = io.BytesIO()
-        np.savez(buffer, **small, **codes)
+        # numpy's stub binds **arrays to its `allow_pickle: bool` keyword
+        np.savez(buffer, **small, **codes)  # pyright: ignore[reportArgumentType]
         atomic_write_bytes(path, Zstd(level=1).encode(buffer.getvalue()))
 
     @classmethod

@@ -100,7 +100,7 @@ def estimate_columns(
         "varying_bits": varying,
         "code_bits": np.full(len(counts.keys), n_bits),
     }
-    if counts.boot_rows is not None:
+    if counts.boot_rows is not None and counts.boot_ones is not None:
         columns["ci_low"], columns["ci_high"] = percentile_interval(
             set_entropy(counts.boot_ones, counts.boot_rows), confidence
         )

@@ -71,7 +71,10 @@ def plot_entropy(series: list[dict[str, Any]], group_by: str, path: Path) -> Pat
         numeric = all(isinstance(v, (int, float, np.integer, np.floating)) for v in values)
         ticks = sorted(set(map(str, values))) if not numeric else None
         for i, s in enumerate(series):
-            x = np.asarray(s["x"], np.float64) if numeric else np.array([ticks.index(str(v)) for v in s["x"]])
+            if ticks is None:
+                x = np.asarray(s["x"], np.float64)
+            else:
+                x = np.array([ticks.index(str(v)) for v in s["x"]])
             draw_series(ax, x, s, f"C{i % 10}")
         if ticks is not None:
             ax.set_xticks(range(len(ticks)), ticks, rotation=30 if len(ticks) > 8 else 0)

@@ -43,9 +43,9 @@ def true_entropy(kind: str, r: int, p_sparse: float, q_flip: float) -> float:
     if kind == "independent":
         return float(r)
     if kind == "markov":
-        return float(1 + (r - 1) * binary_entropy(np.float64(q_flip)))
+        return float(1 + (r - 1) * binary_entropy(np.asarray(q_flip)))
     if kind == "sparse":
-        return float(r * binary_entropy(np.float64(p_sparse)))
+        return float(r * binary_entropy(np.asarray(p_sparse)))
     raise BaeError(f"unknown synthetic kind {kind!r}: expected one of {', '.join(KINDS)}")
 
 
