@@ -27,7 +27,6 @@ from bae.stores.layout import (
     SCHEMA_VERSION,
     StoreLayout,
     any_nonfinite,
-    decode_tensor,
     decode_values,
     physical,
     settle_nonfinite,
@@ -341,10 +340,6 @@ class ActivationStore:
     def read_layer(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a layer as float32."""
         return decode_values(cast(np.ndarray, self._layer_array(layer)[start:stop]), self.layout.dtype)
-
-    def read_layer_tensor(self, layer: int, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of a layer as a float32 torch tensor."""
-        return decode_tensor(self._layer_array(layer)[start:stop], self.layout.dtype)
 
     def read_layer_physical(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of a layer as stored (float16, uint16 bfloat16 bits, or float32)."""
