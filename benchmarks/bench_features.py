@@ -21,6 +21,7 @@ from bae.pipeline.features.frequency import run_frequency
 from bae.pipeline.features.spec import scan_spec
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder
+from bae.trainer.provenance import Provenance
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
     for arch in ("bae", "relu_sae"):
         model = build_autoencoder(
-            ModelConfig(architecture=arch, d_model=d, expansion=args.expansion), {"layer": 0}
+            ModelConfig(architecture=arch, d_model=d, expansion=args.expansion), Provenance(layer=0)
         )
         model.save_pretrained(tmp / arch)
         config = FeaturesConfig(

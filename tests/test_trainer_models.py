@@ -11,6 +11,7 @@ import torch
 
 from bae.common.errors import BaeError
 from bae.trainer import ModelConfig, build_autoencoder, load_autoencoder
+from bae.trainer.config import Architecture
 from bae.trainer.models import BinaryAutoencoder, binary_step
 from bae.trainer.objectives import (
     Objective,
@@ -111,7 +112,7 @@ def test_topk_keeps_k_largest() -> None:
 
 
 @pytest.mark.parametrize("arch", ["bae", "relu_sae", "topk_sae"])
-def test_save_load_round_trip(tmp_path, arch: str) -> None:
+def test_save_load_round_trip(tmp_path, arch: Architecture) -> None:
     config = ModelConfig(architecture=arch, d_model=10, expansion=2, standardize=True, topk=4)
     model = build_autoencoder(config, Provenance(store="s", layer=3, d_model=10))
     model.set_normalization(torch.randn(10), torch.rand(10) + 0.5)

@@ -6,10 +6,22 @@ For analysis code (``bae entropy``, ``bae features``)::
     model = load_autoencoder("runs/bae-l15")        # a run dir, a model/ dir or a checkpoint dir
     bits = model.encode_bits(h)                       # numpy bool [n, model.n_bits] from raw states
     packed = model.encode_packed(h)                   # np.packbits(bits, axis=-1)
-    model.source                                      # {"store", "model", "layer", ...}
+    model.provenance                                  # store, LLM, layer, positions, ...
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the real names for type checkers; at run time they load lazily (no torch for the CLI)
+    from bae.trainer.config import ModelConfig
+    from bae.trainer.models import (
+        ARCHITECTURES,
+        Autoencoder,
+        BinaryAutoencoder,
+        ReluSAE,
+        TopKSAE,
+        build_autoencoder,
+        load_autoencoder,
+    )
 
 __all__ = [
     "ARCHITECTURES",

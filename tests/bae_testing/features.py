@@ -13,6 +13,7 @@ import torch
 
 from bae.stores import ActivationStore, StoreLayout
 from bae.trainer import ModelConfig, build_autoencoder
+from bae.trainer.config import Architecture
 from bae.trainer.provenance import Provenance
 
 TEXTS = [
@@ -94,7 +95,7 @@ def make_text_store(
 
 
 def save_autoencoder(
-    path: Path, architecture: str, d: int = 16, expansion: int = 4, seed: int = 0, **model_kw
+    path: Path, architecture: Architecture, d: int = 16, expansion: int = 4, seed: int = 0, **model_kw
 ) -> Path:
     """A seeded, untrained autoencoder saved where ``load_autoencoder`` finds it."""
     torch.manual_seed(seed)
