@@ -19,6 +19,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from bae.common.configs import config_diff
 from bae.common.errors import BaeError
+from bae.common.urls import is_local, local_path
 from bae.stores.chunk_files import ChunkFiles
 from bae.stores.layout import (
     LAYER_CONVENTION,
@@ -42,9 +43,9 @@ if TYPE_CHECKING:
 
 
 def _zarr_store(url: str, read_only: bool) -> LocalStore | FsspecStore:
-    if "://" in url and not url.startswith("file://"):
+    if not is_local(url):
         return FsspecStore.from_url(url, read_only=read_only)
-    return LocalStore(url.removeprefix("file://"), read_only=read_only)
+    return LocalStore(local_path(url), read_only=read_only)
 
 
 def _compressors(layout: StoreLayout) -> list[Any]:
@@ -62,12 +63,12 @@ def _compressors(layout: StoreLayout) -> list[Any]:
 
 
 def _exists(url: str) -> bool:
-    if "://" in url and not url.startswith("file://"):
+    if not is_local(url):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(url)
         return fs.exists(path)
-    return os.path.exists(url.removeprefix("file://"))
+    return os.path.exists(local_path(url))
 
 
 class ActivationStore:

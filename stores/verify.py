@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bae.common.urls import is_local, local_path
 from bae.stores.activation_store import ActivationStore
 from bae.stores.layout import ROW_ARRAYS, decode_values
 
@@ -74,12 +75,12 @@ def verify_store(store: ActivationStore) -> VerifyReport:
 
 def bytes_on_disk(url: str) -> int:
     """Total size of the files under a store (local path or fsspec URL)."""
-    if "://" in url and not url.startswith("file://"):
+    if not is_local(url):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(url)
         return int(fs.du(path))
     total = 0
-    for root, _, files in os.walk(url.removeprefix("file://")):
+    for root, _, files in os.walk(local_path(url)):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
     return total

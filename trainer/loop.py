@@ -21,7 +21,7 @@ from bae.common.stats import binary_entropy, fvu_from_sums
 from bae.stores import StoreSampler
 from bae.trainer.config import TrainConfig
 from bae.trainer.models import Autoencoder
-from bae.trainer.objectives import Objective, covariance_term, entropy_term, fraction_of_variance_unexplained
+from bae.trainer.objectives import Objective, covariance_term, entropy_term
 
 DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
 
@@ -109,6 +109,13 @@ def validate(model: Autoencoder, sampler: StoreSampler, max_rows: int | None) ->
     }
 
 
+def batch_fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
+    """The project's FVU (``bae.common.stats.fvu_from_sums``) of one batch, in the training space."""
+    xd = x.detach().double()
+    sse = float((xd - recon.double()).pow(2).sum())
+    return fvu_from_sums(sse, xd.sum(0).cpu().numpy(), xd.pow(2).sum(0).cpu().numpy(), len(x))
+
+
 def batch_metrics(x: torch.Tensor, out: Any, terms: dict[str, Any]) -> dict[str, float]:
     """Train metrics of one batch (terms not computed for the loss are computed here)."""
     bits = out.bits.detach().float()
@@ -116,7 +123,7 @@ def batch_metrics(x: torch.Tensor, out: Any, terms: dict[str, Any]) -> dict[str,
     covariance = terms["covariance"] if terms["covariance"] is not None else covariance_term(bits)
     metrics = {
         "mse": float(terms["mse"]),
-        "fvu": float(fraction_of_variance_unexplained(x.float(), out.recon.detach().float())),
+        "fvu": batch_fvu(x, out.recon.detach()),
         "batch_entropy": float(entropy),
         "covariance": float(covariance),
         "l0": float(bits.sum(1).mean()),

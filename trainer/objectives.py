@@ -36,11 +36,6 @@ def covariance_term(bits: torch.Tensor) -> torch.Tensor:
     return cov.abs().sum() - cov.diagonal().abs().sum()
 
 
-def fraction_of_variance_unexplained(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Σ (x − x̂)² / Σ (x − mean_batch(x))²."""
-    return (x - recon).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(EPS)
-
-
 @dataclass(frozen=True)
 class Objective:
     """Coefficients of the loss; ``entropy_on`` tells whether λ_H is active at this step."""
