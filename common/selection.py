@@ -60,7 +60,7 @@ class RowSelection(StrictModel):
     valid_only: bool = Field(default=True, description="skip padding, BOS and special-token rows")
     positions: Literal["all"] | list[int] = Field(default="all", description=POSITIONS_HELP)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="documents held out for validation")
-    split_seed: int = Field(default=0, description="seed of the train/validation split by document")
+    split_seed: int = Field(default=0, ge=0, description="seed of the train/validation split by document")
 
     @field_validator("positions", mode="before")
     @classmethod

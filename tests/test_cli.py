@@ -112,3 +112,24 @@ def test_one_positions_syntax() -> None:
     assert parse_positions("all") == "all" and parse_positions("last") == "last"
     with pytest.raises(BaeError, match="expected all, or integers"):
         parse_positions("last", allow_last=False)
+
+
+def test_old_spellings_in_config_files_still_load(tmp_path) -> None:
+    from bae.common.configs import load_config
+    from bae.pipeline.harvest.config import HarvestConfig
+    from bae.trainer.config import TrainConfig
+    from bae.trainer.run import as_recorded_today
+
+    path = tmp_path / "harvest.yaml"
+    path.write_text("output: old.zarr\n")
+    assert load_config(HarvestConfig, path, {}).out == "old.zarr"
+    tokens = TrainConfig(store="s", layer=1, out="o", tokens=1000)
+    assert TrainConfig.model_validate(tokens.model_dump()).tokens == 1000  # a recorded config reloads
+    before = {**tokens.recorded(), "positions": None, "steps": None}  # as an earlier bae recorded them
+    assert as_recorded_today(before) == tokens.recorded()
+
+
+@pytest.mark.parametrize("flag", ["--bootstrap-seed", "--sample-seed", "--split-seed"])
+def test_negative_seeds_are_refused(flag: str) -> None:
+    result = CliRunner().invoke(app, ["entropy", "--store", "s", "--checkpoint", "c", flag, "-1"])
+    assert isinstance(result.exception, BaeError) and "greater than or equal to 0" in str(result.exception)

@@ -557,3 +557,19 @@ def test_local_cluster_equals_threads_with_joint_pairs_bootstrap(wide, tmp_path)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:  # pyright: ignore[reportArgumentType]
         remote = _run(wide, tmp_path / "cluster", scheduler=cluster.scheduler_address, **kw)  # pyright: ignore[reportAttributeAccessIssue]
     np.testing.assert_equal(remote, local)  # NaN == NaN
+
+
+def test_bootstrap_and_samples_draw_streams_of_their_own() -> None:
+    from bae.pipeline.entropy.counts import poisson_weights
+    from bae.pipeline.entropy.sampling import row_uniform
+    from bae.stores import split_mask
+
+    docs = np.arange(20_000)
+    val = split_mask(docs, "val", 0.1, seed=0)
+    weights = poisson_weights(docs, 4, seed=0)
+    for w in weights:  # P(weight 0) = e^-1 inside and outside the validation split alike
+        assert (
+            abs((w[val] == 0).mean() - np.exp(-1)) < 0.03 and abs((w[~val] == 0).mean() - np.exp(-1)) < 0.03
+        )
+    order, null = row_uniform(docs, 0, "order"), row_uniform(docs, 0, "null")
+    assert abs(np.corrcoef(order, null)[0, 1]) < 0.03 and abs(order[val].mean() - 0.5) < 0.03

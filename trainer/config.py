@@ -80,7 +80,7 @@ class TrainConfig(RowSelection):
     schedule: Literal["constant", "cosine"] = Field(default="constant", description="learning-rate schedule")
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps")
     grad_clip: float | None = Field(default=None, gt=0, description="clip the gradient norm to this")
-    seed: int = Field(default=0, description="initialization and sampling seed")
+    seed: int = Field(default=0, ge=0, description="initialization and sampling seed")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         default="no", description="accelerate mixed precision"
     )
@@ -100,7 +100,7 @@ class TrainConfig(RowSelection):
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
-        if "steps" in self.model_fields_set and self.tokens is not None:
+        if self.tokens is not None and self.steps != DEFAULT_STEPS:
             raise ValueError("give either steps or tokens as the budget, not both")
         if self.entropy_start_steps is not None and self.entropy_start_tokens is not None:
             raise ValueError("give either entropy_start_steps or entropy_start_tokens, not both")

@@ -103,6 +103,18 @@ def provenance(config: TrainConfig, store: ActivationStore) -> Provenance:
     )
 
 
+# fields an earlier bae recorded as None where today's config records the value it stood for
+NONE_MEANT_DEFAULT = ("positions", "steps")
+
+
+def as_recorded_today(old: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded config as today's ``TrainConfig.recorded()`` would write it."""
+    return {
+        **old,
+        **{k: TrainConfig.model_fields[k].default for k in NONE_MEANT_DEFAULT if old.get(k, 0) is None},
+    }
+
+
 def check_resumable(
     run: RunFolder, config: TrainConfig, d_model: int
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -118,7 +130,9 @@ def check_resumable(
             f"{config.architecture} with d={d_model}; use a new --out"
         )
     json_state, torch_state = load_checkpoint(ckpt)
-    require_same_config(f"training run {run.root}", json_state["config"], config.recorded())
+    require_same_config(
+        f"training run {run.root}", as_recorded_today(json_state["config"]), config.recorded()
+    )
     model_state = load_file(str(ckpt / WEIGHTS_FILE))
     return {**json_state, "weights": model_state}, torch_state
 

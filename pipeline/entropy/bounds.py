@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from bae.common.stats import binary_entropy
-
-LN2 = float(np.log(2.0))
+from bae.pipeline.entropy.joint import LN2
 
 
 def _clogc(c: Any) -> np.ndarray:

@@ -10,7 +10,7 @@ from bae.common.command import cli
 from bae.common.selection import SplitSelection
 
 CONFIG_JSON = "entropy_config.json"
-OPERATIONAL = ("out", "scheduler", "batch_rows")
+OPERATIONAL = ("out", "scheduler", "batch_rows", "confidence")
 
 
 class EntropyConfig(SplitSelection):
@@ -29,7 +29,7 @@ class EntropyConfig(SplitSelection):
         default="position", description="position | document | token | all | a per-document field"
     )
     bootstrap: int = Field(default=0, ge=0, description="bootstrap replicates resampling documents (0: off)")
-    bootstrap_seed: int = Field(default=0, description="seed of the bootstrap replicates")
+    bootstrap_seed: int = Field(default=0, ge=0, description="seed of the bootstrap replicates")
     confidence: float = Field(default=0.95, gt=0, lt=1, description="bootstrap interval coverage")
     joint: bool = Field(
         default=True, description="count whole codes: distinct codes, plug-in and joint estimates"
@@ -45,7 +45,7 @@ class EntropyConfig(SplitSelection):
         ge=0,
         description="random groups of the same n drawn from the whole selection (0: none)",
     )
-    sample_seed: int = Field(default=0, description="seed of --equal-n and the null groups")
+    sample_seed: int = Field(default=0, ge=0, description="seed of --equal-n and the null groups")
     batch_rows: int = Field(default=4096, ge=1, description="rows encoded at once (bounds memory)")
     scheduler: str | None = Field(default=None, description="dask scheduler address [local threads]")
 

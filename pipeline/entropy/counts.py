@@ -33,13 +33,14 @@ from numcodecs import Zstd
 
 from bae.common.atomic_files import atomic_write_bytes
 from bae.common.errors import BaeError
-from bae.common.hashing import splitmix64, unit_interval
+from bae.common.hashing import salt, splitmix64, unit_interval
 from bae.pipeline.analysis.scan import cached_model, cached_store, map_reduce_units
 from bae.pipeline.entropy.codes import CodeTable, code_hashes
 from bae.pipeline.entropy.sampling import RowSample
 from bae.stores import RowFilter, iter_unit_rows
 from bae.trainer.models import WEIGHTS_FILE, resolve_model_dir
 
+COUNTS_VERSION = 2  # bump when what a partial holds, or how it is drawn, changes
 GroupKey = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
@@ -169,9 +170,9 @@ def poisson_weights(doc_ids: np.ndarray, replicates: int, seed: int) -> np.ndarr
     A hash of (seed, replicate, document), so every row of a document gets the same weight, in any
     unit, on any worker: the streaming form of resampling documents with replacement.
     """
-    salt = splitmix64(np.arange(replicates, dtype=np.uint64) + np.uint64(seed) * np.uint64(1_000_003))
+    salts = salt(seed, "bootstrap", np.arange(replicates))
     with np.errstate(over="ignore"):
-        mixed = splitmix64(doc_ids.astype(np.uint64)[None, :] ^ salt[:, None])
+        mixed = splitmix64(doc_ids.astype(np.uint64)[None, :] ^ salts[:, None])
     u = unit_interval(mixed)
     return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.int64)
 
@@ -197,6 +198,7 @@ class CountSpec:
     def fingerprint(self) -> str:
         """A hash of everything that shapes the counts (the partials directory's name)."""
         shaping = {
+            "version": COUNTS_VERSION,
             "store": [self.store, cached_store(self.store).meta],
             "layer": self.layer,
             "filter": repr(self.row_filter),
@@ -232,7 +234,7 @@ def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
     if path is not None and path.is_file():
         return GroupCounts.load(path)
     store, model = cached_store(spec.store), cached_model(spec.checkpoint)
-    counts = GroupCounts.empty(model.n_bits, spec.bootstrap, len(spec.pair_bits), spec.joint)
+    parts = [GroupCounts.empty(model.n_bits, spec.bootstrap, len(spec.pair_bits), spec.joint)]
     for _, x, rows in iter_unit_rows(store, spec.layer, spec.row_filter, [unit]):
         row_keys, doc_ids = spec.group_key(rows), rows["doc_ids"]
         if spec.sample is not None:
@@ -242,10 +244,18 @@ def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
         for a in range(0, len(x), spec.batch_rows):
             part = slice(a, a + spec.batch_rows)
             bits = model.encode_bits(x[part])
-            counts = counts.merge(batch_counts(spec, keys, inverse[part], bits, doc_ids[part]))
+            parts.append(batch_counts(spec, keys, inverse[part], bits, doc_ids[part]))
+    counts = merge_all(parts)
     if path is not None:
         counts.save(path)
     return counts
+
+
+def merge_all(parts: list[GroupCounts]) -> GroupCounts:
+    """All parts merged pairwise in a balanced tree (an entry is re-sorted log(parts) times, not parts)."""
+    while len(parts) > 1:
+        parts = [a.merge(b) for a, b in zip(parts[::2], parts[1::2])] + parts[len(parts) // 2 * 2 :]
+    return parts[0]
 
 
 def batch_counts(
@@ -285,6 +295,11 @@ def grouped_products(left: np.ndarray, right: np.ndarray, bounds: np.ndarray) ->
     """int64 [G, a, b]: Σ over each group's rows of leftᵀ·right ([n, a] and [n, b], small integers),
     as one batched product. float32 sums stay exact integers below 2**24 (at most batch_rows rows
     of 0/1 bits times Poisson weights ≤ 20)."""
+    sizes = np.diff(bounds)
+    if len(sizes) * int(sizes.max(initial=0)) > 4 * len(left):  # skewed groups: padding would cost more
+        lt, rt = torch.from_numpy(left).to(torch.float32), torch.from_numpy(right).to(torch.float32)
+        products = [lt[lo:hi].T @ rt[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+        return torch.stack(products).round().to(torch.int64).numpy()
     x, y = padded_groups(left, bounds), padded_groups(right, bounds)
     return torch.bmm(x.transpose(1, 2), y).round().to(torch.int64).numpy()
 

@@ -16,18 +16,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from bae.common.errors import BaeError
-from bae.common.hashing import splitmix64, unit_interval
+from bae.common.hashing import salt, splitmix64, unit_interval
 from bae.pipeline.analysis.scan import cached_store, map_reduce_units
 from bae.stores import RowFilter
 from bae.stores.sampler import unit_row_arrays
 
-NULL_STREAM, ORDER_STREAM = 1, 0
+NULL_STREAM, ORDER_STREAM = "null", "order"
 
 
-def row_uniform(rows: np.ndarray, seed: int, stream: int) -> np.ndarray:
+def row_uniform(rows: np.ndarray, seed: int, stream: str) -> np.ndarray:
     """A uniform [0, 1) float per store row index, fixed by (seed, stream)."""
-    salt = splitmix64(np.array([seed * 1_000_003 + stream], dtype=np.uint64))
-    return unit_interval(splitmix64(rows.astype(np.uint64) ^ salt))
+    with np.errstate(over="ignore"):
+        return unit_interval(splitmix64(rows.astype(np.uint64) ^ salt(seed, stream)))
 
 
 def null_keys(rows: np.ndarray, seed: int, partitions: int, groups: int) -> tuple[np.ndarray, np.ndarray]:

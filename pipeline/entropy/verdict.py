@@ -16,7 +16,7 @@ from bae.pipeline.entropy.joint import LN2, JointEstimate
 
 @dataclass(frozen=True)
 class VerdictRules:
-    """Thresholds for ``verdict`` (justified by the simulations in sim.py).
+    """Thresholds for ``verdict`` (justified by the simulations in docs/method.md).
 
     min_coincidences: Delta = n - distinct below this -> lower_bound (NSB with
                       Delta <= 5 missed the truth by up to 8 bits in simulation).

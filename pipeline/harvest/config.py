@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 
 from bae.common.command import cli
 from bae.common.configs import StrictModel
@@ -21,6 +21,7 @@ class HarvestConfig(StrictModel):
 
     out: str = Field(
         default="activations.zarr",
+        validation_alias=AliasChoices("out", "output"),  # config files written for the old name still load
         description="store path or fsspec URL",
         json_schema_extra=cli("-o", hidden=["--output"]),
     )

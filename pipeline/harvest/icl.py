@@ -45,7 +45,7 @@ class IclPromptsConfig(StrictModel):
         description="numbers of demonstrations, e.g. 0,1,2,4,8",
         json_schema_extra=cli("-k"),
     )
-    seed: int = Field(default=0, description="seed of every draw")
+    seed: int = Field(default=0, ge=0, description="seed of every draw")
     label_prefix: str = Field(default="Answer:", description="text before each label word")
     input_prefix: str = Field(default="", description="text before each input, e.g. 'Review: '")
     instruction: str = Field(default="", description="text before the first demonstration; \\n is a newline")
