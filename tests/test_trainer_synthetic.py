@@ -56,3 +56,12 @@ def test_set_entropy_recovers_r_bits(tmp_path: Path, r: int) -> None:
     assert summary["val_rows"] > 500
     assert abs(summary["val_set_entropy"] - r) <= 0.1 * r, summary
     assert summary["val_fvu"] < 0.05, summary
+    assert summary["warnings"] == "none", summary
+
+
+def test_warnings_name_what_makes_a_code_unfit() -> None:
+    from bae.trainer.run import code_warnings
+
+    assert code_warnings({"val_varying_bits": 5, "val_fvu": 0.2, "dense_oriented_0.1": 3}, 64) == []
+    said = code_warnings({"val_varying_bits": 0, "val_fvu": 1.3, "dense_oriented_0.1": 40}, 64)
+    assert len(said) == 3 and "collapsed" in said[0] and "1.3" in said[1] and "40 of 64" in said[2]

@@ -49,6 +49,9 @@ class FiringWindow:
     def stats(self) -> dict[str, int]:
         rate = self.counts.sum(0).double() / max(1, int(self.rows.sum()))
         out = {f"dense_{t}": int((rate > t).sum()) for t in DENSE_THRESHOLDS}
+        # a bit on nearly always is an off-detector: dense means its rarer state is common
+        oriented = torch.minimum(rate, 1 - rate)
+        out.update({f"dense_oriented_{t}": int((oriented > t).sum()) for t in DENSE_THRESHOLDS})
         out["dead"] = int((rate == 0).sum())
         return out
 
@@ -105,6 +108,7 @@ def validate(model: Autoencoder, sampler: StoreSampler, max_rows: int | None) ->
         "val_mse": sse / (n * model.config.d_model),
         "val_fvu": fvu_from_sums(sse, sum_x.cpu().numpy(), sum_sq.cpu().numpy(), n),
         "val_set_entropy": float(binary_entropy(p).sum()),
+        "val_varying_bits": int(((counts > 0) & (counts < n)).sum()),
         "val_log2_rows": math.log2(n),
     }
 

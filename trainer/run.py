@@ -236,4 +236,21 @@ def train_summary(config: TrainConfig, state: TrainState, trainer: Trainer, d: i
         "model": str(RunFolder.at(config.out).model_dir),
         "architecture": f"{config.architecture} d={d} d'={model.config.n_features} bits={model.n_bits}",
         **{k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()},
+        "warnings": "; ".join(code_warnings(last, model.n_bits)) or "none",
     }
+
+
+def code_warnings(metrics: dict[str, Any], n_bits: int) -> list[str]:
+    """What makes a trained code unfit for entropy numbers: no varying bit, no variance explained,
+    most bits dense (each warning one short clause)."""
+    warnings = []
+    if metrics.get("val_varying_bits", 1) == 0:
+        warnings.append("the code collapsed: no bit varies on the validation split")
+    if metrics.get("val_fvu", 0.0) >= 1.0:
+        warnings.append(
+            f"val FVU {metrics['val_fvu']:.3g} ≥ 1: the reconstruction explains none of the variance"
+        )
+    if metrics.get("dense_oriented_0.1", 0) > n_bits / 2:
+        dense = metrics["dense_oriented_0.1"]
+        warnings.append(f"{dense} of {n_bits} bits are dense (their rarer state on > 10% of rows)")
+    return warnings
