@@ -249,7 +249,10 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
                 )
         null = {k: np.asarray(v)[~real] for k, v in part["columns"].items()}
         if len(null["n"]):
-            key = "joint_bits" if "joint_bits" in null else "entropy_bits"
+            finite = [
+                k for k in ("joint_bits", "joint_plugin_bits") if k in null and np.isfinite(null[k]).any()
+            ]
+            key = finite[0] if finite else "entropy_bits"
             lines[f"{name} null"] = (
                 f"{len(null['n'])} random groups of n={int(np.median(null['n']))}: "
                 f"{key} {np.nanmin(null[key]):.2f}..{np.nanmax(null[key]):.2f}"
