@@ -220,6 +220,13 @@ def record_config(config: EntropyConfig, out: Path) -> None:
     atomic_write_json(out / CONFIG_JSON, {"config": config.shaping(), "full": config.model_dump(mode="json")})
 
 
+def null_reading(null: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+    """What the null groups show: the joint estimate where every one is resolved, else the plug-in."""
+    if (null["verdict"].astype(str) == "resolved").all():
+        return "joint H", null["joint_bits"]
+    return "plug-in", null["joint_plugin_bits"]
+
+
 def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | None) -> dict[str, Any]:
     """Per checkpoint: groups and rows, the range of Σ H_b and of the joint estimate, verdict counts,
     and the null groups' range when there are any."""
@@ -249,14 +256,13 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
                 )
         null = {k: np.asarray(v)[~real] for k, v in part["columns"].items()}
         if len(null["n"]):
-            finite = [
-                k for k in ("joint_bits", "joint_plugin_bits") if k in null and np.isfinite(null[k]).any()
-            ]
-            key = finite[0] if finite else "entropy_bits"
             lines[f"{name} null"] = (
                 f"{len(null['n'])} random groups of n={int(np.median(null['n']))}: "
-                f"{key} {np.nanmin(null[key]):.2f}..{np.nanmax(null[key]):.2f}"
+                f"Σ H_b {np.nanmin(null['entropy_bits']):.1f}..{np.nanmax(null['entropy_bits']):.1f}"
             )
+            if "joint_bits" in null:
+                what, value = null_reading(null)
+                lines[f"{name} null"] += f", {what} {np.nanmin(value):.2f}..{np.nanmax(value):.2f}"
     return lines
 
 
