@@ -573,3 +573,17 @@ def test_bootstrap_and_samples_draw_streams_of_their_own() -> None:
         )
     order, null = row_uniform(docs, 0, "order"), row_uniform(docs, 0, "null")
     assert abs(np.corrcoef(order, null)[0, 1]) < 0.03 and abs(order[val].mean() - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("sizes", [[5, 5, 6, 4], [300, 1, 1, 1, 1, 1, 1, 1, 1, 1]], ids=["even", "skewed"])
+def test_grouped_products_equal_per_group_products(sizes: list[int]) -> None:
+    from bae.pipeline.entropy.counts import grouped_products
+
+    rng = np.random.default_rng(3)
+    n = sum(sizes)
+    left, right = rng.integers(0, 3, (n, 4)).astype(np.uint8), (rng.random((n, 7)) < 0.5).astype(np.uint8)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    got = grouped_products(left, right, bounds)
+    for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        expected = left[lo:hi].astype(np.int64).T @ right[lo:hi].astype(np.int64)
+        np.testing.assert_array_equal(got[g], expected)
