@@ -5,6 +5,8 @@ store with known 128-bit codes, counts, verdicts, ``--equal-n``, null groups and
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from bae_testing.entropy import LAYER, save_bae
@@ -584,6 +586,6 @@ def test_grouped_products_equal_per_group_products(sizes: list[int]) -> None:
     left, right = rng.integers(0, 3, (n, 4)).astype(np.uint8), (rng.random((n, 7)) < 0.5).astype(np.uint8)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     got = grouped_products(left, right, bounds)
-    for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for g, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         expected = left[lo:hi].astype(np.int64).T @ right[lo:hi].astype(np.int64)
         np.testing.assert_array_equal(got[g], expected)
