@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from rich.markup import escape
 
-from bae.common.configs import build_config, merge_nested, read_config_file
+from bae.common.configs import build_config, comma_list, merge_nested, read_config_file
 
 C = TypeVar("C", bound=BaseModel)
 CLI_KEY = "cli"
@@ -188,8 +188,8 @@ def flag_values(flags: list[FieldFlag], given: dict[str, Any]) -> dict[str, Any]
             value = alias if value is None else value
         if value is None or value == []:
             continue
-        if isinstance(value, str) and _is_number_list(f.field.annotation):
-            value = [v.strip() for v in value.split(",") if v.strip()]  # "0.1,0.2" -> the config parses each
+        if _is_number_list(f.field.annotation):
+            value = comma_list(value)  # "0.1,0.2" -> the config parses each
         node = data
         for key in f.path[:-1]:
             node = node.setdefault(key, {})

@@ -67,6 +67,14 @@ def build_config(cls: type[C], data: dict[str, Any], source: str) -> C:
         raise BaeError(describe_validation_error(exc, source)) from exc
 
 
+def comma_list(value: Any) -> Any:
+    """``"4, 8"`` (a flag, or a string in a config file) -> ``["4", "8"]`` for the field's own type to
+    parse; lists and other values pass through unchanged."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 def merge_nested(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``top``'s values on top; nested sections are merged field by field."""
     merged = dict(base)

@@ -32,6 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bae.common.atomic_files import atomic_write_json, atomic_write_text
 from bae.common.command import cli
+from bae.common.configs import comma_list
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
 from bae.pipeline.entropy.synthetic import KINDS, SyntheticSpec
@@ -44,13 +45,6 @@ if TYPE_CHECKING:
 Kind = Literal["independent", "markov", "sparse"]
 UNIT_ROWS = 4096
 PAIR_BITS = 64  # as `bae entropy --pair-bits`
-
-
-def _comma_list(value: Any) -> Any:
-    """``"4,8"`` (a flag) -> ``["4", "8"]``; lists and other values pass through to validation."""
-    if isinstance(value, str):
-        return [part for part in value.replace(" ", "").split(",") if part]
-    return value
 
 
 class CalibrateConfig(TrainConfig):
@@ -92,7 +86,7 @@ class CalibrateConfig(TrainConfig):
     @field_validator("ranks", "kinds", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        return _comma_list(value)
+        return comma_list(value)
 
     @field_validator("ranks")
     @classmethod

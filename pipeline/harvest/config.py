@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, field_validator
 
 from bae.common.command import cli
-from bae.common.configs import StrictModel
+from bae.common.configs import StrictModel, comma_list
 from bae.common.errors import BaeError
 from bae.common.selection import PositionChoice, parse_positions
 from bae.pipeline.harvest.corpus import BUILTIN
@@ -84,12 +84,7 @@ class HarvestConfig(StrictModel):
     @field_validator("layers", mode="before")
     @classmethod
     def _layers(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return [int(v) for v in value.split(",") if v.strip()]
-            except ValueError:
-                raise ValueError("expected a comma-separated list of integers, e.g. 3,6,9") from None
-        return value
+        return comma_list(value)
 
     def recorded(self) -> dict[str, Any]:
         """The config as recorded in the store and compared on resume: all but the store's own

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 
 from bae.common.atomic_files import atomic_write_text
 from bae.common.command import cli
-from bae.common.configs import StrictModel
+from bae.common.configs import StrictModel, comma_list
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
 from bae.pipeline.harvest.staicc import LABELS, Record, load_staicc
@@ -60,12 +60,7 @@ class IclPromptsConfig(StrictModel):
     @field_validator("ks", mode="before")
     @classmethod
     def _ks(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                value = [int(v) for v in value.split(",") if v.strip()]
-            except ValueError:
-                raise ValueError("expected a comma-separated list of integers, e.g. 0,1,2,4,8") from None
-        return value
+        return comma_list(value)
 
     @field_validator("ks")
     @classmethod
