@@ -54,6 +54,8 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown field {loc!r}")
+        elif not err["loc"]:
+            parts.append(err["msg"].removeprefix("Value error, "))
         else:
             parts.append(f"field {loc!r}: {err['msg']}")
     return f"{source}: " + "; ".join(parts)

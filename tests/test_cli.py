@@ -118,7 +118,6 @@ def test_old_spellings_in_config_files_still_load(tmp_path) -> None:
     from bae.common.configs import load_config
     from bae.pipeline.harvest.config import HarvestConfig
     from bae.trainer.config import TrainConfig
-    from bae.trainer.run import as_recorded_today
 
     path = tmp_path / "harvest.yaml"
     path.write_text("output: old.zarr\n")
@@ -126,7 +125,7 @@ def test_old_spellings_in_config_files_still_load(tmp_path) -> None:
     tokens = TrainConfig(store="s", layer=1, out="o", tokens=1000)
     assert TrainConfig.model_validate(tokens.model_dump()).tokens == 1000  # a recorded config reloads
     before = {**tokens.recorded(), "positions": None, "steps": None}  # as an earlier bae recorded them
-    assert as_recorded_today(before) == tokens.recorded()
+    assert TrainConfig.as_recorded_today(before) == tokens.recorded()
 
 
 @pytest.mark.parametrize("flag", ["--bootstrap-seed", "--sample-seed", "--split-seed"])

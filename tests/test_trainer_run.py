@@ -64,10 +64,6 @@ def train_args(store: Path, out: Path, *extra: str) -> list[str]:
         "5",
         "--val-every",
         "50",
-        "--lambda-entropy",
-        "1e-3",
-        "--lambda-covariance",
-        "1e-4",
         "--no-progress",
         *extra,
     ]
@@ -99,7 +95,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def test_sigkill_then_resume_is_bit_identical(store: Path, tmp_path: Path) -> None:
-    extra = ("--steps", "300", "--checkpoint-every", "20", "--standardize")
+    # the normalized objective at a target FVU: the dual-ascent state must resume exactly too
+    extra = ("--steps", "300", "--checkpoint-every", "20", "--target-fvu", "0.3", "--merge-every", "7")
     ref = run_bae(*train_args(store, tmp_path / "ref", *extra))
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
@@ -128,10 +125,10 @@ def test_sigkill_then_resume_is_bit_identical(store: Path, tmp_path: Path) -> No
     assert again.returncode == 0 and "already complete" in again.stdout
     other = run_bae(
         *train_args(
-            store, out, "--steps", "300", "--checkpoint-every", "20", "--standardize", "--lr", "0.001"
+            store, out, "--steps", "300", "--checkpoint-every", "20", "--target-fvu", "0.3", "--lr", "0.001"
         )
     )
-    assert other.returncode == 2 and "lr: 0.0005 -> 0.001" in other.stderr
+    assert other.returncode == 2 and "lr: 0.01 -> 0.001" in other.stderr
     assert_same_weights(weights(out), weights(tmp_path / "ref"))
 
 
@@ -162,7 +159,7 @@ def test_torchrun_two_processes_end_identical(store: Path, tmp_path: Path) -> No
         "from bae.trainer.config import TrainConfig\n"
         "from bae.trainer.run import train\n"
         f"cfg = TrainConfig(store={str(store)!r}, layer=3, steps=30, batch_size=32, log_every=10,"
-        f" val_every=15, checkpoint_every=15, lambda_entropy=1e-3, out={str(tmp_path / 'out')!r})\n"
+        f" val_every=15, checkpoint_every=15, target_fvu=0.3, merge_every=5, out={str(tmp_path / 'out')!r})\n"
         "model, _ = train(cfg, show_progress=False)\n"
         "rank = os.environ['RANK']\n"
         f"save_file(model.state_dict(), {str(tmp_path)!r} + f'/rank{{rank}}.safetensors')\n"

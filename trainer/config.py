@@ -13,6 +13,37 @@ from bae.common.configs import StrictModel
 from bae.common.selection import RowSelection
 
 Architecture = Literal["bae", "relu_sae", "topk_sae"]
+ObjectiveName = Literal["normalized", "paper"]
+Standardization = Literal["global", "dimension", "none"]
+
+# what a field left unset means under each objective (docs/method.md §3)
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "normalized": {
+        "standardize": "global",
+        "lr": 1e-2,
+        "estimator": "scaled_sigmoid",
+        "beta": 3e-3,
+        "gamma": 1.0,
+        "merge_every": 50,
+        "typical_ratio": 10.0,
+    },
+    "paper": {
+        "standardize": "none",
+        "lr": 5e-4,
+        "estimator": "ste",
+        "lambda_entropy": 1e-7,
+        "lambda_covariance": 1e-7,
+        "merge_every": 0,
+        "typical_ratio": 0.0,
+    },
+}
+ONLY_FOR = {
+    "beta": "normalized",
+    "gamma": "normalized",
+    "target_fvu": "normalized",
+    "lambda_entropy": "paper",
+    "lambda_covariance": "paper",
+}
 
 
 class ModelConfig(StrictModel):
@@ -24,11 +55,16 @@ class ModelConfig(StrictModel):
     encoder_bias: bool = True
     decoder_bias: bool = True
     threshold: Literal["gt", "ge"] = "gt"
-    estimator: Literal["ste", "sigmoid"] = "ste"
+    estimator: Literal["ste", "sigmoid", "scaled_sigmoid"] = "ste"
     temperature: float = 1.0
     k_bits: int = 1
     topk: int = 32
     standardize: bool = False
+    typical_radius: float | None = Field(
+        default=None,
+        description="rows whose squared norm in the normalized space exceeds this are atypical "
+        "(massive activations): left out of training and of the FVU",
+    )
 
     @property
     def n_features(self) -> int:
@@ -46,8 +82,14 @@ class TrainConfig(RowSelection):
     store: str = Field(description="activation store (path or URL)", json_schema_extra=cli("-s"))
     layer: int = Field(description="layer of the store to train on", json_schema_extra=cli("-l"))
     out: str = Field(description="output run directory", json_schema_extra=cli("-o"))
-    standardize: bool = Field(default=False, description="standardize inputs with the store's mean and std")
-    standardize_rows: int | None = Field(default=1_000_000, ge=2, description="rows used to estimate them")
+    standardize: Standardization | None = Field(
+        default=None,
+        description="input scaling: one robust global scale (global), per dimension (dimension) or "
+        "none [default: global for normalized, none for paper]",
+    )
+    standardize_rows: int = Field(
+        default=65_536, ge=16, description="rows the scale is estimated on (held in memory)"
+    )
     buffer_rows: int = Field(
         default=1 << 16, ge=1, description="rows shuffled together; memory ~ 3 x rows x d x 4 B"
     )
@@ -58,14 +100,49 @@ class TrainConfig(RowSelection):
     encoder_bias: bool = Field(default=True, description="bias before the step")
     decoder_bias: bool = Field(default=True, description="bias of the reconstruction")
     threshold: Literal["gt", "ge"] = Field(default="gt", description="bit = z > 0 (gt) or z >= 0 (ge)")
-    estimator: Literal["ste", "sigmoid"] = Field(default="ste", description="gradient of the step")
+    estimator: Literal["ste", "sigmoid", "scaled_sigmoid"] | None = Field(
+        default=None,
+        description="gradient of the step: ste, sigmoid(z/τ), or scaled_sigmoid (τ × the batch RMS of z) "
+        "[default: scaled_sigmoid for normalized, ste for paper]",
+    )
     temperature: float = Field(default=1.0, gt=0, description="sigmoid estimator temperature")
     k_bits: int = Field(default=1, ge=1, le=16, description="bits per decoded feature (k-bit decoding)")
     topk: int = Field(default=32, ge=1, description="active features of the topk_sae baseline")
     # objective
-    lambda_entropy: float = Field(default=1e-7, ge=0, description="weight of the minibatch entropy term")
-    lambda_covariance: float = Field(
-        default=1e-7, ge=0, description="weight of the covariance term (0 skips it)"
+    objective: ObjectiveName = Field(
+        default="normalized",
+        description="normalized: FVU + beta x (code bits + gamma x redundancy bits); paper: the "
+        "reference code's MSE + lambda terms",
+    )
+    beta: float | None = Field(
+        default=None, ge=0, description="normalized: FVU a bit of code entropy must buy [default: 3e-3]"
+    )
+    gamma: float | None = Field(
+        default=None, ge=0, description="normalized: weight of the pairwise redundancy bits [default: 1]"
+    )
+    target_fvu: float | None = Field(
+        default=None, gt=0, lt=1, description="normalized: adapt beta during training to reach this FVU"
+    )
+    merge_every: int | None = Field(
+        default=None,
+        ge=0,
+        description="steps between merges of duplicate bits, 0: never [default: 50; paper 0]",
+    )
+    merge_threshold: float = Field(
+        default=0.95, gt=0, le=1, description="|correlation| above which two bits are duplicates"
+    )
+    typical_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        description="rows farther than this x the 90th percentile of squared distances from the centre "
+        "are atypical (massive activations: not trained on, not in the FVU); 0 keeps all "
+        "[default: 10; paper 0]",
+    )
+    lambda_entropy: float | None = Field(
+        default=None, ge=0, description="paper: weight of the minibatch entropy term [default: 1e-7]"
+    )
+    lambda_covariance: float | None = Field(
+        default=None, ge=0, description="paper: weight of the covariance term, 0 skips it [default: 1e-7]"
     )
     l1_coefficient: float = Field(default=1e-3, ge=0, description="L1 weight of the relu_sae baseline")
     entropy_start_steps: int | None = Field(
@@ -76,7 +153,9 @@ class TrainConfig(RowSelection):
     steps: int = Field(default=DEFAULT_STEPS, ge=1, description="budget in optimizer steps")
     tokens: int | None = Field(default=None, ge=1, description="budget in tokens (instead of steps)")
     batch_size: int = Field(default=512, ge=2, description="rows per step (per process)")
-    lr: float = Field(default=5e-4, gt=0, description="Adam learning rate")
+    lr: float | None = Field(
+        default=None, gt=0, description="Adam learning rate [default: 1e-2 for normalized, 5e-4 for paper]"
+    )
     schedule: Literal["constant", "cosine"] = Field(default="constant", description="learning-rate schedule")
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps")
     grad_clip: float | None = Field(default=None, gt=0, description="clip the gradient norm to this")
@@ -106,7 +185,23 @@ class TrainConfig(RowSelection):
             raise ValueError("give either entropy_start_steps or entropy_start_tokens, not both")
         if self.k_bits > 1 and self.architecture != "bae":
             raise ValueError("k_bits > 1 applies to the bae architecture only")
+        if self.target_fvu is not None and self.architecture != "bae":
+            raise ValueError("target_fvu applies to the bae architecture only")
+        for name, objective in ONLY_FOR.items():
+            if getattr(self, name) is not None and self.objective != objective:
+                raise ValueError(f"{name} applies to objective {objective!r} only, not {self.objective!r}")
+        for name, value in OBJECTIVE_DEFAULTS[self.objective].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.typical_ratio and (self.typical_ratio <= 1 or self.standardize == "none"):
+            raise ValueError("typical_ratio must be 0 (all rows) or > 1 with standardize global/dimension")
         return self
+
+    @property
+    def learning_rate(self) -> float:
+        """The resolved learning rate (set by the objective's defaults when not given)."""
+        assert self.lr is not None
+        return self.lr
 
     def total_steps(self, world_size: int = 1) -> int:
         """The budget in optimizer steps; a step consumes ``batch_size × world_size`` tokens."""
@@ -126,7 +221,30 @@ class TrainConfig(RowSelection):
         """The config a resumed run must repeat: all but the run directory's own location."""
         return self.model_dump(mode="json", exclude={"out"})
 
-    def autoencoder_config(self, d_model: int) -> ModelConfig:
-        """The model options of this config (every ModelConfig field but d_model has one here)."""
-        shared = set(ModelConfig.model_fields) - {"d_model"}
-        return ModelConfig(d_model=d_model, **self.model_dump(include=shared))
+    @classmethod
+    def as_recorded_today(cls, old: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's recorded config as today's ``recorded()`` would write it: earlier bae
+        trained the paper objective with a boolean ``standardize`` and recorded None for defaults."""
+        new = {**old}
+        for key in ("positions", "steps"):
+            if key in new and new[key] is None:
+                new[key] = cls.model_fields[key].default
+        if "objective" not in new:
+            new["objective"] = "paper"
+            new["standardize"] = "dimension" if new.get("standardize") else "none"
+            fill = {"merge_threshold": 0.95, "beta": None, "gamma": None, "target_fvu": None}
+            new.update({k: v for k, v in fill.items() if k not in new})
+            new.update({k: v for k, v in OBJECTIVE_DEFAULTS["paper"].items() if new.get(k) is None})
+            # the scale was estimated once and lives in the weights; the row count cannot matter now
+            new["standardize_rows"] = cls.model_fields["standardize_rows"].default
+        return new
+
+    def autoencoder_config(self, d_model: int, typical_radius: float | None = None) -> ModelConfig:
+        """The model options of this config (every other ModelConfig field has one here)."""
+        shared = set(ModelConfig.model_fields) - {"d_model", "standardize", "typical_radius"}
+        return ModelConfig(
+            d_model=d_model,
+            standardize=self.standardize != "none",
+            typical_radius=typical_radius,
+            **self.model_dump(include=shared),
+        )

@@ -20,8 +20,10 @@ from bae.common.signals import StopRequest
 from bae.common.stats import binary_entropy, fvu_from_sums
 from bae.stores import StoreSampler
 from bae.trainer.config import TrainConfig
+from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import Autoencoder
-from bae.trainer.objectives import Objective, covariance_term, entropy_term
+from bae.trainer.objectives import NormalizedObjective, Objective, covariance_term, entropy_term
+from bae.trainer.target import FVUTarget
 
 DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
 
@@ -78,26 +80,31 @@ def lr_lambda(config: TrainConfig, total_steps: int):
 
 @torch.no_grad()
 def validate(model: Autoencoder, sampler: StoreSampler, max_rows: int | None) -> dict[str, float]:
-    """MSE, FVU and the set entropy Σ_j H_b(p̂_j) over the whole validation split (vs log2|S|)."""
+    """FVU (the project's one definition: raw space, typical rows), MSE and the set entropy
+    Σ_j H_b(p̂_j) over the whole validation split (vs log2|S|); atypical rows are counted."""
     was_training = model.training
     model.eval()
-    n, sse = 0, 0.0
-    sum_x = sum_sq = torch.zeros(
-        model.config.d_model, dtype=torch.float64, device=model.encoder.weight.device
-    )
-    counts = torch.zeros(model.n_bits, dtype=torch.int64)
+    n = atypical = 0
+    sse = 0.0
     device = model.encoder.weight.device
+    sum_x = sum_sq = torch.zeros(model.config.d_model, dtype=torch.float64, device=device)
+    counts = torch.zeros(model.n_bits, dtype=torch.int64)
     for x_raw, _ in sampler.iter_epoch_once():
         if max_rows is not None:
-            x_raw = x_raw[: max_rows - n]
-        x = model.normalize(x_raw.to(device))
+            x_raw = x_raw[: max_rows - n - atypical]
+        x_raw = x_raw.to(device)
+        x = model.normalize(x_raw)
+        keep = model.typical(x)
+        if keep is not None:
+            atypical += int((~keep).sum())
+            x, x_raw = x[keep], x_raw[keep]
         out = model(x)
-        sse += float((x - out.recon).double().pow(2).sum())
-        xd = x.double()
+        xd = x_raw.double()
+        sse += float((xd - model.denormalize(out.recon).double()).pow(2).sum())
         sum_x, sum_sq = sum_x + xd.sum(0), sum_sq + xd.pow(2).sum(0)
         counts += (out.bits > 0).sum(0).cpu()
         n += len(x)
-        if max_rows is not None and n >= max_rows:
+        if max_rows is not None and n + atypical >= max_rows:
             break
     model.train(was_training)
     if n == 0:
@@ -105,6 +112,7 @@ def validate(model: Autoencoder, sampler: StoreSampler, max_rows: int | None) ->
     p = (counts.double() / n).numpy()
     return {
         "val_rows": n,
+        "val_atypical_rows": atypical,
         "val_mse": sse / (n * model.config.d_model),
         "val_fvu": fvu_from_sums(sse, sum_x.cpu().numpy(), sum_sq.cpu().numpy(), n),
         "val_set_entropy": float(binary_entropy(p).sum()),
@@ -113,28 +121,42 @@ def validate(model: Autoencoder, sampler: StoreSampler, max_rows: int | None) ->
     }
 
 
-def batch_fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
-    """The project's FVU (``bae.common.stats.fvu_from_sums``) of one batch, in the training space."""
-    xd = x.detach().double()
-    sse = float((xd - recon.double()).pow(2).sum())
+def batch_fvu(model: Autoencoder, x: torch.Tensor, recon: torch.Tensor) -> float:
+    """The project's FVU (``bae.common.stats.fvu_from_sums``, raw space) of one batch."""
+    xd = model.denormalize(x.detach()).double()
+    sse = float((xd - model.denormalize(recon.detach()).double()).pow(2).sum())
     return fvu_from_sums(sse, xd.sum(0).cpu().numpy(), xd.pow(2).sum(0).cpu().numpy(), len(x))
 
 
-def batch_metrics(x: torch.Tensor, out: Any, terms: dict[str, Any]) -> dict[str, float]:
-    """Train metrics of one batch (terms not computed for the loss are computed here)."""
+def batch_metrics(model: Autoencoder, x: torch.Tensor, out: Any, terms: dict[str, Any]) -> dict[str, float]:
+    """Train metrics of one batch: the loss's own terms, plus Σ H_b and the covariance sum."""
     bits = out.bits.detach().float()
-    entropy = terms["entropy"] if terms["entropy"] is not None else entropy_term(bits)
-    covariance = terms["covariance"] if terms["covariance"] is not None else covariance_term(bits)
-    metrics = {
-        "mse": float(terms["mse"]),
-        "fvu": batch_fvu(x, out.recon.detach()),
-        "batch_entropy": float(entropy),
-        "covariance": float(covariance),
-        "l0": float(bits.sum(1).mean()),
-    }
-    if terms["l1"] is not None:
-        metrics["l1"] = float(terms["l1"])
+    metrics = {k: float(v) for k, v in terms.items() if v is not None}
+    metrics.update(
+        mse=float((x.detach() - out.recon.detach()).pow(2).mean()),
+        fvu=batch_fvu(model, x, out.recon),
+        batch_entropy=float(terms.get("entropy", entropy_term(bits))),
+        covariance=float(terms.get("covariance", covariance_term(bits))),
+        l0=float(bits.sum(1).mean()),
+    )
     return metrics
+
+
+def make_objective(config: TrainConfig, variance: float) -> Objective:
+    """The configured objective (V is the training space's variance, for the normalized one)."""
+    if config.objective == "paper":
+        return Objective(
+            config.architecture,
+            float(config.lambda_entropy or 0.0),
+            float(config.lambda_covariance or 0.0),
+            config.l1_coefficient,
+        )
+    return NormalizedObjective(
+        config.architecture,
+        l1_coefficient=config.l1_coefficient,
+        variance=variance,
+        gamma=float(config.gamma or 0.0),
+    )
 
 
 class JsonlLog:
@@ -171,6 +193,18 @@ class TrainState:
     window: FiringWindow
     step: int = 0
     tokens: int = 0
+    variance: float = 1.0  # V of the training space (the normalized objective's FVU denominator)
+    target: FVUTarget | None = None  # dual-ascent state under --target-fvu
+    merged: int = 0  # duplicate bits folded so far
+
+    def objective_state(self) -> dict[str, Any]:
+        """What a checkpoint records of the objective (JSON: floats round-trip exactly)."""
+        target = self.target.state_dict() if self.target is not None else None
+        return {"variance": self.variance, "target": target, "merged": self.merged}
+
+    def load_objective_state(self, state: dict[str, Any]) -> None:
+        self.variance, self.merged = float(state["variance"]), int(state["merged"])
+        self.target = FVUTarget.from_state(state["target"]) if state["target"] is not None else None
 
 
 class Trainer:
@@ -192,9 +226,7 @@ class Trainer:
         self.world = accelerator.num_processes
         self.total_steps = config.total_steps(self.world)
         self.entropy_start = config.entropy_start_step(self.world)
-        self.objective = Objective(
-            config.architecture, config.lambda_entropy, config.lambda_covariance, config.l1_coefficient
-        )
+        self.objective = make_objective(config, state.variance)
         state.model.to(accelerator.device)
         self.ddp_model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
         self.last_train: dict[str, Any] = {}
@@ -218,37 +250,91 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = self.state.step
 
-    def step(self, x: torch.Tensor) -> tuple[Any, dict[str, Any]]:
-        """One optimizer step on normalized rows ``x``."""
+    def beta(self) -> float:
+        """This step's β: 0 before the entropy start, then fixed or the dual-ascent value."""
+        if self.state.step < self.entropy_start:
+            return 0.0
+        if self.state.target is not None:
+            return self.state.target.beta()
+        return float(self.config.beta or 0.0)
+
+    def loss(self, x: torch.Tensor, out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        if isinstance(self.objective, NormalizedObjective):
+            beta = self.beta()
+            loss, terms = self.objective.loss(x, out, beta)
+            return loss, {**terms, "beta": torch.tensor(beta)}
+        return self.objective(x, out, entropy_on=self.state.step >= self.entropy_start)
+
+    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+        """One optimizer step on the typical rows of normalized rows ``x`` (returned, with the
+        forward pass and the loss terms)."""
         st = self.state
+        keep = st.model.typical(x)
+        if keep is not None and int(keep.sum()) >= 2:
+            x = x[keep]
         st.optimizer.zero_grad(set_to_none=True)
         with self.accelerator.autocast():
             out = self.ddp_model(x)
-            loss, terms = self.objective(x, out, entropy_on=st.step >= self.entropy_start)
+            loss, terms = self.loss(x, out)
         self.accelerator.backward(loss)
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(st.model.parameters(), self.config.grad_clip)
         st.optimizer.step()
         st.scheduler.step()
         st.window.add(st.step, out.bits)
+        if st.target is not None and st.step >= self.entropy_start:
+            st.target.update(self.mean_over_ranks(terms["fvu_term"]))
+        if self.merge_due():
+            st.merged += self.merge(out.bits.detach())
         st.step += 1
         st.tokens += self.config.batch_size * self.world
-        return out, terms
+        return x, out, terms
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        """A scalar averaged over the processes (every rank then takes the same dual step)."""
+        if self.world == 1:
+            return float(value)
+        reduced = self.accelerator.reduce(value.reshape(1).to(self.accelerator.device), reduction="mean")
+        return float(cast(torch.Tensor, reduced).item())
+
+    def merge_due(self) -> bool:
+        cfg, step = self.config, self.state.step
+        return bool(
+            cfg.merge_every
+            and cfg.architecture == "bae"
+            and cfg.k_bits == 1
+            and self.entropy_start <= step < 0.9 * self.total_steps
+            and (step + 1) % cfg.merge_every == 0
+        )
+
+    @torch.no_grad()
+    def merge(self, bits: torch.Tensor) -> int:
+        """Fold duplicate bits, judged on this step's bits of all processes (same on every rank)."""
+        b = bits.float()
+        n = torch.tensor([len(b)], dtype=b.dtype, device=b.device)
+        stats = torch.cat([n, b.sum(0), (b.T @ b).flatten()])
+        if self.world > 1:
+            stats = cast(torch.Tensor, self.accelerator.reduce(stats, reduction="sum"))
+        d = b.shape[1]
+        corr = bit_correlation(int(stats[0]), stats[1 : d + 1], stats[d + 1 :].reshape(d, d)).cpu()
+        model = self.state.model
+        return merge_duplicate_bits(corr, model.encoder, model.decoder, self.config.merge_threshold)
 
     def log_step(self, x: torch.Tensor, out: Any, terms: dict[str, Any], bar: Any) -> None:
         """Train metrics of this batch, with the firing window, lr and throughput."""
         now, (t_log, tokens_log) = time.perf_counter(), self._clock
         st = self.state
-        self.last_train = batch_metrics(x, out, terms)
+        self.last_train = batch_metrics(st.model, x, out, terms)
         self.last_train.update(
             st.window.stats(),
+            merged_bits=st.merged,
             lr=st.scheduler.get_last_lr()[0],
             tokens_per_s=(st.tokens - tokens_log) / max(now - t_log, 1e-9),
             entropy_on=st.step > self.entropy_start,
         )
         self._clock = (now, st.tokens)
         self.record(self.last_train)
-        bar.set_postfix(mse=f"{self.last_train['mse']:.4g}", H=f"{self.last_train['batch_entropy']:.1f}")
+        bar.set_postfix(fvu=f"{self.last_train['fvu']:.4g}", H=f"{self.last_train['batch_entropy']:.1f}")
 
     def stop_signal(self, stop: StopRequest) -> int:
         """The largest signal any process received (0: none)."""
@@ -280,7 +366,7 @@ class Trainer:
         with StopRequest() as stop, bar:
             while st.step < self.total_steps:
                 x = st.model.normalize(next(batches).to(device, non_blocking=True))
-                out, terms = self.step(x)
+                x, out, terms = self.step(x)
                 bar.update(1)
                 self.after_step(x, out, terms, bar)
                 signum = self.stop_signal(stop)

@@ -60,19 +60,25 @@ class _StepSTE(torch.autograd.Function):
 
 
 class _StepSigmoid(torch.autograd.Function):
-    """Heaviside step whose backward is the derivative of sigmoid(z / τ)."""
+    """Heaviside step whose backward is the derivative of sigmoid(z / t), t = τ, or (batch-scaled)
+    t = τ · the batch RMS of each unit's z, so that growing weights never saturate the gradient."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, threshold: str, temperature: float) -> torch.Tensor:
+    def forward(
+        ctx: Any, z: torch.Tensor, threshold: str, temperature: float, batch_scaled: bool
+    ) -> torch.Tensor:
         ctx.save_for_backward(z)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.batch_scaled = temperature, batch_scaled
         return above_threshold(z, threshold).to(z.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (z,) = ctx.saved_tensors
-        s = torch.sigmoid(z / ctx.temperature)
-        return grad * s * (1 - s) / ctx.temperature, None, None
+        t: Any = ctx.temperature
+        if ctx.batch_scaled:
+            t = t * z.pow(2).mean(dim=0).sqrt().clamp_min(1e-6)
+        s = torch.sigmoid(z / t)
+        return grad * s * (1 - s) / t, None, None, None
 
 
 def binary_step(
@@ -81,7 +87,7 @@ def binary_step(
     """step(z) in {0, 1} (``gt``: z > 0, ``ge``: z >= 0) with the chosen gradient estimator."""
     if estimator == "ste":
         return _StepSTE.apply(z, threshold)
-    return _StepSigmoid.apply(z, threshold, temperature)
+    return _StepSigmoid.apply(z, threshold, temperature, estimator == "scaled_sigmoid")
 
 
 @dataclass
@@ -106,6 +112,7 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.config = config
         self.provenance = provenance or Provenance()
+        self.metrics: dict[str, Any] = {}  # what training achieved (e.g. val_fvu), saved with the model
         d, n_enc = config.d_model, self.n_encoder_outputs(config)
         self.encoder = nn.Linear(d, n_enc, bias=config.encoder_bias)
         self.decoder = nn.Linear(config.n_features, d, bias=config.decoder_bias)
@@ -140,6 +147,17 @@ class Autoencoder(nn.Module):
         if self.config.standardize:
             return x * self.input_std + self.input_mean
         return x
+
+    def typical(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Mask of the *normalized* rows ``x`` inside the typical radius (None: every row is)."""
+        if self.config.typical_radius is None:
+            return None
+        return x.pow(2).sum(dim=-1) <= self.config.typical_radius
+
+    @torch.no_grad()
+    def typical_raw(self, h: torch.Tensor | np.ndarray) -> torch.Tensor | None:
+        """``typical`` of raw hidden states."""
+        return self.typical(self.normalize(self.as_input(h)))
 
     # -- architecture-specific -----------------------------------------------------------------
     def codes(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +226,7 @@ class Autoencoder(nn.Module):
             "model": self.config.model_dump(mode="json"),
             "source": self.provenance.model_dump(mode="json"),
             "normalization": {"kind": "standardize"} if self.config.standardize else None,
+            "metrics": self.metrics,
         }
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -336,6 +355,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Au
     source = data.get("source") or {}
     provenance = build_config(Provenance, source, f"{directory / CONFIG_FILE} source")
     model = build_autoencoder(config, provenance)
+    model.metrics = dict(data.get("metrics") or {})
     state = load_file(str(directory / WEIGHTS_FILE))
     try:
         model.load_state_dict(state)

@@ -1,10 +1,12 @@
-"""The training objective, with exactly the normalization of docs/method.md (objective).
+"""The training objectives, with exactly the normalization of docs/method.md §3.
 
-L = L_r + λ_H(t)·H + λ_D·D  (BAE);  L_r + λ_L1·mean_i Σ_j |f_ij|  (ReLU SAE);  L_r  (TopK SAE).
+``paper``:      L = L_r + λ_H(t)·H + λ_D·D  (BAE);  L_r + λ_L1·mean_i Σ_j |f_ij|  (ReLU SAE);  L_r  (TopK)
+``normalized``: L = FVU_b + β(t)·(S + γ·R)  (BAE);  FVU_b + λ_L1·mean_i Σ_j |f_ij|  (ReLU SAE);  FVU_b  (TopK)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +14,7 @@ import torch
 from bae.trainer.models import Codes
 
 EPS = 1e-10
+CORR_EPS = 1e-4
 
 
 def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -36,9 +39,29 @@ def covariance_term(bits: torch.Tensor) -> torch.Tensor:
     return cov.abs().sum() - cov.diagonal().abs().sum()
 
 
+def fvu_term(x: torch.Tensor, recon: torch.Tensor, variance: float) -> torch.Tensor:
+    """FVU_b = Σ_i ‖x_i − x̂_i‖² / (n_b · V), V the data's total variance (one scalar, fixed)."""
+    return (x - recon).pow(2).sum() / (x.shape[0] * variance)
+
+
+def code_bits_term(bits: torch.Tensor) -> torch.Tensor:
+    """S = Σ_j ½(H_b(p_j) + 2·min(p_j, 1 − p_j)): H_b's values at p ∈ {0, ½, 1}, but a slope at
+    p = ½ (where ∂H_b/∂p = 0 would let a useless fair bit survive)."""
+    p = bits.mean(dim=0)
+    return 0.5 * (binary_entropy(p) + 2 * torch.minimum(p, 1 - p)).sum()
+
+
+def redundancy_term(bits: torch.Tensor) -> torch.Tensor:
+    """R = Σ_{j<k} ρ_jk² / (2 ln 2), ρ the bits' batch correlation (I(j;k) ≈ ρ²/2ln2 bits)."""
+    centred = bits - bits.mean(dim=0)
+    z = centred / (centred.pow(2).mean(dim=0) + CORR_EPS).sqrt()
+    corr = z.T @ z / bits.shape[0]
+    return (corr.pow(2).sum() - corr.diagonal().pow(2).sum()) / (4 * math.log(2))
+
+
 @dataclass(frozen=True)
 class Objective:
-    """Coefficients of the loss; ``entropy_on`` tells whether λ_H is active at this step."""
+    """Coefficients of the paper objective; ``entropy_on`` tells whether λ_H is active at this step."""
 
     architecture: str
     lambda_entropy: float = 1e-7
@@ -48,12 +71,7 @@ class Objective:
     def __call__(self, x: torch.Tensor, out: Codes, entropy_on: bool) -> tuple[torch.Tensor, dict]:
         """Total loss and its detached terms (``None`` for a term that was skipped)."""
         loss = reconstruction_loss(x, out.recon)
-        terms: dict[str, torch.Tensor | None] = {
-            "mse": loss.detach(),
-            "entropy": None,
-            "covariance": None,
-            "l1": None,
-        }
+        terms: dict[str, torch.Tensor | None] = {"mse": loss.detach()}
         if self.architecture == "bae":
             if entropy_on and self.lambda_entropy:
                 h = entropy_term(out.bits)
@@ -63,8 +81,36 @@ class Objective:
                 c = covariance_term(out.bits)
                 loss = loss + self.lambda_covariance * c
                 terms["covariance"] = c.detach()
-        elif self.architecture == "relu_sae" and self.l1_coefficient:
+        return self.with_l1(loss, out, terms)
+
+    def with_l1(self, loss: torch.Tensor, out: Codes, terms: dict) -> tuple[torch.Tensor, dict]:
+        """The ReLU SAE's L1 penalty on its activations (the same term under both objectives)."""
+        if self.architecture == "relu_sae" and self.l1_coefficient:
             l1 = out.code.abs().sum(dim=-1).mean()
             loss = loss + self.l1_coefficient * l1
             terms["l1"] = l1.detach()
         return loss, terms
+
+
+@dataclass(frozen=True)
+class NormalizedObjective(Objective):
+    """L = FVU_b + β·(S + γ·R): β is the FVU a bit of code entropy must buy; ``variance`` is V of
+    the training space. β is passed per step (it is 0 before the entropy start and adapted under
+    a target FVU)."""
+
+    variance: float = 1.0
+    gamma: float = 1.0
+
+    def loss(self, x: torch.Tensor, out: Codes, beta: float) -> tuple[torch.Tensor, dict]:
+        """Total loss and its detached terms."""
+        loss = fvu_term(x, out.recon, self.variance)
+        terms: dict[str, torch.Tensor | None] = {"fvu_term": loss.detach()}
+        if self.architecture == "bae" and beta > 0:
+            cost = code_bits_term(out.bits)
+            terms["code_bits"] = cost.detach()
+            if self.gamma:
+                red = redundancy_term(out.bits)
+                terms["redundancy_bits"] = red.detach()
+                cost = cost + self.gamma * red
+            loss = loss + beta * cost
+        return self.with_l1(loss, out, terms)

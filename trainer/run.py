@@ -3,6 +3,7 @@ store sampler; the run folder gets checkpoints, the metrics log and, at the end,
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -12,13 +13,16 @@ from safetensors.torch import load_file
 from bae.common.configs import require_same_config
 from bae.common.console import human_count, print_summary
 from bae.common.errors import BaeError
+from bae.common.stats import FVU_DEFINITION
 from bae.stores import ActivationStore, RowFilter, StoreSampler
 from bae.trainer.checkpoints import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from bae.trainer.config import TrainConfig
+from bae.trainer.config import OBJECTIVE_DEFAULTS, TrainConfig
 from bae.trainer.loop import FiringWindow, JsonlLog, Trainer, TrainState, lr_lambda, validate
 from bae.trainer.models import WEIGHTS_FILE, Autoencoder, build_autoencoder, read_model_config
 from bae.trainer.provenance import Provenance
 from bae.trainer.run_folder import RunFolder
+from bae.trainer.scale import DataScale, estimate_scale
+from bae.trainer.target import FVUTarget
 
 if TYPE_CHECKING:
     from accelerate.tracking import GeneralTracker
@@ -72,20 +76,15 @@ def open_samplers(
     return train, val
 
 
-def standardization(sampler: StoreSampler, max_rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std (float64 sums) over the first ``max_rows`` eligible rows."""
-    n, total, total_sq = 0, 0.0, 0.0
+def estimate_data_scale(config: TrainConfig, sampler: StoreSampler) -> DataScale:
+    """The data's scale (``bae.trainer.scale``) from the first ``standardize_rows`` eligible rows."""
+    rows, n = [], 0
     for x, _ in sampler.iter_epoch_once():
-        if max_rows is not None:
-            x = x[: max_rows - n]
-        xd = x.double()
-        total, total_sq, n = total + xd.sum(0), total_sq + xd.pow(2).sum(0), n + len(x)
-        if max_rows is not None and n >= max_rows:
+        rows.append(x[: config.standardize_rows - n])
+        n += len(rows[-1])
+        if n >= config.standardize_rows:
             break
-    mean = cast(torch.Tensor, total) / n
-    std = (cast(torch.Tensor, total_sq) / n - mean.pow(2)).clamp_min(0).sqrt()
-    std = torch.where(std > 1e-8, std, torch.ones_like(std))
-    return mean.float(), std.float()
+    return estimate_scale(torch.cat(rows), str(config.standardize), float(config.typical_ratio or 0.0))
 
 
 def provenance(config: TrainConfig, store: ActivationStore) -> Provenance:
@@ -101,18 +100,6 @@ def provenance(config: TrainConfig, store: ActivationStore) -> Provenance:
         split_seed=config.split_seed,
         corpus_fingerprint=store.meta.get("corpus_fingerprint"),
     )
-
-
-# fields an earlier bae recorded as None where today's config records the value it stood for
-NONE_MEANT_DEFAULT = ("positions", "steps")
-
-
-def as_recorded_today(old: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's recorded config as today's ``TrainConfig.recorded()`` would write it."""
-    return {
-        **old,
-        **{k: TrainConfig.model_fields[k].default for k in NONE_MEANT_DEFAULT if old.get(k, 0) is None},
-    }
 
 
 def check_resumable(
@@ -131,10 +118,10 @@ def check_resumable(
         )
     json_state, torch_state = load_checkpoint(ckpt)
     require_same_config(
-        f"training run {run.root}", as_recorded_today(json_state["config"]), config.recorded()
+        f"training run {run.root}", TrainConfig.as_recorded_today(json_state["config"]), config.recorded()
     )
     model_state = load_file(str(ckpt / WEIGHTS_FILE))
-    return {**json_state, "weights": model_state}, torch_state
+    return {**json_state, "weights": model_state, "model": recorded["model"]}, torch_state
 
 
 def initial_state(
@@ -142,17 +129,24 @@ def initial_state(
 ) -> tuple[TrainState, bool]:
     """A fresh training state, or the latest checkpoint's (sampler cursor and RNGs restored); resumed?"""
     resumed = check_resumable(run, config, store.d_model)
+    scale = estimate_data_scale(config, sampler) if resumed is None else None
+    radius = scale.typical_radius if scale is not None else resumed[0]["model"]["typical_radius"]  # type: ignore[index]
     torch.manual_seed(config.seed)
-    model = build_autoencoder(config.autoencoder_config(store.d_model), provenance(config, store))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    model = build_autoencoder(config.autoencoder_config(store.d_model, radius), provenance(config, store))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, config.total_steps(world)))
     state = TrainState(model, optimizer, scheduler, FiringWindow(config.window_steps, model.n_bits))
     if resumed is None:
-        if config.standardize:
-            model.set_normalization(*standardization(sampler, config.standardize_rows))
+        assert scale is not None
+        if model.config.standardize:
+            model.set_normalization(scale.mean, scale.std)
+        state.variance = scale.variance
+        if config.target_fvu is not None:
+            state.target = FVUTarget(config.target_fvu, math.log(OBJECTIVE_DEFAULTS["normalized"]["beta"]))
         return state, False
     js, ts = resumed
     model.load_state_dict(js["weights"])
+    state.load_objective_state(js.get("objective") or {"variance": 1.0, "target": None, "merged": 0})
     optimizer.load_state_dict(ts["optimizer"])
     scheduler.load_state_dict(ts["scheduler"])
     state.window.load(ts["window"])
@@ -175,6 +169,7 @@ def checkpoint_writer(config: TrainConfig, run: RunFolder, sampler: StoreSampler
                 "sampler": sampler.state_dict(),
                 "tokens": state.tokens,
                 "world_size": world,
+                "objective": state.objective_state(),
             },
             {
                 "optimizer": state.optimizer.state_dict(),
@@ -216,6 +211,7 @@ def train(config: TrainConfig, show_progress: bool = True) -> tuple[Autoencoder,
         config, accelerator, state, log, checkpoint_writer(config, run, sampler, world), validate_fn
     )
     trainer.fit(iter(sampler), show_progress)
+    state.model.metrics = achieved(trainer)
     if main:
         state.model.save_pretrained(run.model_dir)
     accelerator.wait_for_everyone()
@@ -224,6 +220,13 @@ def train(config: TrainConfig, show_progress: bool = True) -> tuple[Autoencoder,
     if main:
         print_summary(f"bae train: {config.out}", summary)
     return state.model, summary
+
+
+def achieved(trainer: Trainer) -> dict[str, Any]:
+    """What the final model achieved, saved in its config.json for the stages that use it."""
+    keys = ("val_fvu", "val_rows", "val_atypical_rows", "val_set_entropy", "val_varying_bits", "fvu", "beta")
+    last = {**trainer.last_train, **trainer.last_val}
+    return {k: last[k] for k in keys if k in last} | {"fvu_definition": FVU_DEFINITION}
 
 
 def train_summary(config: TrainConfig, state: TrainState, trainer: Trainer, d: int) -> dict[str, Any]:

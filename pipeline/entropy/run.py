@@ -11,6 +11,7 @@ varying bits, a bootstrap interval and the joint plug-in cross-check. Outputs in
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from bae.common.atomic_files import atomic_write_bytes, atomic_write_json, read_
 from bae.common.configs import require_same_config
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
-from bae.common.stats import binary_entropy
+from bae.common.stats import FVU_DEFINITION, binary_entropy
 from bae.pipeline.analysis.checkpoint_match import load_for_store
 from bae.pipeline.analysis.scan import cached_model
 from bae.pipeline.entropy.config import CONFIG_JSON, EntropyConfig
@@ -50,6 +51,7 @@ class EntropyModel:
     layer: int
     positions: list[int] | None
     n_bits: int
+    fvu: float  # the FVU its training achieved on the validation split (NaN: not recorded)
 
 
 @dataclass
@@ -67,8 +69,9 @@ def resolve_models(store: ActivationStore, checkpoints: list[str]) -> list[Entro
     for checkpoint in checkpoints:
         model, layer = load_for_store(store, checkpoint)
         positions = model.provenance.positions
+        fvu = float(model.metrics.get("val_fvu", math.nan))
         models.append(
-            EntropyModel(checkpoint, int(layer), sorted(positions) if positions else None, model.n_bits)
+            EntropyModel(checkpoint, int(layer), sorted(positions) if positions else None, model.n_bits, fvu)
         )
     for i, a in enumerate(models):
         for b in models[i + 1 :]:
@@ -169,6 +172,7 @@ def build_table(parts: list[dict[str, Any]], group_by: str, values: np.ndarray |
         fixed = {
             "layer": [part["layer"]] * len(keys),
             "checkpoint": [part["checkpoint"]] * len(keys),
+            "checkpoint_fvu": [part["fvu"]] * len(keys),
             group_by: [g if r else None for g, r in zip(np.asarray(group).tolist(), real)],
             "null_group": [None if r else -1 - int(k) for k, r in zip(keys, real)],
         }
@@ -239,6 +243,12 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
         lines[name] = (
             f"{len(h)} {group_by} groups, {int(n.sum())} rows (n {int(n.min())}..{int(n.max())}), d'="
             f"{cols['code_bits'][0]}; Σ H_b {np.nanmin(h):.1f}..{np.nanmax(h):.1f} bits (an upper bound)"
+        )
+        fvu = part["fvu"]
+        lines[f"{name} FVU"] = (
+            f"{fvu:.4f} on its validation split ({FVU_DEFINITION}): compare entropies at equal FVU"
+            if math.isfinite(fvu)
+            else "not recorded (a checkpoint from an older bae): entropies cannot be compared at equal FVU"
         )
         if "joint_bits" in cols:
             verdict, counted = np.unique(cols["verdict"].astype(str), return_counts=True)
@@ -314,6 +324,7 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
             {
                 "layer": model.layer,
                 "checkpoint": model.checkpoint,
+                "fvu": model.fvu,
                 "keys": counts.keys[order],
                 "columns": {name: np.asarray(col)[order] for name, col in columns.items()},
                 "expected": row_filter.positions,

@@ -37,9 +37,10 @@ class FeatureStats:
     counts: np.ndarray  # int64 [F]
     code_sum: np.ndarray  # float64 [F]
     code_sq: np.ndarray  # float64 [F]
-    sse: float
+    sse: float  # reconstruction error and input moments over the typical rows only
     x_sum: np.ndarray  # float64 [d]
     x_sq: np.ndarray  # float64 [d]
+    typical_rows: int
 
     def merge(self, other: FeatureStats) -> FeatureStats:
         return FeatureStats(
@@ -50,6 +51,7 @@ class FeatureStats:
             self.sse + other.sse,
             self.x_sum + other.x_sum,
             self.x_sq + other.x_sq,
+            self.typical_rows + other.typical_rows,
         )
 
     @property
@@ -58,8 +60,8 @@ class FeatureStats:
 
     @property
     def fvu(self) -> float:
-        """The project's FVU (``bae.common.stats``) over all rows, in raw hidden-state space."""
-        return fvu_from_sums(self.sse, self.x_sum, self.x_sq, self.rows)
+        """The project's FVU (``bae.common.stats.FVU_DEFINITION``): raw space, typical rows."""
+        return fvu_from_sums(self.sse, self.x_sum, self.x_sq, self.typical_rows)
 
     @property
     def mean_l0(self) -> float:
@@ -77,12 +79,16 @@ def stats_partial(spec: ScanSpec, unit: int) -> FeatureStats:
     """FeatureStats of one store unit."""
     _, model = spec.open()
     f, d = model.n_bits, model.config.d_model
-    stats = FeatureStats(0, np.zeros(f, np.int64), np.zeros(f), np.zeros(f), 0.0, np.zeros(d), np.zeros(d))
+    stats = FeatureStats(0, np.zeros(f, np.int64), np.zeros(f), np.zeros(f), 0.0, np.zeros(d), np.zeros(d), 0)
     for x, _ in spec.batches(unit):
         seen = model.analyse(x)
         bits, code = seen.bits, seen.code
         err = (x - model.reconstruct(seen.decoder_input)).double()
         xd = x.double()
+        keep = model.typical_raw(x)
+        if keep is not None:
+            keep = keep.cpu()
+            err, xd = err[keep], xd[keep]
         stats = stats.merge(
             FeatureStats(
                 len(x),
@@ -92,6 +98,7 @@ def stats_partial(spec: ScanSpec, unit: int) -> FeatureStats:
                 float(err.pow(2).sum()),
                 xd.sum(0).numpy(),
                 xd.pow(2).sum(0).numpy(),
+                len(xd),
             )
         )
     return stats
@@ -207,7 +214,7 @@ def run_frequency(
         stats = compute_stats(spec, config.scheduler, show_progress)
         freq = stats.frequency
         summary = summarize(freq, stats.rows, model.architecture, config.dense_thresholds)
-        summary.update(fvu=stats.fvu, mean_l0=stats.mean_l0)
+        summary.update(fvu=stats.fvu, atypical_rows=stats.rows - stats.typical_rows, mean_l0=stats.mean_l0)
         mean, std = stats.code_mean_std()
         result = FrequencyResult(summary, freq, stats.fvu, stats.mean_l0, mean, std)
         plot_histogram(freq, model.architecture, summary, out / "frequency_hist.png")

@@ -1,0 +1,48 @@
+"""Folding duplicate bits: a bit that copies (ρ > t) or complements (ρ < −t) an earlier bit adds
+nothing to the reconstruction but costs H_b(p) bits, and it sits on a flat direction of the loss
+(the decoder can split a column between the two at no cost), so gradients do not remove it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def bit_correlation(n: int, sums: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Correlation of 0/1 bits from their row count, sums [d'] and Gram matrix BᵀB [d', d'] (0 for
+    constant bits)."""
+    p = sums.double() / n
+    cov = gram.double() / n - torch.outer(p, p)
+    var = cov.diagonal().clamp_min(0)
+    alive = var > 1e-12
+    scale = var.clamp_min(1e-12).sqrt()
+    corr = cov / torch.outer(scale, scale)
+    return corr.masked_fill(~(alive[:, None] & alive[None, :]), 0.0)
+
+
+@torch.no_grad()
+def merge_duplicate_bits(corr: torch.Tensor, encoder: nn.Linear, decoder: nn.Linear, threshold: float) -> int:
+    """For each pair k < j with |ρ_kj| > ``threshold`` (lowest index kept, each bit merged once):
+    W_dec[:, k] ± W_dec[:, j] (a complement also moves W_dec[:, j] into b_dec), then bit j is switched
+    off (encoder row 0, bias −1) and free to be learned again. Returns the number of bits merged."""
+    upper = torch.triu(corr, diagonal=1)
+    done = torch.zeros(corr.shape[0], dtype=torch.bool)
+    merged = 0
+    for k, j in torch.nonzero(upper.abs() > threshold).tolist():
+        if done[k] or done[j]:
+            continue
+        column = decoder.weight[:, j].clone()
+        if upper[k, j] > 0:
+            decoder.weight[:, k] += column
+        else:
+            decoder.weight[:, k] -= column
+            if decoder.bias is not None:
+                decoder.bias.add_(column)
+        decoder.weight[:, j] = 0.0
+        encoder.weight[j] = 0.0
+        if encoder.bias is not None:
+            encoder.bias[j] = -1.0
+        done[j] = True
+        merged += 1
+    return merged
