@@ -56,9 +56,9 @@ def make_store(path: Path, n_rows: int) -> None:
 def config(store: Path, steps: int, out: str, objective: str = "paper"):
     from bae.trainer.config import TrainConfig
 
-    options = {"objective": "paper"} if objective == "paper" else {"target_fvu": 0.2}
     return TrainConfig(
-        **options,
+        objective="paper" if objective == "paper" else "normalized",
+        target_fvu=None if objective == "paper" else 0.2,
         store=str(store),
         out=out,
         layer=1,
