@@ -3,8 +3,9 @@
 A pipeline file has a ``workdir`` and one section per stage, each holding that stage's own config
 fields (as in ``bae harvest/train/entropy --config``). The paths that link the stages are derived
 from the workdir: ``<workdir>/activations.zarr``, ``<workdir>/bae-layer<L>/``, ``<workdir>/entropy/``.
-With no file, the embedded default runs: SmolLM2-135M on Python's own docs, one middle layer, a
-short training run, entropy per token position.
+With no file, the embedded default runs: SmolLM2-135M on AG News (``staicc:agnews``, thousands of
+news texts, so each position group holds thousands of rows), one middle layer, a short training run
+of the normalized objective, entropy per token position against shuffled-group nulls.
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ LAYER_RUN_PREFIX = "bae-layer"
 STAGES: tuple[Stage, ...] = ("harvest", "train", "entropy")
 
 # The embedded default: document mode so that positions are positions in a document (entropy per
-# position needs it), a context short enough for a laptop CPU, and a training run of a few minutes.
-DEFAULT_HARVEST = {"mode": "document", "context_length": 128, "max_tokens": 65_536}
+# position needs it), 32 positions of ~4000 news texts (every position group has thousands of rows,
+# enough to resolve codes of up to ~9 bits), and a training run of a few minutes on a laptop CPU.
+DEFAULT_HARVEST = {
+    "corpus": ["staicc:agnews"],
+    "mode": "document",
+    "context_length": 32,
+    "max_tokens": 160_000,
+}
 DEFAULT_TRAIN = {
-    "steps": 500,
+    "steps": 1000,
     "batch_size": 512,
-    "standardize": True,
-    "val_every": 250,
+    "val_every": 500,
     "checkpoint_every": 100,
     "log_every": 50,
 }

@@ -48,7 +48,6 @@ def pipeline_file(inputs: dict[str, Path], workdir: Path, **extra) -> Path:
             "checkpoint_every": 10,
             "val_every": 60,
             "log_every": 10,
-            "standardize": True,
         },
         "entropy": {"group_by": "position"},
         **extra,

@@ -83,3 +83,5 @@ def test_warnings_name_what_makes_a_code_unfit() -> None:
     assert code_warnings({"val_varying_bits": 5, "val_fvu": 0.2, "dense_oriented_0.1": 3}, 64) == []
     said = code_warnings({"val_varying_bits": 0, "val_fvu": 1.3, "dense_oriented_0.1": 40}, 64)
     assert len(said) == 3 and "collapsed" in said[0] and "1.3" in said[1] and "40 of 64" in said[2]
+    assert code_warnings({"val_fvu": 0.2}, 64, target_fvu=0.19) == []
+    assert "off the target 0.1" in code_warnings({"val_fvu": 0.2}, 64, target_fvu=0.1)[0]

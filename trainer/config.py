@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from bae.common.command import cli
 from bae.common.configs import StrictModel
@@ -176,6 +176,14 @@ class TrainConfig(RowSelection):
     log_with: list[str] | None = Field(
         default=None, description="accelerate trackers, e.g. tensorboard, wandb"
     )
+
+    @field_validator("standardize", mode="before")
+    @classmethod
+    def _standardize(cls, value: Any) -> Any:
+        """An earlier bae's boolean ``standardize`` (per-dimension or none) still reads."""
+        if isinstance(value, bool):
+            return "dimension" if value else "none"
+        return value
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:

@@ -239,14 +239,19 @@ def train_summary(config: TrainConfig, state: TrainState, trainer: Trainer, d: i
         "model": str(RunFolder.at(config.out).model_dir),
         "architecture": f"{config.architecture} d={d} d'={model.config.n_features} bits={model.n_bits}",
         **{k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()},
-        "warnings": "; ".join(code_warnings(last, model.n_bits)) or "none",
+        "warnings": "; ".join(code_warnings(last, model.n_bits, config.target_fvu)) or "none",
     }
 
 
-def code_warnings(metrics: dict[str, Any], n_bits: int) -> list[str]:
+def code_warnings(metrics: dict[str, Any], n_bits: int, target_fvu: float | None = None) -> list[str]:
     """What makes a trained code unfit for entropy numbers: no varying bit, no variance explained,
-    most bits dense (each warning one short clause)."""
+    most bits dense, a target FVU missed by more than a quarter (each warning one short clause)."""
     warnings = []
+    fvu = metrics.get("val_fvu")
+    if target_fvu is not None and fvu is not None and abs(fvu - target_fvu) > 0.25 * target_fvu:
+        warnings.append(
+            f"val FVU {fvu:.3g} is off the target {target_fvu:g} (codes are discrete; compare achieved FVUs)"
+        )
     if metrics.get("val_varying_bits", 1) == 0:
         warnings.append("the code collapsed: no bit varies on the validation split")
     if metrics.get("val_fvu", 0.0) >= 1.0:

@@ -205,6 +205,8 @@ def plot_series(
         several = layer_parts.count(part["layer"]) > 1 and group_by != "position"
         key = (part["layer"], part["checkpoint"]) if several else part["layer"]
         label = f"layer {part['layer']}" + (f" ({Path(part['checkpoint']).name})" if several else "")
+        if math.isfinite(part["fvu"]):
+            label += f", FVU {part['fvu']:.2f}"
         real = part["keys"] >= 0
         x = part["keys"][real] if values is None else values[part["keys"][real]]
         s = merged.setdefault(key, {"label": label, "x": [], "null": {}})
