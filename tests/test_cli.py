@@ -127,7 +127,10 @@ def test_old_spellings_in_config_files_still_load(tmp_path) -> None:
     before = {**tokens.recorded(), "positions": None, "steps": None}  # as an earlier bae recorded them
     assert TrainConfig.as_recorded_today(before) == tokens.recorded()
     # an earlier bae's boolean standardize, in a config file or a recorded paper-objective run
-    assert TrainConfig(store="s", layer=1, out="o", standardize=True).standardize == "dimension"
+    assert (
+        TrainConfig.model_validate({"store": "s", "layer": 1, "out": "o", "standardize": True}).standardize
+        == "dimension"
+    )
     paper = TrainConfig(store="s", layer=1, out="o", objective="paper", standardize="dimension")
     old = {k: v for k, v in paper.recorded().items() if k not in ("objective", "beta", "gamma", "target_fvu")}
     assert TrainConfig.as_recorded_today({**old, "standardize": True}) == paper.recorded()
