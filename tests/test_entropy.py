@@ -56,7 +56,8 @@ def test_entropy_per_position_is_exact(known, tmp_path):
         assert joint <= h + 1e-12  # Σ_j H_b(p_j) bounds the joint entropy from above
     out = tmp_path / "out"
     np.testing.assert_equal(pq.read_table(out / "entropy.parquet").to_pydict(), table)  # NaN == NaN
-    assert (out / "entropy.csv").read_text().splitlines()[0].startswith('"layer","checkpoint","position"')
+    header = (out / "entropy.csv").read_text().splitlines()[0]
+    assert header.startswith('"layer","checkpoint","checkpoint_fvu","position"')
     assert (out / "entropy.png").stat().st_size > 0
     assert json.loads((out / "entropy_config.json").read_text())["config"]["bootstrap"] == 16
 

@@ -12,14 +12,20 @@ import torch
 from bae.common.errors import BaeError
 from bae.trainer import ModelConfig, build_autoencoder, load_autoencoder
 from bae.trainer.config import Architecture
+from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import BinaryAutoencoder, binary_step
 from bae.trainer.objectives import (
+    NormalizedObjective,
     Objective,
+    code_bits_term,
     covariance_term,
     entropy_term,
+    fvu_term,
     reconstruction_loss,
+    redundancy_term,
 )
 from bae.trainer.provenance import Provenance
+from bae.trainer.scale import estimate_scale
 
 
 @pytest.fixture
@@ -135,3 +141,64 @@ def test_load_refuses_non_model(tmp_path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(BaeError, match="not a bae-autoencoder config"):
         load_autoencoder(tmp_path)
+
+
+def test_normalized_terms_equal_direct_computations(bits: torch.Tensor) -> None:
+    b = bits.double().numpy()
+    p = b.mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hb = -np.nan_to_num(p * np.log2(p)) - np.nan_to_num((1 - p) * np.log2(1 - p))
+    assert code_bits_term(bits.double()).item() == pytest.approx(
+        (0.5 * (hb + 2 * np.minimum(p, 1 - p))).sum()
+    )
+    # ρ with ε = 1e-4 added to each bit's variance (constant bits then have ρ = 0)
+    z = (b - p) / np.sqrt(b.var(0) + 1e-4)
+    rho = z.T @ z / len(b)
+    expected = (np.triu(rho, 1) ** 2).sum() / (2 * math.log(2))
+    assert redundancy_term(bits.double()).item() == pytest.approx(expected, rel=1e-12)
+    x, recon = torch.randn(9, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    assert fvu_term(x, recon, 2.5).item() == pytest.approx(((x - recon) ** 2).sum().item() / (9 * 2.5))
+
+
+def test_normalized_objective_adds_beta_times_bits() -> None:
+    model = build_autoencoder(ModelConfig(d_model=6, expansion=2))
+    x = torch.randn(16, 6)
+    out = model(x)
+    obj = NormalizedObjective("bae", variance=3.0, gamma=0.5)
+    off, terms_off = obj.loss(x, out, beta=0.0)
+    on, _ = obj.loss(x, out, beta=0.2)
+    assert torch.isclose(off, fvu_term(x, out.recon, 3.0)) and "code_bits" not in terms_off
+    cost = code_bits_term(out.bits) + 0.5 * redundancy_term(out.bits)
+    assert torch.isclose(on, off + 0.2 * cost)
+
+
+def test_merging_a_duplicate_or_complement_keeps_the_reconstruction() -> None:
+    torch.manual_seed(0)
+    model = build_autoencoder(ModelConfig(d_model=5, expansion=1))
+    with torch.no_grad():
+        model.encoder.weight[3] = model.encoder.weight[0]  # bit 3 copies bit 0
+        model.encoder.bias[3] = model.encoder.bias[0]
+        model.encoder.weight[4] = -model.encoder.weight[1]  # bit 4 complements bit 1 (ties aside)
+        model.encoder.bias[4] = -model.encoder.bias[1]
+    x = torch.randn(400, 5)
+    before = model(x)
+    b = before.bits.detach().double()
+    corr = bit_correlation(len(b), b.sum(0), b.T @ b)
+    assert corr[0, 3] == pytest.approx(1.0) and corr[1, 4] == pytest.approx(-1.0)
+    merged = merge_duplicate_bits(corr, model.encoder, model.decoder, threshold=0.95)
+    after = model(x)
+    assert merged == 2 and not after.bits[:, 3:].any()
+    torch.testing.assert_close(after.recon, before.recon.detach(), atol=1e-5, rtol=0)
+
+
+def test_scale_flags_massive_rows_and_global_scale_sets_v_to_d() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 8, generator=g) * torch.linspace(0.1, 3.0, 8)
+    x[::100] += 300.0  # 1% "attention sink" rows, far outside
+    scale = estimate_scale(x, "global", 10.0)
+    assert scale.variance == pytest.approx(8.0, rel=1e-6)  # typical rows in the global scale: V = d
+    assert scale.atypical_fraction == pytest.approx(0.01)
+    assert scale.typical_radius is not None
+    norm = (x - scale.mean) / scale.std
+    assert ((norm.pow(2).sum(1) > scale.typical_radius) == (torch.arange(2000) % 100 == 0)).all()
+    assert estimate_scale(x, "none", 0.0).typical_radius is None

@@ -250,7 +250,7 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
         lines[f"{name} FVU"] = (
             f"{fvu:.4f} on its validation split ({FVU_DEFINITION}): compare entropies at equal FVU"
             if math.isfinite(fvu)
-            else "not recorded (a checkpoint from an older bae): entropies cannot be compared at equal FVU"
+            else "not recorded in the checkpoint: entropies cannot be compared at equal FVU"
         )
         if "joint_bits" in cols:
             verdict, counted = np.unique(cols["verdict"].astype(str), return_counts=True)
