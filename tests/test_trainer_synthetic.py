@@ -3,6 +3,8 @@ with `bae train`'s defaults at any data scale."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +39,17 @@ def synthetic_store(
     return path
 
 
-def train_defaults(store: Path, out: Path, **options) -> dict:
+def train_defaults(store: Path, out: Path, steps: int = 1200, **options) -> dict:
     """``bae train`` with its defaults (no tuning flags), a short budget and one final validation."""
     config = TrainConfig(
         store=str(store),
         out=str(out),
         layer=0,
-        steps=1200,
+        steps=steps,
         batch_size=256,
-        log_every=1200,
-        val_every=1200,
-        checkpoint_every=1200,
+        log_every=steps,
+        val_every=steps,
+        checkpoint_every=steps,
         **options,
     )
     return train(config, show_progress=False)[1]
@@ -66,15 +68,32 @@ def test_default_objective_holds_at_any_data_scale(tmp_path: Path, r: int, scale
     assert got["warnings"] == "none", got
 
 
-def test_target_fvu_is_reached(tmp_path: Path) -> None:
-    """Dual ascent on β lands the validation FVU near a loose target with fewer bits; a tight target
-    that falls between two code sizes (each true bit is worth ~0.12 of FVU here) is met from below."""
+def test_target_fvu_is_met_with_the_true_code(tmp_path: Path) -> None:
+    """At a target FVU of 0.1 the run ends at or below it with the 8 true bits (each worth ~0.12 of
+    FVU here, so no code size sits on the target). Bits leave and return over hundreds of steps
+    whatever β is (Adam bounds each step): the run settles at a code size near the target, not on
+    it (docs/method.md §3)."""
     store = synthetic_store(tmp_path / "syn.zarr", 8)
-    loose = train_defaults(store, tmp_path / "loose", target_fvu=0.3)
-    tight = train_defaults(store, tmp_path / "tight", target_fvu=0.1)
-    assert loose["val_fvu"] == pytest.approx(0.3, abs=0.05), loose
-    assert tight["val_fvu"] <= 0.1 + 0.03, tight
-    assert loose["val_set_entropy"] < tight["val_set_entropy"] - 1, (loose, tight)
+    target = train_defaults(store, tmp_path / "target", steps=2400, target_fvu=0.1)
+    assert target["val_fvu"] <= 0.1 * 1.25, target
+    assert abs(target["val_set_entropy"] - 8) <= 1, target
+
+
+def test_dual_ascent_moves_beta_against_the_fvu_gap() -> None:
+    from bae.trainer.target import FVUTarget
+
+    below = FVUTarget(target=0.2, log_beta=math.log(1e-3))
+    for _ in range(100):
+        below.update(0.05)  # reconstruction better than asked: bits are too cheap
+    assert below.beta() > 1e-3
+    above = FVUTarget.from_state(json.loads(json.dumps(below.state_dict())))
+    assert above == below  # the checkpointed state round-trips exactly
+    for _ in range(100):
+        above.update(0.6)
+    assert above.beta() < below.beta()
+    for _ in range(100_000):
+        above.update(1.0)
+    assert above.beta() == pytest.approx(1e-6)  # clipped
 
 
 def test_warnings_name_what_makes_a_code_unfit() -> None:

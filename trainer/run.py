@@ -21,7 +21,7 @@ from bae.trainer.loop import FiringWindow, JsonlLog, Trainer, TrainState, lr_lam
 from bae.trainer.models import WEIGHTS_FILE, Autoencoder, build_autoencoder, read_model_config
 from bae.trainer.provenance import Provenance
 from bae.trainer.run_folder import RunFolder
-from bae.trainer.scale import DataScale, estimate_scale
+from bae.trainer.scale import DataScale, estimate_scale, identity_scale
 from bae.trainer.target import FVUTarget
 
 if TYPE_CHECKING:
@@ -76,8 +76,10 @@ def open_samplers(
     return train, val
 
 
-def estimate_data_scale(config: TrainConfig, sampler: StoreSampler) -> DataScale:
+def estimate_data_scale(config: TrainConfig, sampler: StoreSampler, d: int) -> DataScale:
     """The data's scale (``bae.trainer.scale``) from the first ``standardize_rows`` eligible rows."""
+    if config.objective == "paper" and config.standardize == "none" and not config.typical_ratio:
+        return identity_scale(d)
     rows, n = [], 0
     for x, _ in sampler.iter_epoch_once():
         rows.append(x[: config.standardize_rows - n])
@@ -129,7 +131,7 @@ def initial_state(
 ) -> tuple[TrainState, bool]:
     """A fresh training state, or the latest checkpoint's (sampler cursor and RNGs restored); resumed?"""
     resumed = check_resumable(run, config, store.d_model)
-    scale = estimate_data_scale(config, sampler) if resumed is None else None
+    scale = estimate_data_scale(config, sampler, store.d_model) if resumed is None else None
     radius = scale.typical_radius if scale is not None else resumed[0]["model"]["typical_radius"]  # type: ignore[index]
     torch.manual_seed(config.seed)
     model = build_autoencoder(config.autoencoder_config(store.d_model, radius), provenance(config, store))

@@ -35,16 +35,15 @@ class DataScale:
 
 
 def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> DataScale:
-    """The scale of rows ``x`` [n, d] for ``standardize`` global | dimension | none (float64)."""
-    x = x.double()
+    """The scale of rows ``x`` [n, d] for ``standardize`` global | dimension | none (rows kept in
+    float32, every sum in float64)."""
+    x = x.float()
     d = x.shape[1]
     keep = torch.ones(len(x), dtype=torch.bool)
     if typical_ratio:
-        dist = (x - x.median(dim=0).values).pow(2).sum(dim=1)
+        dist = (x - x.median(dim=0).values).pow(2).sum(dim=1, dtype=torch.float64)
         keep = dist <= typical_ratio * dist.quantile(TYPICAL_QUANTILE)
-    typical = x[keep]
-    mean = typical.mean(dim=0)
-    per_dim = (typical - mean).pow(2).mean(dim=0)
+    mean, per_dim = _moments(x[keep])
     if standardize == "global":
         std = torch.full((d,), float(per_dim.sum() / d) ** 0.5, dtype=torch.float64)
     elif standardize == "dimension":
@@ -53,12 +52,29 @@ def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> D
         mean, std = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
     if float(std.min()) <= 1e-8:
         std = torch.ones_like(std)
-    norm = (x - mean) / std
+    norm = (x - mean.float()) / std.float()
     radius = None
     if typical_ratio and standardize != "none":
         # the model's own criterion, about the typical mean in the space it works in
-        sq = norm.pow(2).sum(dim=1)
+        sq = norm.pow(2).sum(dim=1, dtype=torch.float64)
         radius = typical_ratio * float(sq.quantile(TYPICAL_QUANTILE))
         keep = sq <= radius
-    variance = float((norm[keep] - norm[keep].mean(dim=0)).pow(2).sum(dim=1).mean())
+    variance = float(_moments(norm[keep])[1].sum())
     return DataScale(mean.float(), std.float(), variance, radius, float(1 - keep.double().mean()))
+
+
+def identity_scale(d: int) -> DataScale:
+    """No scaling, every row typical (the paper objective on raw states needs no data pass)."""
+    return DataScale(torch.zeros(d), torch.ones(d), 1.0, None, 0.0)
+
+
+def _moments(x: torch.Tensor, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and (biased) variance of rows ``x``, summed in float64 by blocks of rows
+    (no float64 copy of the whole sample)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(0, len(x), rows):
+        block = x[i : i + rows].double()
+        total, total_sq = total + block.sum(dim=0), total_sq + block.pow(2).sum(dim=0)
+    mean = total / len(x)
+    return mean, (total_sq / len(x) - mean.pow(2)).clamp_min(0)

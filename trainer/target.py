@@ -19,11 +19,11 @@ class FVUTarget:
 
     target: float
     log_beta: float
-    rate: float = 0.02
+    rate: float = 0.005
     ema_decay: float = 0.95
     fvu_ema: float = math.nan
     log_beta_min: float = math.log(1e-6)
-    log_beta_max: float = math.log(1.0)
+    log_beta_max: float = math.log(10.0)
     updates: int = 0
 
     def beta(self) -> float:
