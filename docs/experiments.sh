@@ -27,3 +27,15 @@ bae entropy --store agnews32.zarr \
 bae icl-prompts sst2 -o icl-sst2.jsonl -n 600 --ks 0,1,2,4,8 --label-prefix "Sentiment:"
 bae harvest -o icl-sst2.zarr --corpus icl-sst2.jsonl --text-field prompt --mode document \
   --context-length 512 --positions last --layers 15 --no-progress
+bae train --store icl-sst2.zarr --layer 15 --out runs/bae-icl --steps 300 --target-fvu 0.3 \
+  --val-every 100 --checkpoint-every 300 --no-progress
+bae entropy --store icl-sst2.zarr --checkpoint runs/bae-icl --group-by k --equal-n 600 \
+  --null-groups 8 --bootstrap 20 --out ent-icl --no-progress
+
+# --- Experiment 3: dense and dead features, BAE vs ReLU SAE vs TopK SAE (experiment-1 store) ---
+for a in relu_sae topk_sae; do
+  bae train --store agnews32.zarr --layer 15 --out runs/$a --architecture $a --steps 500 \
+    --val-every 250 --checkpoint-every 500 --no-progress
+done
+bae features compare --store agnews32.zarr -a runs/bae-all -a runs/relu_sae -a runs/topk_sae \
+  --out feats-cmp --no-progress
