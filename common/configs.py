@@ -16,9 +16,12 @@ C = TypeVar("C", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
-    """Base of every config: unknown fields are errors, values are validated on assignment."""
+    """Base of every config: unknown fields are errors, inf and NaN are refused, values are
+    validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -190,6 +190,17 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+def test_non_finite_options_and_a_diverging_run_stop_in_one_line(store: Path, tmp_path: Path) -> None:
+    one_line_error(run_bae(*train_args(store, tmp_path / "a", "--lr", "inf")), "'lr'", "finite number")
+    one_line_error(run_bae(*train_args(store, tmp_path / "b", "--beta", "nan")), "'beta'", "finite number")
+    out = tmp_path / "diverged"
+    diverged = run_bae(*train_args(store, out, "--lr", "1e30", "--steps", "50", "--checkpoint-every", "1"))
+    one_line_error(diverged, "training diverged at step", "not finite", "lower --lr")
+    assert not (out / "model").exists()
+    for ckpt in (out / "checkpoints").glob("step-*"):  # whatever was kept holds finite weights
+        assert all(np.isfinite(w).all() for w in load_file(str(ckpt / "model.safetensors")).values())
+
+
 def test_bad_inputs(store: Path, tmp_path: Path) -> None:
     missing = run_bae(
         "train", "--store", str(store), "--layer", "7", "--out", str(tmp_path / "a"), "--steps", "5"

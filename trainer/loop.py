@@ -277,6 +277,7 @@ class Trainer:
             out = self.ddp_model(x)
             loss, terms = self.loss(x, out)
         self.accelerator.backward(loss)
+        self.require_finite(loss)
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(st.model.parameters(), self.config.grad_clip)
         st.optimizer.step()
@@ -289,6 +290,22 @@ class Trainer:
         st.step += 1
         st.tokens += self.config.batch_size * self.world
         return x, out, terms
+
+    def require_finite(self, loss: torch.Tensor) -> None:
+        """Stop in one line, before the weights are touched, when the loss or a gradient is not
+        finite (gradients are reduced over processes, so every rank stops at the same step)."""
+        grads = [p.grad.sum() for p in self.state.model.parameters() if p.grad is not None]
+        total = torch.stack(grads).sum() if grads else torch.zeros(())
+        loss = loss.detach()
+        if not (math.isfinite(float(total)) and (self.world > 1 or math.isfinite(float(loss)))):
+            kept = (
+                f"checkpoint step {self.last_checkpoint} is kept" if self.last_checkpoint else "no checkpoint"
+            )
+            raise BaeError(
+                f"training diverged at step {self.state.step}: the loss or its gradient is not finite "
+                f"(loss {float(loss):.4g}); {kept}, no model/ was written; lower --lr, or check the store "
+                "for non-finite rows"
+            )
 
     def mean_over_ranks(self, value: torch.Tensor) -> float:
         """A scalar averaged over the processes (every rank then takes the same dual step)."""
