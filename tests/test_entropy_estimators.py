@@ -589,3 +589,19 @@ def test_grouped_products_equal_per_group_products(sizes: list[int]) -> None:
     for g, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         expected = left[lo:hi].astype(np.int64).T @ right[lo:hi].astype(np.int64)
         np.testing.assert_array_equal(got[g], expected)
+
+
+def test_bootstrap_interval_is_centred_on_the_estimate_not_on_biased_replicates() -> None:
+    """A plug-in at its ceiling: every resample duplicates rows, so replicates all fall below it."""
+    from bae.pipeline.entropy.estimates import bootstrap_interval
+    from bae.pipeline.entropy.joint import plugin_entropy
+
+    rng = np.random.default_rng(0)
+    n = 400
+    estimate = plugin_entropy(np.ones(n, np.int64))  # n distinct codes: log2 n
+    counts = [np.bincount(rng.integers(0, n, n)) for _ in range(200)]
+    reps = np.array([plugin_entropy(c[c > 0]) for c in counts])
+    assert reps.max() < estimate  # the plain percentile interval would exclude the estimate
+    low, high = bootstrap_interval(reps[:, None], np.array([estimate]), 0.95)
+    assert low[0] < estimate < high[0]
+    assert high[0] - low[0] == pytest.approx(np.percentile(reps, 97.5) - np.percentile(reps, 2.5))

@@ -103,4 +103,6 @@ def test_warnings_name_what_makes_a_code_unfit() -> None:
     said = code_warnings({"val_varying_bits": 0, "val_fvu": 1.3, "dense_oriented_0.1": 40}, 64)
     assert len(said) == 3 and "collapsed" in said[0] and "1.3" in said[1] and "40 of 64" in said[2]
     assert code_warnings({"val_fvu": 0.2}, 64, target_fvu=0.19) == []
+    sae = code_warnings({"dense_0.1": 40, "dense_oriented_0.1": 40}, 64, architecture="relu_sae")
+    assert sae == ["40 of 64 features are dense (active on > 10% of rows)"]
     assert "off the target 0.1" in code_warnings({"val_fvu": 0.2}, 64, target_fvu=0.1)[0]

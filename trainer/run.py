@@ -241,11 +241,14 @@ def train_summary(config: TrainConfig, state: TrainState, trainer: Trainer, d: i
         "model": str(RunFolder.at(config.out).model_dir),
         "architecture": f"{config.architecture} d={d} d'={model.config.n_features} bits={model.n_bits}",
         **{k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()},
-        "warnings": "; ".join(code_warnings(last, model.n_bits, config.target_fvu)) or "none",
+        "warnings": "; ".join(code_warnings(last, model.n_bits, config.target_fvu, config.architecture))
+        or "none",
     }
 
 
-def code_warnings(metrics: dict[str, Any], n_bits: int, target_fvu: float | None = None) -> list[str]:
+def code_warnings(
+    metrics: dict[str, Any], n_bits: int, target_fvu: float | None = None, architecture: str = "bae"
+) -> list[str]:
     """What makes a trained code unfit for entropy numbers: no varying bit, no variance explained,
     most bits dense, a target FVU missed by more than a quarter (each warning one short clause)."""
     warnings = []
@@ -260,7 +263,11 @@ def code_warnings(metrics: dict[str, Any], n_bits: int, target_fvu: float | None
         warnings.append(
             f"val FVU {metrics['val_fvu']:.3g} ≥ 1: the reconstruction explains none of the variance"
         )
-    if metrics.get("dense_oriented_0.1", 0) > n_bits / 2:
-        dense = metrics["dense_oriented_0.1"]
-        warnings.append(f"{dense} of {n_bits} bits are dense (their rarer state on > 10% of rows)")
+    key = "dense_oriented_0.1" if architecture == "bae" else "dense_0.1"
+    if metrics.get(key, 0) > n_bits / 2:
+        dense = metrics[key]
+        if architecture == "bae":
+            warnings.append(f"{dense} of {n_bits} bits are dense (their rarer state on > 10% of rows)")
+        else:
+            warnings.append(f"{dense} of {n_bits} features are dense (active on > 10% of rows)")
     return warnings

@@ -29,13 +29,22 @@ def set_entropy(ones: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.where(rows > 0, h, np.nan)
 
 
-def percentile_interval(replicates: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval over the first axis (replicates), NaN where a group has no finite value."""
+def bootstrap_interval(
+    replicates: np.ndarray, estimate: np.ndarray, confidence: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval over the first axis (replicates), shifted by the bootstrap bias
+    (estimate − mean of the replicates), NaN where a group has no finite value.
+
+    Resampling documents with replacement duplicates rows, which lowers every entropy estimate:
+    the plain percentile interval of a plug-in at its ceiling lay wholly below the estimate
+    (11.02 bits with [10.40, 10.48]). Shifted, the interval describes the estimate's spread around
+    the estimate itself."""
     tail = 50.0 * (1.0 - confidence)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups: NaN, as intended
         low, high = np.nanpercentile(replicates, [tail, 100.0 - tail], axis=0)
-    return low, high
+        bias = estimate - np.nanmean(replicates, axis=0)
+    return low + bias, high + bias
 
 
 def joint_columns(counts: GroupCounts, log2_alphabet: float) -> dict[str, np.ndarray]:
@@ -101,8 +110,8 @@ def estimate_columns(
         "code_bits": np.full(len(counts.keys), n_bits),
     }
     if counts.boot_rows is not None and counts.boot_ones is not None:
-        columns["ci_low"], columns["ci_high"] = percentile_interval(
-            set_entropy(counts.boot_ones, counts.boot_rows), confidence
+        columns["ci_low"], columns["ci_high"] = bootstrap_interval(
+            set_entropy(counts.boot_ones, counts.boot_rows), marginal, confidence
         )
     if counts.pairs is not None:
         columns["upper_bits"] = upper_bounds(counts, pair_bits, marginal)
@@ -111,10 +120,12 @@ def estimate_columns(
     columns["verdict"] = verdicts(columns)
     if counts.codes is not None and counts.codes.boot is not None:
         reps = joint_bootstrap(counts, float(n_bits), columns["verdict"] == "resolved")
-        columns["joint_plugin_ci_low"], columns["joint_plugin_ci_high"] = percentile_interval(
-            reps[..., 0], confidence
+        columns["joint_plugin_ci_low"], columns["joint_plugin_ci_high"] = bootstrap_interval(
+            reps[..., 0], columns["joint_plugin_bits"], confidence
         )
-        columns["joint_ci_low"], columns["joint_ci_high"] = percentile_interval(reps[..., 1], confidence)
+        columns["joint_ci_low"], columns["joint_ci_high"] = bootstrap_interval(
+            reps[..., 1], columns["joint_bits"], confidence
+        )
     return columns
 
 
