@@ -275,7 +275,19 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
             if "joint_bits" in null:
                 what, value = null_reading(null)
                 lines[f"{name} null"] += f", {what} {np.nanmin(value):.2f}..{np.nanmax(value):.2f}"
+        if part.get("null_note"):
+            lines[f"{name} null groups"] = part["null_note"]
     return lines
+
+
+def null_shortfall(requested: int, drawn: int, rows: int) -> str | None:
+    """Why fewer null groups than requested were drawn (None when all were)."""
+    if drawn >= requested:
+        return None
+    return (
+        f"{drawn} of the {requested} requested fit: null groups are disjoint, each ~n + 4√n of the "
+        f"{rows} rows this checkpoint measures"
+    )
 
 
 def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyResult:
@@ -296,10 +308,13 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
     parts = []
     for model in models:
         row_filter = model_filter(config, model)
-        sample = None
+        sample, null_note = None, None
         if config.equal_n is not None or config.null_groups:
             plan = SamplePlan(config.store, row_filter, group_key, units, config.sample_seed)
-            sample, _ = plan_sample(plan, config.equal_n, config.null_groups, config.scheduler, show_progress)
+            sample, sizes = plan_sample(
+                plan, config.equal_n, config.null_groups, config.scheduler, show_progress
+            )
+            null_note = null_shortfall(config.null_groups, sample.null_groups, sum(sizes.values()))
         spec = CountSpec(
             store=config.store,
             checkpoint=model.checkpoint,
@@ -327,6 +342,7 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
                 "layer": model.layer,
                 "checkpoint": model.checkpoint,
                 "fvu": model.fvu,
+                "null_note": null_note,
                 "keys": counts.keys[order],
                 "columns": {name: np.asarray(col)[order] for name, col in columns.items()},
                 "expected": row_filter.positions,
