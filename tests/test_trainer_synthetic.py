@@ -94,6 +94,8 @@ def test_dual_ascent_moves_beta_against_the_fvu_gap() -> None:
     for _ in range(100_000):
         above.update(1.0)
     assert above.beta() == pytest.approx(1e-6)  # clipped
+    assert FVUTarget.starting_at(0.2, 3e-3).beta() == pytest.approx(3e-3)  # from the run's --beta
+    assert FVUTarget.starting_at(0.2, 0.0).beta() == pytest.approx(1e-6)  # inside the bounds
 
 
 def test_warnings_name_what_makes_a_code_unfit() -> None:

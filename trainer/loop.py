@@ -135,8 +135,8 @@ def batch_metrics(model: Autoencoder, x: torch.Tensor, out: Any, terms: dict[str
     metrics.update(
         mse=float((x.detach() - out.recon.detach()).pow(2).mean()),
         fvu=batch_fvu(model, x, out.recon),
-        batch_entropy=float(terms.get("entropy", entropy_term(bits))),
-        covariance=float(terms.get("covariance", covariance_term(bits))),
+        batch_entropy=float(terms["entropy"] if "entropy" in terms else entropy_term(bits)),
+        covariance=float(terms["covariance"] if "covariance" in terms else covariance_term(bits)),
         l0=float(bits.sum(1).mean()),
     )
     return metrics

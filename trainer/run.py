@@ -3,7 +3,6 @@ store sampler; the run folder gets checkpoints, the metrics log and, at the end,
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -16,7 +15,7 @@ from bae.common.errors import BaeError
 from bae.common.stats import FVU_DEFINITION
 from bae.stores import ActivationStore, RowFilter, StoreSampler
 from bae.trainer.checkpoints import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from bae.trainer.config import OBJECTIVE_DEFAULTS, TrainConfig
+from bae.trainer.config import TrainConfig
 from bae.trainer.loop import FiringWindow, JsonlLog, Trainer, TrainState, lr_lambda, validate
 from bae.trainer.models import WEIGHTS_FILE, Autoencoder, build_autoencoder, read_model_config
 from bae.trainer.provenance import Provenance
@@ -144,7 +143,7 @@ def initial_state(
             model.set_normalization(scale.mean, scale.std)
         state.variance = scale.variance
         if config.target_fvu is not None:
-            state.target = FVUTarget(config.target_fvu, math.log(OBJECTIVE_DEFAULTS["normalized"]["beta"]))
+            state.target = FVUTarget.starting_at(config.target_fvu, float(config.beta or 0.0))
         return state, False
     js, ts = resumed
     model.load_state_dict(js["weights"])

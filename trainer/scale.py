@@ -24,14 +24,12 @@ TYPICAL_QUANTILE = 0.9
 @dataclass(frozen=True)
 class DataScale:
     """``mean``/``std`` [d] to normalize with, ``variance`` V = E‖x_n − E x_n‖² of typical rows in the
-    normalized space, ``typical_radius`` (squared norm of a normalized row, None: no limit) and the
-    fraction of sampled rows found atypical."""
+    normalized space, and ``typical_radius`` (squared norm of a normalized row, None: no limit)."""
 
     mean: torch.Tensor
     std: torch.Tensor
     variance: float
     typical_radius: float | None
-    atypical_fraction: float
 
 
 def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> DataScale:
@@ -60,12 +58,12 @@ def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> D
         radius = typical_ratio * float(sq.quantile(TYPICAL_QUANTILE))
         keep = sq <= radius
     variance = float(_moments(norm[keep])[1].sum())
-    return DataScale(mean.float(), std.float(), variance, radius, float(1 - keep.double().mean()))
+    return DataScale(mean.float(), std.float(), variance, radius)
 
 
 def identity_scale(d: int) -> DataScale:
     """No scaling, every row typical (the paper objective on raw states needs no data pass)."""
-    return DataScale(torch.zeros(d), torch.ones(d), 1.0, None, 0.0)
+    return DataScale(torch.zeros(d), torch.ones(d), 1.0, None)
 
 
 def _moments(x: torch.Tensor, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:

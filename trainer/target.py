@@ -26,6 +26,13 @@ class FVUTarget:
     log_beta_max: float = math.log(10.0)
     updates: int = 0
 
+    @classmethod
+    def starting_at(cls, target: float, beta: float) -> FVUTarget:
+        """Ascent towards ``target`` from β = ``beta`` (the run's ``--beta``), within the bounds."""
+        state = cls(target, 0.0)
+        state.log_beta = min(state.log_beta_max, max(state.log_beta_min, math.log(max(beta, 1e-300))))
+        return state
+
     def beta(self) -> float:
         return math.exp(self.log_beta)
 
