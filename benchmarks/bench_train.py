@@ -94,13 +94,14 @@ def child_memory(store: Path, steps: int) -> dict:
     torch.manual_seed(0)
     model = build_autoencoder(cfg.autoencoder_config(D))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    objective = Objective("bae", float(cfg.lambda_entropy or 0), float(cfg.lambda_covariance or 0))
+    objective = Objective("bae", float(cfg.lambda_covariance or 0))
+    entropy_weight = float(cfg.lambda_entropy or 0)
     order = torch.randperm(len(data))
 
     def step(i: int) -> None:
         x = data[order[(i * BATCH) % (len(data) - BATCH) :][:BATCH]]
         opt.zero_grad(set_to_none=True)
-        loss, _ = objective(x, model(x), entropy_on=True)
+        loss, _ = objective(x, model(x), entropy_weight)
         loss.backward()
         opt.step()
 

@@ -59,18 +59,18 @@ def test_objective_skips_terms_and_switches_entropy_on(bits: torch.Tensor) -> No
     model = build_autoencoder(ModelConfig(d_model=6, expansion=2))
     x = torch.randn(9, 6)
     out = model(x)
-    obj = Objective("bae", lambda_entropy=0.5, lambda_covariance=0.0)
-    loss_off, terms_off = obj(x, out, entropy_on=False)
-    loss_on, terms_on = obj(x, out, entropy_on=True)
+    obj = Objective("bae", lambda_covariance=0.0)
+    loss_off, terms_off = obj(x, out, 0.0)  # before the entropy start
+    loss_on, terms_on = obj(x, out, 0.5)
     assert terms_on["entropy"] is not None
     assert "entropy" not in terms_off and "covariance" not in terms_off
     assert torch.isclose(loss_off, reconstruction_loss(x, out.recon))
     assert torch.isclose(loss_on, loss_off + 0.5 * entropy_term(out.bits))
-    both = Objective("bae", 0.5, 0.25)(x, out, entropy_on=True)[0]
+    both = Objective("bae", 0.25)(x, out, 0.5)[0]
     assert torch.isclose(both, loss_on + 0.25 * covariance_term(out.bits))
     sae = build_autoencoder(ModelConfig(architecture="relu_sae", d_model=6, expansion=2))
     o = sae(x)
-    l1 = Objective("relu_sae", l1_coefficient=0.1)(x, o, entropy_on=True)[0]
+    l1 = Objective("relu_sae", l1_coefficient=0.1)(x, o, 0.5)[0]
     assert torch.isclose(l1, reconstruction_loss(x, o.recon) + 0.1 * o.code.abs().sum(1).mean())
 
 
@@ -165,8 +165,8 @@ def test_normalized_objective_adds_beta_times_bits() -> None:
     x = torch.randn(16, 6)
     out = model(x)
     obj = NormalizedObjective("bae", variance=3.0, gamma=0.5)
-    off, terms_off = obj.loss(x, out, beta=0.0)
-    on, _ = obj.loss(x, out, beta=0.2)
+    off, terms_off = obj(x, out, 0.0)
+    on, _ = obj(x, out, 0.2)
     assert torch.isclose(off, fvu_term(x, out.recon, 3.0)) and "code_bits" not in terms_off
     cost = code_bits_term(out.bits) + 0.5 * redundancy_term(out.bits)
     assert torch.isclose(on, off + 0.2 * cost)

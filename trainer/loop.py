@@ -145,12 +145,7 @@ def batch_metrics(model: Autoencoder, x: torch.Tensor, out: Any, terms: dict[str
 def make_objective(config: TrainConfig, variance: float) -> Objective:
     """The configured objective (V is the training space's variance, for the normalized one)."""
     if config.objective == "paper":
-        return Objective(
-            config.architecture,
-            float(config.lambda_entropy or 0.0),
-            float(config.lambda_covariance or 0.0),
-            config.l1_coefficient,
-        )
+        return Objective(config.architecture, float(config.lambda_covariance or 0.0), config.l1_coefficient)
     return NormalizedObjective(
         config.architecture,
         l1_coefficient=config.l1_coefficient,
@@ -250,20 +245,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = self.state.step
 
-    def beta(self) -> float:
-        """This step's β: 0 before the entropy start, then fixed or the dual-ascent value."""
+    def entropy_weight(self) -> float:
+        """This step's weight of the entropy term: 0 before the entropy start, then λ_H (paper),
+        or β fixed or adapted towards the target FVU (normalized)."""
         if self.state.step < self.entropy_start:
             return 0.0
         if self.state.target is not None:
             return self.state.target.beta()
-        return float(self.config.beta or 0.0)
-
-    def loss(self, x: torch.Tensor, out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        if isinstance(self.objective, NormalizedObjective):
-            beta = self.beta()
-            loss, terms = self.objective.loss(x, out, beta)
-            return loss, {**terms, "beta": torch.tensor(beta)}
-        return self.objective(x, out, entropy_on=self.state.step >= self.entropy_start)
+        weight = self.config.lambda_entropy if self.config.objective == "paper" else self.config.beta
+        return float(weight or 0.0)
 
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, Any, dict[str, Any]]:
         """One optimizer step on the typical rows of normalized rows ``x`` (returned, with the
@@ -275,7 +265,7 @@ class Trainer:
         st.optimizer.zero_grad(set_to_none=True)
         with self.accelerator.autocast():
             out = self.ddp_model(x)
-            loss, terms = self.loss(x, out)
+            loss, terms = self.objective(x, out, self.entropy_weight())
         self.accelerator.backward(loss)
         self.require_finite(loss)
         if self.config.grad_clip is not None:

@@ -61,21 +61,22 @@ def redundancy_term(bits: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Objective:
-    """Coefficients of the paper objective; ``entropy_on`` tells whether λ_H is active at this step."""
+    """The paper objective. Both objectives are called as ``objective(x, out, entropy_weight)``,
+    the weight of the entropy term at this step (λ_H(t) here, β(t) for the normalized one), set by
+    the trainer (0 before the entropy start)."""
 
     architecture: str
-    lambda_entropy: float = 1e-7
     lambda_covariance: float = 1e-7
     l1_coefficient: float = 0.0
 
-    def __call__(self, x: torch.Tensor, out: Codes, entropy_on: bool) -> tuple[torch.Tensor, dict]:
-        """Total loss and its detached terms (``None`` for a term that was skipped)."""
+    def __call__(self, x: torch.Tensor, out: Codes, entropy_weight: float) -> tuple[torch.Tensor, dict]:
+        """Total loss and its detached terms (a skipped term is absent)."""
         loss = reconstruction_loss(x, out.recon)
-        terms: dict[str, torch.Tensor | None] = {"mse": loss.detach()}
+        terms: dict[str, torch.Tensor] = {"mse": loss.detach()}
         if self.architecture == "bae":
-            if entropy_on and self.lambda_entropy:
+            if entropy_weight:
                 h = entropy_term(out.bits)
-                loss = loss + self.lambda_entropy * h
+                loss = loss + entropy_weight * h
                 terms["entropy"] = h.detach()
             if self.lambda_covariance:
                 c = covariance_term(out.bits)
@@ -94,23 +95,22 @@ class Objective:
 
 @dataclass(frozen=True)
 class NormalizedObjective(Objective):
-    """L = FVU_b + β·(S + γ·R): β is the FVU a bit of code entropy must buy; ``variance`` is V of
-    the training space. β is passed per step (it is 0 before the entropy start and adapted under
-    a target FVU)."""
+    """L = FVU_b + β·(S + γ·R): β (the entropy weight) is the FVU a bit of code entropy must buy;
+    ``variance`` is V of the training space."""
 
     variance: float = 1.0
     gamma: float = 1.0
 
-    def loss(self, x: torch.Tensor, out: Codes, beta: float) -> tuple[torch.Tensor, dict]:
-        """Total loss and its detached terms."""
+    def __call__(self, x: torch.Tensor, out: Codes, entropy_weight: float) -> tuple[torch.Tensor, dict]:
+        """Total loss and its detached terms (``beta`` included)."""
         loss = fvu_term(x, out.recon, self.variance)
-        terms: dict[str, torch.Tensor | None] = {"fvu_term": loss.detach()}
-        if self.architecture == "bae" and beta > 0:
+        terms: dict[str, torch.Tensor] = {"fvu_term": loss.detach(), "beta": torch.tensor(entropy_weight)}
+        if self.architecture == "bae" and entropy_weight > 0:
             cost = code_bits_term(out.bits)
             terms["code_bits"] = cost.detach()
             if self.gamma:
                 red = redundancy_term(out.bits)
                 terms["redundancy_bits"] = red.detach()
                 cost = cost + self.gamma * red
-            loss = loss + beta * cost
+            loss = loss + entropy_weight * cost
         return self.with_l1(loss, out, terms)
