@@ -19,6 +19,7 @@ from bae.common.configs import load_config
 from bae.common.errors import BaeError
 from bae.pipeline.entropy.calibrate import CalibrateConfig
 from bae.pipeline.entropy.config import EntropyConfig
+from bae.pipeline.evaluate.config import EvaluateConfig
 from bae.pipeline.features.config import SCAN_FIELDS, FeaturesConfig
 from bae.pipeline.harvest.config import HarvestConfig
 from bae.pipeline.harvest.icl import IclPromptsConfig
@@ -32,7 +33,8 @@ app = typer.Typer(
         "Stages: `bae harvest` caches a causal LM's hidden states in a Zarr store, "
         "`bae train` fits a Binary Autoencoder on a store, `bae entropy` measures "
         "feature-set entropy per token position (or other groupings), `bae features` "
-        "finds dense/dead features and interprets them. `bae store` inspects stores."
+        "finds dense/dead features and interprets them, `bae evaluate` measures what splicing a "
+        "reconstruction into the model costs. `bae store` inspects stores."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -94,6 +96,23 @@ app.command("train")(
         TrainConfig,
         _train,
         "Fit a Binary Autoencoder (or a baseline SAE) on a store layer; re-run to resume.",
+    )
+)
+
+
+def _evaluate(config: EvaluateConfig, show_progress: bool) -> int:
+    from bae.pipeline.evaluate.run import evaluate_command
+
+    return evaluate_command(config, show_progress)
+
+
+app.command("evaluate")(
+    config_command(
+        EvaluateConfig,
+        _evaluate,
+        "Splice each checkpoint's reconstruction into the LLM at its layer over held-out documents: CE loss "
+        "clean, spliced, zero- and mean-ablated, CE recovered, KL and JSD with bootstrap intervals, FVU.\n\n"
+        "Re-running the same command resumes; launch with `torchrun --nproc_per_node N` for data parallel.",
     )
 )
 
@@ -166,10 +185,10 @@ def _interpret(config: FeaturesConfig, show_progress: bool) -> None:
     run_interpret(config, show_progress)
 
 
-def _compare(config: FeaturesConfig, interpret: bool, show_progress: bool) -> None:
+def _compare(config: FeaturesConfig, interpret: bool, evaluate: bool, show_progress: bool) -> None:
     from bae.pipeline.features.compare import run_compare
 
-    run_compare(config, interpret, show_progress)
+    run_compare(config, interpret, show_progress, evaluate)
 
 
 CONTEXTS = [*SCAN, "seed", "top_k", "z_score", "tokenizer", "context_before", "context_after"]
@@ -201,9 +220,18 @@ features_app.command("compare")(
     config_command(
         FeaturesConfig,
         _compare,
-        "Checkpoints on the same store side by side: dense/dead counts, FVU, mean L0, interpretable count.",
+        "Checkpoints on the same store side by side: dense/dead counts, FVU, mean L0, spliced CE, CE "
+        "recovered and KL (`bae evaluate`), interpretable count.",
         only=[*(f for f in SCAN if f != "checkpoint"), "checkpoints", "dense_thresholds", *LLM],
-        extras=[switch("interpret", "--interpret/--no-interpret", "Also run ComSem on each checkpoint.")],
+        extras=[
+            switch("interpret", "--interpret/--no-interpret", "Also run ComSem on each checkpoint."),
+            switch(
+                "evaluate",
+                "--evaluate/--no-evaluate",
+                "Splice each checkpoint into the store's LLM over its held-out documents (`bae evaluate`).",
+                default=True,
+            ),
+        ],
     )
 )
 

@@ -55,3 +55,13 @@ def format_summary(title: str, rows: Mapping[str, Any] | Iterable[tuple[str, Any
 def print_summary(title: str, rows: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
     """Print a summary block to stdout."""
     print(format_summary(title, rows), flush=True)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """An aligned text table of dict rows (columns in first-seen order, None shown as ``-``)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[str(c) for c in columns]] + [
+        ["-" if r.get(c) is None else str(r.get(c, "")) for c in columns] for r in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells)

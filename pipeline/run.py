@@ -1,11 +1,14 @@
-"""`bae run`: harvest -> train -> entropy from one pipeline file, each stage resuming from its output.
+"""`bae run`: harvest -> train -> entropy -> evaluate from one pipeline file, each stage resuming from
+its output.
 
 A pipeline file has a ``workdir`` and one section per stage, each holding that stage's own config
-fields (as in ``bae harvest/train/entropy --config``). The paths that link the stages are derived
-from the workdir: ``<workdir>/activations.zarr``, ``<workdir>/bae-layer<L>/``, ``<workdir>/entropy/``.
+fields (as in ``bae harvest/train/entropy/evaluate --config``). The paths that link the stages are
+derived from the workdir: ``<workdir>/activations.zarr``, ``<workdir>/bae-layer<L>/``,
+``<workdir>/entropy/``, ``<workdir>/evaluate/``.
 With no file, the embedded default runs: SmolLM2-135M on AG News (``staicc:agnews``, thousands of
 news texts, so each position group holds thousands of rows), one middle layer, a short training run
-of the normalized objective, entropy per token position against shuffled-group nulls.
+of the normalized objective, entropy per token position against shuffled-group nulls, and what
+splicing each trained model into SmolLM2 costs on the held-out documents.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from bae.common.configs import StrictModel, build_config
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
 from bae.pipeline.entropy.config import EntropyConfig
+from bae.pipeline.evaluate.config import EvaluateConfig
 from bae.pipeline.harvest.config import HarvestConfig
 from bae.trainer.config import TrainConfig
 from bae.trainer.run_folder import RunFolder
 
-Stage = Literal["harvest", "train", "entropy"]
+Stage = Literal["harvest", "train", "entropy", "evaluate"]
 LAYER_RUN_PREFIX = "bae-layer"
-STAGES: tuple[Stage, ...] = ("harvest", "train", "entropy")
+STAGES: tuple[Stage, ...] = ("harvest", "train", "entropy", "evaluate")
 
 # The embedded default: document mode so that positions are positions in a document (entropy per
 # position needs it), 32 positions of ~4000 news texts (every position group has thousands of rows,
@@ -55,6 +59,7 @@ class PipelineConfig(StrictModel):
     harvest: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_HARVEST))
     train: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_TRAIN))
     entropy: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_ENTROPY))
+    evaluate: dict[str, Any] = Field(default_factory=dict)
 
 
 def _linked(section: dict[str, Any], stage: str, links: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +90,13 @@ def _train_config(cfg: PipelineConfig, store_path: str, layer: int, out: Path) -
 def _entropy_config(cfg: PipelineConfig, store_path: str, checkpoints: list[str], out: Path) -> EntropyConfig:
     links = {"store": store_path, "checkpoints": checkpoints, "out": str(out)}
     return build_config(EntropyConfig, _linked(cfg.entropy, "entropy", links), "pipeline entropy")
+
+
+def _evaluate_config(
+    cfg: PipelineConfig, store_path: str, checkpoints: list[str], out: Path
+) -> EvaluateConfig:
+    links = {"store": store_path, "checkpoints": checkpoints, "out": str(out)}
+    return build_config(EvaluateConfig, _linked(cfg.evaluate, "evaluate", links), "pipeline evaluate")
 
 
 def _harvest(cfg: PipelineConfig, store_path: str) -> str:
@@ -118,16 +130,36 @@ def _train(cfg: PipelineConfig, store_path: str, workdir: Path) -> list[RunFolde
     return runs
 
 
-def _entropy(cfg: PipelineConfig, store_path: str, runs: list[RunFolder], workdir: Path) -> Path:
-    from bae.pipeline.entropy.run import run_entropy
-
+def _trained(runs: list[RunFolder], workdir: Path) -> list[str]:
+    """The final models of ``runs`` (BaeError naming the train stage when one is missing)."""
     missing = [str(r.root) for r in runs if not r.finished]
     if not runs or missing:
         raise BaeError(
             f"pipeline: no trained model in {', '.join(missing) or workdir}; run the train stage first"
         )
-    models = [str(r.model_dir) for r in runs]
+    return [str(r.model_dir) for r in runs]
+
+
+def _entropy(cfg: PipelineConfig, store_path: str, runs: list[RunFolder], workdir: Path) -> Path:
+    from bae.pipeline.entropy.run import run_entropy
+
+    models = _trained(runs, workdir)
     return run_entropy(_entropy_config(cfg, store_path, models, workdir / "entropy")).plot
+
+
+def _evaluate(cfg: PipelineConfig, store_path: str, runs: list[RunFolder], workdir: Path) -> str:
+    from bae.pipeline.evaluate.run import run_evaluate
+
+    models = _trained(runs, workdir)
+    result = run_evaluate(_evaluate_config(cfg, store_path, models, workdir / "evaluate"))
+    if result.interrupted:
+        raise BaeError("evaluate interrupted; completed units are recorded, re-run `bae run` to resume")
+    spliced = [r for r in result.rows if r["checkpoint"]]
+    shown = [
+        {k: v if v is None else round(v, 4) for k, v in r.items() if k in ("ce_recovered", "kl")}
+        for r in spliced
+    ]
+    return ", ".join(f"layer {r['layer']}: {s}" for r, s in zip(spliced, shown))
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
@@ -146,6 +178,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     _harvest_config(cfg, store_path)
     _train_config(cfg, store_path, 0, layer_run(workdir, 0).root)
     _entropy_config(cfg, store_path, ["model"], workdir / "entropy")
+    _evaluate_config(cfg, store_path, ["model"], workdir / "evaluate")
     began = time.perf_counter()
     summary: dict[str, Any] = {"workdir": str(workdir)}
     if "harvest" in cfg.stages:
@@ -157,6 +190,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     summary["models"] = ", ".join(str(r.model_dir) for r in runs) or "(none)"
     if "entropy" in cfg.stages:
         summary["entropy plot"] = str(_entropy(cfg, store_path, runs, workdir))
+    if "evaluate" in cfg.stages:
+        summary["evaluate"] = _evaluate(cfg, store_path, runs, workdir)
     summary["wall time"] = f"{time.perf_counter() - began:.0f} s"
     print_summary("bae run", summary)
     return summary

@@ -1,7 +1,8 @@
 """The package's rooms import one way: common <- stores <- trainer <- pipeline/analysis <- entropy,
 features; pipeline/llm (loading causal LMs) imports only common and serves harvest, analysis and
-features; pipeline/harvest only common, stores and llm; no stage
-imports another; ``cli`` and ``pipeline/run`` may import anything."""
+features; pipeline/harvest only common, stores and llm; evaluate also cuts harvest's windows, and
+features compare runs evaluate; no other stage imports another; ``cli`` and ``pipeline/run`` may
+import anything."""
 
 from __future__ import annotations
 
@@ -19,12 +20,22 @@ ALLOWED = {
     "pipeline.harvest": {"common", "stores", "pipeline.llm", "pipeline.harvest"},
     "pipeline.analysis": {"common", "stores", "trainer", "pipeline.llm", "pipeline.analysis"},
     "pipeline.entropy": {"common", "stores", "trainer", "pipeline.analysis", "pipeline.entropy"},
+    "pipeline.evaluate": {
+        "common",
+        "stores",
+        "trainer",
+        "pipeline.llm",
+        "pipeline.analysis",
+        "pipeline.harvest",
+        "pipeline.evaluate",
+    },
     "pipeline.features": {
         "common",
         "stores",
         "trainer",
         "pipeline.llm",
         "pipeline.analysis",
+        "pipeline.evaluate",
         "pipeline.features",
     },
 }

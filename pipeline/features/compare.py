@@ -1,5 +1,7 @@
 """``bae features compare``: checkpoints trained on the same store (BAE, ReLU-L1 SAE, TopK SAE) side by
-side: dense and dead counts, FVU, mean L0 and (when interpretation is on) interpretable features.
+side: dense and dead counts, FVU, mean L0, what splicing each into the LLM costs (``bae evaluate``:
+spliced CE, CE recovered, KL, in ``<out>/evaluate/``) and (when interpretation is on) interpretable
+features.
 
 Each checkpoint gets its own ``<out>/<name>/`` with the single-checkpoint outputs, so re-running
 reuses them; the table (``compare.csv``, ``compare.json``) and one plot (``compare.png``) sit in ``<out>``.
@@ -13,18 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from bae.common.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text
-from bae.common.console import print_summary
+from bae.common.console import format_table, print_summary
 from bae.common.errors import BaeError
+from bae.pipeline.evaluate.inputs import checkpoint_names
 from bae.pipeline.features.config import FeaturesConfig
 from bae.pipeline.features.frequency import run_frequency
 from bae.pipeline.features.interpret import run_interpret
 from bae.trainer.models import read_model_config, resolve_model_dir
-
-
-def checkpoint_names(checkpoints: list[str]) -> list[str]:
-    """Short unique names: the directory name, suffixed with its index if two clash."""
-    names = [Path(c).resolve().name for c in checkpoints]
-    return [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def compare_row(name: str, config: FeaturesConfig, interpret: bool, show_progress: bool) -> dict[str, Any]:
@@ -83,8 +80,35 @@ def plot_compare(rows: list[dict[str, Any]], thresholds: list[float], path: Path
     plt.close(fig)
 
 
-def run_compare(config: FeaturesConfig, interpret: bool = False, show_progress: bool = True) -> list[dict]:
-    """Compare ``config.checkpoints`` over ``config.store``; ``interpret`` also runs ComSem on each."""
+EVALUATE_COLUMNS = {"ce_spliced": "spliced_ce", "ce_recovered": "ce_recovered", "kl": "kl"}
+
+
+def evaluate_columns(
+    config: FeaturesConfig, checkpoints: list[str], show_progress: bool
+) -> list[dict[str, Any]]:
+    """Per checkpoint the spliced CE, CE recovered and KL of ``bae evaluate`` on the store's held-out
+    documents (empty when the store records no harvest to take the LLM and documents from)."""
+    from bae.pipeline.evaluate.config import EvaluateConfig
+    from bae.pipeline.evaluate.inputs import recorded_harvest
+    from bae.pipeline.evaluate.run import run_evaluate
+    from bae.stores import ActivationStore
+
+    store = config.need("store")
+    if recorded_harvest(ActivationStore.open(store)) is None:
+        print(f"evaluate: skipped, store {store} records no harvest (no LLM and documents to splice into)")
+        return [{} for _ in checkpoints]
+    cfg = EvaluateConfig(
+        store=store, checkpoints=checkpoints, layer=config.layer, out=str(Path(config.out) / "evaluate")
+    )
+    rows = {r["checkpoint"]: r for r in run_evaluate(cfg, show_progress, quiet=True).rows if r["checkpoint"]}
+    return [{new: rows[c][old] for old, new in EVALUATE_COLUMNS.items()} for c in checkpoints]
+
+
+def run_compare(
+    config: FeaturesConfig, interpret: bool = False, show_progress: bool = True, evaluate: bool = True
+) -> list[dict]:
+    """Compare ``config.checkpoints`` over ``config.store``; ``interpret`` also runs ComSem on each,
+    ``evaluate`` splices each into the LLM (``bae evaluate``)."""
     checkpoints = config.need("checkpoints")
     if len(checkpoints) < 2:
         raise BaeError(f"compare needs at least two checkpoints, got {len(checkpoints)}")
@@ -93,6 +117,9 @@ def run_compare(config: FeaturesConfig, interpret: bool = False, show_progress: 
         compare_row(name, config.for_checkpoint(c, out / name), interpret, show_progress)
         for name, c in zip(checkpoint_names(checkpoints), checkpoints)
     ]
+    if evaluate:
+        for row, columns in zip(rows, evaluate_columns(config, checkpoints, show_progress)):
+            row.update({name: columns.get(name) for name in EVALUATE_COLUMNS.values()})
     atomic_write_text(out / "compare.csv", table_csv(rows))
     plot_compare(rows, config.dense_thresholds, out / "compare.png")
     atomic_write_json(out / "compare.json", {"config": config.model_dump(mode="json"), "rows": rows})
@@ -101,13 +128,3 @@ def run_compare(config: FeaturesConfig, interpret: bool = False, show_progress: 
         f"bae features compare -> {out}", {"table": out / "compare.csv", "plot": out / "compare.png"}
     )
     return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """An aligned text table of the comparison."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    cells = [[str(c) for c in columns]] + [
-        ["-" if r.get(c) is None else str(r.get(c, "")) for c in columns] for r in rows
-    ]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells)

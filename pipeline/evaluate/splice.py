@@ -1,0 +1,102 @@
+"""The spliced forward: one clean pass that records how every decoder block from the first spliced
+layer on was called, then, per replacement of ``hidden_states[L]``, a replay of blocks L.. only.
+
+Layer numbering is harvest's (``bae.pipeline.llm.capture``): ``hidden_states[L]`` is the input of
+block L, and ``hidden_states[n_layers]`` the output of the final norm. The replay calls each block
+with the arguments it received in the clean pass (attention mask, rotary embeddings, positions), so
+a replacement equal to the clean state reproduces the clean logits bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from bae.pipeline.llm.capture import decoder_blocks, final_norm
+
+LOG_2 = float(torch.log(torch.tensor(2.0)))
+
+
+@dataclass
+class CleanPass:
+    """The clean forward's final hidden states [B, T, d] and each replayable block's call."""
+
+    final: torch.Tensor
+    calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+
+    def state(self, layer: int) -> torch.Tensor:
+        """``hidden_states[layer]`` of the clean pass."""
+        if layer in self.calls:
+            args, kwargs = self.calls[layer]
+            return args[0] if args else kwargs["hidden_states"]
+        return self.final
+
+
+@torch.inference_mode()
+def clean_forward(
+    model: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor | None, first: int
+) -> CleanPass:
+    """The base model over ``ids``, recording the calls of blocks ``first``.. for :func:`resume`."""
+    blocks = decoder_blocks(model)
+    run = CleanPass(final=torch.empty(0))
+
+    def record(index: int) -> Any:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            run.calls[index] = (args, kwargs)
+
+        return hook
+
+    handles = [
+        blocks[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(first, len(blocks))
+    ]
+    try:
+        run.final = model.base_model(
+            input_ids=ids, attention_mask=attention, use_cache=False
+        ).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return run
+
+
+@torch.inference_mode()
+def resume(model: PreTrainedModel, clean: CleanPass, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The final hidden states when ``hidden_states[layer]`` is ``hidden``: blocks ``layer``.. replayed."""
+    blocks = decoder_blocks(model)
+    if layer == len(blocks):
+        return hidden
+    for index in range(layer, len(blocks)):
+        args, kwargs = clean.calls[index]
+        out = (
+            blocks[index](hidden, *args[1:], **kwargs)
+            if args
+            else blocks[index](**{**kwargs, "hidden_states": hidden})
+        )
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+    return final_norm(model)(hidden)
+
+
+def log_probs(model: PreTrainedModel, final: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities (float32) of final hidden states [R, d]."""
+    head = model.get_output_embeddings()
+    assert head is not None, "a causal LM has an output embedding"
+    return F.log_softmax(head(final).float(), dim=-1)
+
+
+def next_token_terms(
+    clean: torch.Tensor, other: torch.Tensor, targets: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per row: CE of ``other`` at ``targets`` (0 where the target is −1), KL(clean ‖ other) and
+    JSD (natural log) of the two next-token distributions, from log-probabilities [R, V]."""
+    has = targets >= 0
+    ce = -other.gather(1, targets.clamp_min(0)[:, None])[:, 0] * has
+    p, q = clean.exp(), other.exp()
+    kl = (p * (clean - other)).sum(-1)
+    middle = torch.logaddexp(clean, other) - LOG_2
+    jsd = 0.5 * ((p * (clean - middle)).sum(-1) + (q * (other - middle)).sum(-1))
+    return {"ce": ce, "kl": kl.clamp_min(0), "jsd": jsd.clamp_min(0)}
