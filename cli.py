@@ -17,6 +17,7 @@ import typer
 from bae.common.command import config_command, switch
 from bae.common.configs import load_config
 from bae.common.errors import BaeError
+from bae.common.outputs import describe_os_error
 from bae.pipeline.entropy.calibrate import CalibrateConfig
 from bae.pipeline.entropy.config import EntropyConfig
 from bae.pipeline.evaluate.config import EvaluateConfig
@@ -266,6 +267,11 @@ def _store_verify(config: StoreRef) -> int:
     for unit, problems in sorted(report.problems.items()):
         start, stop = opened.unit_range(unit)
         print(f"unit {unit} (rows {start}..{stop}): {'; '.join(problems)}")
+    if report.temporaries:
+        print(
+            f"{len(report.temporaries)} stray temporary file(s) left by killed writes, never read "
+            f"(safe to delete while no harvest or import runs), e.g. {report.temporaries[0]}"
+        )
     status = "OK" if report.ok else f"{len(report.problems)} bad unit(s)"
     print(f"{opened.url}: {status}; {report.checked} units checked, {len(report.incomplete)} not yet written")
     return 0 if report.ok else 1
@@ -309,6 +315,12 @@ def main() -> None:
         app()
     except BaeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        message = describe_os_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

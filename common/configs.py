@@ -60,7 +60,7 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
         elif not err["loc"]:
             parts.append(err["msg"].removeprefix("Value error, "))
         else:
-            parts.append(f"field {loc!r}: {err['msg']}")
+            parts.append(f"field {loc!r}: {err['msg'].removeprefix('Value error, ')}")
     return f"{source}: " + "; ".join(parts)
 
 

@@ -53,6 +53,18 @@ def _ranges(original: str, text: str, allow_last: bool) -> list[int]:
     return out
 
 
+def format_ranges(values: Any) -> str:
+    """Sorted integers as ranges, ``[0, 1, 2, 5]`` -> ``"0-2,5"`` (what ``parse_positions`` reads)."""
+    items, parts = sorted({int(v) for v in values}), []
+    start = 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or items[i] != items[i - 1] + 1:
+            lo, hi = items[start], items[i - 1]
+            parts.append(str(lo) if lo == hi else f"{lo}-{hi}")
+            start = i
+    return ",".join(parts)
+
+
 class RowSelection(StrictModel):
     """The rows a stage reads: valid rows only or all, which positions, and how documents are split
     into train and validation (a hash of the document id; the same split in every stage)."""
@@ -61,6 +73,11 @@ class RowSelection(StrictModel):
     positions: Literal["all"] | list[int] = Field(default="all", description=POSITIONS_HELP)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="documents held out for validation")
     split_seed: int = Field(default=0, ge=0, description="seed of the train/validation split by document")
+    allow_partial: bool = Field(
+        default=False,
+        description="read a store whose harvest or import is unfinished (its complete units only; "
+        "every output records which units it used)",
+    )
 
     @field_validator("positions", mode="before")
     @classmethod

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from bae.common.errors import BaeError
+
 
 def is_local(url: str) -> bool:
     """True for a plain path or a ``file://`` URL; False for s3://, gs://, memory://, ..."""
@@ -11,3 +16,40 @@ def is_local(url: str) -> bool:
 def local_path(url: str) -> str:
     """The filesystem path of a local URL (``file://`` removed)."""
     return url.removeprefix("file://")
+
+
+def resolved(url: str) -> str:
+    """A local path made absolute (symlinks resolved; ``file://`` removed); other URLs unchanged.
+    Two spellings of one local file compare equal after this."""
+    return str(Path(local_path(url)).resolve()) if is_local(url) else url
+
+
+def with_resolved_paths(data: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """``data`` with its path ``fields`` (a path, a list of paths, or None) resolved, for comparing
+    a recorded config with a new one however either spelled its paths."""
+    out = dict(data)
+    for name in fields:
+        value = out.get(name)
+        if isinstance(value, str):
+            out[name] = resolved(value)
+        elif isinstance(value, list):
+            out[name] = [resolved(v) if isinstance(v, str) else v for v in value]
+    return out
+
+
+def url_filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path) of a URL; one line when its protocol's package is missing."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:  # fsspec names the package, e.g. "Install s3fs to access S3"
+        raise BaeError(f"{url}: {exc} (pip install it next to bae)") from None
+    except ValueError as exc:  # an unknown protocol
+        raise BaeError(f"{url}: {exc}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as ``Type: first line of its message`` (for one-line errors)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"

@@ -14,12 +14,14 @@ import torch
 import zarr
 import zarr.errors
 import zarr.registry
+from pydantic import ValidationError
 from zarr.codecs import Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore
 
-from bae.common.configs import config_diff
+from bae.common.configs import config_diff, describe_validation_error
 from bae.common.errors import BaeError
-from bae.common.urls import is_local, local_path
+from bae.common.selection import format_ranges
+from bae.common.urls import first_line, is_local, local_path, url_filesystem
 from bae.stores.chunk_files import ChunkFiles
 from bae.stores.layout import (
     LAYER_CONVENTION,
@@ -42,6 +44,10 @@ if TYPE_CHECKING:
     from zarr.core.common import AccessModeLiteral
 
 
+DAMAGED = "its zarr.json was edited or damaged"
+UNIT_ARRAYS = (("units/done", "uint8"), ("units/clamped", "int64"))  # one entry per unit
+
+
 def _zarr_store(url: str, read_only: bool) -> LocalStore | FsspecStore:
     if not is_local(url):
         return FsspecStore.from_url(url, read_only=read_only)
@@ -62,12 +68,27 @@ def _compressors(layout: StoreLayout) -> list[Any]:
     return codecs
 
 
-def _exists(url: str) -> bool:
-    if not is_local(url):
-        import fsspec
+def model_diff(old: Any, new: Any) -> list[str]:
+    """How the LLM that made a store differs from the one resuming it: its revision or the
+    fingerprint of its weight files, where both sides record one (stores of earlier bae do not)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    return [
+        f"model {key}: {old[key]} -> {new[key]} (the model files changed)"
+        for key in ("revision", "weights")
+        if old.get(key) and new.get(key) and old[key] != new[key]
+    ]
 
-        fs, path = fsspec.core.url_to_fs(url)
-        return fs.exists(path)
+
+def _exists(url: str) -> bool:
+    """Whether a store is at ``url``; a URL whose package is missing or whose endpoint cannot be
+    reached is one line, not the file system's traceback."""
+    if not is_local(url):
+        fs, path = url_filesystem(url)
+        try:
+            return fs.exists(path)
+        except Exception as exc:  # each fsspec backend raises its own network and auth errors
+            raise BaeError(f"store {url}: cannot reach it ({first_line(exc)})") from exc
     return os.path.exists(local_path(url))
 
 
@@ -105,7 +126,7 @@ class ActivationStore:
             else:
                 new = {"layout": layout.model_dump(mode="json"), "config": attrs.get("config")}
                 old = {"layout": existing.meta["layout"], "config": existing.meta.get("config")}
-                diffs = config_diff(old, new)
+                diffs = config_diff(old, new) + model_diff(existing.meta.get("model"), attrs.get("model"))
                 if diffs:
                     raise BaeError(
                         f"store {url} was made with a different config ({'; '.join(diffs)}); "
@@ -134,7 +155,7 @@ class ActivationStore:
                 compressors=codecs,
                 fill_value=ROW_FILL[name],
             )
-        for name, dtype in (("units/done", "uint8"), ("units/clamped", "int64")):
+        for name, dtype in UNIT_ARRAYS:
             group.create_array(
                 name,
                 shape=(layout.n_units,),
@@ -186,7 +207,36 @@ class ActivationStore:
                 f"store {url}: schema version {meta.get('schema_version')!r} is not supported "
                 f"(this bae reads version {SCHEMA_VERSION})"
             )
-        return cls(url, group, meta)
+        if not isinstance(meta.get("layout"), dict):
+            raise BaeError(f"store {url}: its 'bae' attributes have no layout ({DAMAGED})")
+        try:
+            store = cls(url, group, meta)
+        except ValidationError as exc:
+            raise BaeError(f"{describe_validation_error(exc, f'store {url} layout')} ({DAMAGED})") from None
+        store.check_arrays()
+        return store
+
+    def check_arrays(self) -> None:
+        """Refuse a store whose arrays disagree with its recorded layout (edited attributes, or a
+        damaged or missing array) instead of reading wrong rows."""
+        lay = self.layout
+        expected = {name: ((lay.n_rows,), (lay.unit_rows,), dtype) for name, dtype in ROW_ARRAYS.items()}
+        expected.update({name: ((lay.n_units,), (1,), dtype) for name, dtype in UNIT_ARRAYS})
+        for layer in lay.layers:
+            shape = (lay.n_rows, lay.d_model)
+            expected[f"layers/{layer}"] = (shape, (lay.unit_rows, lay.d_model), lay.physical_dtype)
+        try:
+            arrays = self._arrays
+        except KeyError as exc:
+            raise BaeError(f"store {self.url}: array {exc} is missing") from None
+        for name, (shape, chunks, dtype) in expected.items():
+            arr = arrays[name]
+            actual = (arr.shape, arr.chunks, np.dtype(arr.dtype))
+            if actual != (shape, chunks, np.dtype(dtype)):
+                raise BaeError(
+                    f"store {self.url}: array {name} has shape {arr.shape}, chunks {arr.chunks}, dtype "
+                    f"{arr.dtype}, but the recorded layout says {shape}, {chunks}, {dtype} ({DAMAGED})"
+                )
 
     # ------------------------------------------------------------------ geometry
 
@@ -225,7 +275,7 @@ class ActivationStore:
         """Array handles opened once (each open reads metadata). Chunks equal to the fill value are
         written too, so that every recorded unit has all its chunk files, except in the sparse
         arrays, whose usual value is the fill value."""
-        names = (*ROW_ARRAYS, "units/done", "units/clamped", *(f"layers/{layer}" for layer in self.layers))
+        names = (*ROW_ARRAYS, *(n for n, _ in UNIT_ARRAYS), *(f"layers/{layer}" for layer in self.layers))
         return {
             name: cast(zarr.Array, self.group[name]).with_config(
                 {"write_empty_chunks": name not in SPARSE_ARRAYS}
@@ -331,6 +381,22 @@ class ActivationStore:
     def done_mask(self) -> np.ndarray:
         """Boolean [n_units]: which units are completely written."""
         return cast(np.ndarray, self._arrays["units/done"][:]).astype(bool)
+
+    def complete_units(self, allow_partial: bool = False) -> np.ndarray:
+        """The completely written units a reader may use: all of them, or with ``allow_partial``
+        those done so far; an unfinished store is otherwise refused in one line."""
+        done = self.done_mask()
+        units = np.flatnonzero(done)
+        if len(units) == 0:
+            raise BaeError(f"store {self.url} has no completed units")
+        if not allow_partial and len(units) < self.n_units:
+            missing = format_ranges(np.flatnonzero(~done))
+            raise BaeError(
+                f"store {self.url} is unfinished: {len(units)} of {self.n_units} units are complete "
+                f"(missing {missing}); re-run the harvest or import that makes it, or pass "
+                "--allow-partial to use the complete units only"
+            )
+        return units
 
     def is_done(self, unit: int) -> bool:
         return bool(self._arrays["units/done"][unit])

@@ -31,6 +31,9 @@ _PARALLEL_CHECKSUM_BYTES = 1 << 20  # from this chunk size on, checksum and writ
 _CHECKSUMS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bae-crc32c")
 
 
+TEMPORARY_SUFFIX = ".partial"  # of a chunk file being written (renamed when complete)
+
+
 class ChunkFiles:
     """Direct access to the chunk files of one Zarr v3 array; see :meth:`for_array`."""
 
@@ -121,7 +124,7 @@ class ChunkFiles:
     ) -> None:
         """Write ``parts`` (then the bytes ``trailer`` resolves to) to ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        target = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial") if atomic else path
+        target = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}") if atomic else path
         flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if atomic else os.O_TRUNC)
         fd = os.open(target, flags, 0o666)  # permissions: as the umask says
         try:

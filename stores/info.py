@@ -21,10 +21,11 @@ def store_summary(store: ActivationStore) -> dict[str, Any]:
     )
     on_disk = bytes_on_disk(store.url)
     model = meta.get("model") or {}
+    version = model.get("revision") or (f"weights {model['weights'][:12]}" if model.get("weights") else None)
     dtype = meta["dtype"]
     return {
         "store": store.url,
-        "model": f"{model.get('id')} @ {model.get('revision')}" if model else "(imported)",
+        "model": f"{model.get('id')} @ {version}" if model else "(imported)",
         "layers": ", ".join(map(str, store.layers)),
         "d_model": store.d_model,
         "dtype": f"{dtype['logical']} (stored as {dtype['physical']})",

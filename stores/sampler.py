@@ -120,7 +120,8 @@ def iter_unit_rows(
 
 
 class StoreSampler:
-    """Infinite, seeded, resumable stream of float32 batches ``[batch_size, d]`` from one layer."""
+    """Infinite, seeded, resumable stream of float32 batches ``[batch_size, d]`` from one layer of
+    ``units`` (default: every complete unit)."""
 
     def __init__(
         self,
@@ -137,6 +138,7 @@ class StoreSampler:
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 2,
+        units: Iterable[int] | None = None,
     ):
         store._layer_array(layer)  # a clear error if the layer is absent
         if batch_size < 1:
@@ -152,7 +154,7 @@ class StoreSampler:
             val_fraction,
             split_seed,
         )
-        self.units = np.flatnonzero(store.done_mask())
+        self.units = np.flatnonzero(store.done_mask()) if units is None else np.asarray(list(units))
         if len(self.units) == 0:
             raise BaeError(f"store {store.url} has no completed units to read")
         self.units_per_window = max(1, buffer_rows // store.unit_rows)

@@ -9,16 +9,19 @@ import numpy as np
 
 from bae.common.urls import is_local, local_path
 from bae.stores.activation_store import ActivationStore
+from bae.stores.chunk_files import TEMPORARY_SUFFIX
 from bae.stores.layout import ROW_ARRAYS, decode_values
 
 
 @dataclass
 class VerifyReport:
-    """Outcome of :func:`verify_store`: units checked, units not yet written, problems by unit."""
+    """Outcome of :func:`verify_store`: units checked, units not yet written, problems by unit, and
+    temporary files that killed writes left (harmless: never read; deletable while nothing writes)."""
 
     checked: int = 0
     incomplete: list[int] = field(default_factory=list)
     problems: dict[int, list[str]] = field(default_factory=dict)
+    temporaries: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -70,7 +73,20 @@ def verify_store(store: ActivationStore) -> VerifyReport:
         problems = _check_unit(store, int(unit))
         if problems:
             report.problems[int(unit)] = problems
+    report.temporaries = stray_temporaries(store.url)
     return report
+
+
+def stray_temporaries(url: str) -> list[str]:
+    """Temporary chunk files (``.<name>.<uuid>.partial``) under a local store, by path."""
+    if not is_local(url):
+        return []
+    return sorted(
+        os.path.join(root, name)
+        for root, _, files in os.walk(local_path(url))
+        for name in files
+        if name.startswith(".") and name.endswith(TEMPORARY_SUFFIX)
+    )
 
 
 def bytes_on_disk(url: str) -> int:

@@ -1,8 +1,8 @@
 """Training checkpoints: ``<out>/checkpoints/step-NNNNNNNN/``, each written whole then renamed.
 
 A checkpoint directory holds the model (``model.safetensors`` + ``config.json``, loadable by
-``load_autoencoder``), ``trainer_state.json`` (step, tokens, train config, sampler cursor, Python
-and NumPy RNG states) and ``trainer_state.pt`` (optimizer, scheduler, torch RNG, metric windows).
+``load_autoencoder``), ``trainer_state.json`` (step, tokens, train config, sampler cursor, objective
+state) and ``trainer_state.pt`` (optimizer, scheduler, torch RNG, metric windows).
 A directory only gets its ``step-`` name once every file is in it, so a kill at any instant leaves
 either the previous checkpoints or the new one complete, never a half-written one under that name.
 """
@@ -10,12 +10,10 @@ either the previous checkpoints or the new one complete, never a half-written on
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import numpy as np
 import torch
 
 from bae.common.atomic_files import temporary_dir
@@ -25,25 +23,6 @@ from bae.trainer.run_folder import RunFolder
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states (the first two JSON-able)."""
-    # numpy's stub picks the dict overload for a bare call; the default legacy=True returns the tuple
-    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
-    return {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -70,9 +49,8 @@ def save_checkpoint(
     tmp = temporary_dir(target)
     try:
         model.write_files(tmp)
-        rng = rng_state()
-        torch.save({**torch_state, "torch_rng": rng.pop("torch")}, tmp / STATE_PT)
-        (tmp / STATE_JSON).write_text(json.dumps({**json_state, "step": step, "rng": rng}) + "\n")
+        torch.save({**torch_state, "torch_rng": torch.get_rng_state()}, tmp / STATE_PT)
+        (tmp / STATE_JSON).write_text(json.dumps({**json_state, "step": step}) + "\n")
         replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,7 +60,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(json state, torch state) of a checkpoint; RNG states are restored by ``restore_rng``."""
+    """(json state, torch state) of a checkpoint; the RNG state is restored by ``restore_rng``."""
     try:
         json_state = json.loads((path / STATE_JSON).read_text())
         torch_state = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
@@ -91,5 +69,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return json_state, torch_state
 
 
-def restore_rng(json_state: dict[str, Any], torch_state: dict[str, Any]) -> None:
-    set_rng_state({**json_state["rng"], "torch": torch_state["torch_rng"]})
+def restore_rng(torch_state: dict[str, Any]) -> None:
+    """torch's global RNG as the checkpoint left it (bae draws from no Python or NumPy global RNG;
+    checkpoints of older versions also hold those states, which are not needed)."""
+    torch.set_rng_state(torch_state["torch_rng"])

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bae.common.command import cli
 from bae.common.configs import StrictModel
+from bae.common.outputs import LocalOutput
 from bae.common.selection import RowSelection
 
 Architecture = Literal["bae", "relu_sae", "topk_sae"]
@@ -73,6 +74,7 @@ class ModelConfig(StrictModel):
 
 
 DEFAULT_STEPS = 10_000
+TRACKER_NAMING = ("tracker_project", "run_name")  # how trackers show a run: free to change on resume
 
 
 class TrainConfig(RowSelection):
@@ -81,7 +83,7 @@ class TrainConfig(RowSelection):
     # data (and the row selection: valid_only, positions, val_fraction, split_seed)
     store: str = Field(description="activation store (path or URL)", json_schema_extra=cli("-s"))
     layer: int = Field(description="layer of the store to train on", json_schema_extra=cli("-l"))
-    out: str = Field(description="output run directory", json_schema_extra=cli("-o"))
+    out: LocalOutput = Field(description="output run directory", json_schema_extra=cli("-o"))
     standardize: Standardization | None = Field(
         default=None,
         description="input scaling: one robust global scale (global), per dimension (dimension) or "
@@ -176,6 +178,10 @@ class TrainConfig(RowSelection):
     log_with: list[str] | None = Field(
         default=None, description="accelerate trackers, e.g. tensorboard, wandb"
     )
+    tracker_project: str = Field(default="bae-train", description="project name given to the trackers")
+    run_name: str | None = Field(
+        default=None, description="run name shown by the trackers [the output folder's name]"
+    )
 
     @field_validator("standardize", mode="before")
     @classmethod
@@ -226,8 +232,10 @@ class TrainConfig(RowSelection):
         return self.total_steps(world_size) // 4
 
     def recorded(self) -> dict[str, Any]:
-        """The config a resumed run must repeat: all but the run directory's own location."""
-        return self.model_dump(mode="json", exclude={"out"})
+        """The config a resumed run must repeat: all but the run directory's own location and
+        ``allow_partial`` (a resumed run reads the units its checkpoint recorded) and the names the
+        trackers show."""
+        return self.model_dump(mode="json", exclude={"out", "allow_partial", *TRACKER_NAMING})
 
     @classmethod
     def as_recorded_today(cls, old: dict[str, Any]) -> dict[str, Any]:

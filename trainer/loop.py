@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from typing import Any, cast
 import torch
 from accelerate import Accelerator
 
+from bae.common.atomic_files import atomic_write_text
 from bae.common.console import progress
 from bae.common.errors import BaeError
 from bae.common.signals import StopRequest
@@ -154,16 +157,31 @@ def make_objective(config: TrainConfig, variance: float) -> Objective:
     )
 
 
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics log; a half-written last line (a kill or a full disk during an
+    append) is dropped, a damaged line before it is an error."""
+    if not path.is_file():
+        return []
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise BaeError(f"{path} line {number} is not JSON; remove the damaged line to resume") from None
+    return records
+
+
 class JsonlLog:
     """Append-only JSONL metrics log; on resume, entries after the checkpoint's step are dropped."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        lines = path.read_text().splitlines() if path.is_file() and resume_step is not None else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        tmp.replace(path)
+        records = read_log(path) if resume_step is not None else []
+        kept = [r for r in records if r.get("step", 0) <= resume_step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -380,6 +398,13 @@ class Trainer:
                 if signum:
                     if self.last_checkpoint != st.step:
                         self.checkpoint()
+                    if self.main:
+                        print(
+                            f"interrupted by {signal.Signals(signum).name} at step {st.step} of "
+                            f"{self.total_steps}: checkpoint step {st.step} is kept in "
+                            f"{self.config.out}; re-run the same command to resume",
+                            file=sys.stderr,
+                        )
                     raise SystemExit(128 + signum)
         if self.world > 1 and not ranks_agree(self.accelerator, st.model):
             raise BaeError("training processes ended with different weights")

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bae.common.atomic_files import temporary_dir
+from bae.common.atomic_files import shareable, temporary_dir
 from bae.common.configs import build_config
 from bae.common.errors import BaeError
 from bae.trainer.config import ModelConfig
@@ -245,6 +245,7 @@ class Autoencoder(nn.Module):
         """Weights and config into an existing directory (callers make it atomic)."""
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
+        shareable(directory / WEIGHTS_FILE)  # safetensors writes 0600
         (directory / CONFIG_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
 
 

@@ -23,3 +23,5 @@ class Provenance(StrictModel):
     val_fraction: float = 0.1
     split_seed: int = 0
     corpus_fingerprint: str | None = Field(default=None, description="the store's corpus fingerprint")
+    units: str | None = Field(default=None, description="store units read, as ranges (None: not recorded)")
+    n_units: int | None = Field(default=None, description="units the store has in all")

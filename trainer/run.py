@@ -3,8 +3,10 @@ store sampler; the run folder gets checkpoints, the metrics log and, at the end,
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
@@ -12,6 +14,8 @@ from safetensors.torch import load_file
 from bae.common.configs import require_same_config
 from bae.common.console import human_count, print_summary
 from bae.common.errors import BaeError
+from bae.common.outputs import exclusive_output, sweep_temporaries
+from bae.common.selection import format_ranges, parse_positions
 from bae.common.stats import FVU_DEFINITION
 from bae.stores import ActivationStore, RowFilter, StoreSampler
 from bae.trainer.checkpoints import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -22,6 +26,7 @@ from bae.trainer.provenance import Provenance
 from bae.trainer.run_folder import RunFolder
 from bae.trainer.scale import DataScale, estimate_scale, identity_scale
 from bae.trainer.target import FVUTarget
+from bae.trainer.tracking import check_trackers, start_trackers
 
 if TYPE_CHECKING:
     from accelerate.tracking import GeneralTracker
@@ -40,11 +45,13 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def open_samplers(
-    config: TrainConfig, store: ActivationStore, rank: int, world_size: int
+    config: TrainConfig, store: ActivationStore, units: np.ndarray, rank: int, world_size: int
 ) -> tuple[StoreSampler, StoreSampler | None]:
-    """The training sampler (this rank's share) and the validation sampler of the config's rows."""
+    """The training sampler (this rank's share) and the validation sampler of the config's rows
+    of ``units``."""
     rows = RowFilter.of(config)
     shared: dict[str, Any] = dict(
+        units=units,
         layer=config.layer,
         valid_only=rows.valid_only,
         positions=rows.positions,
@@ -88,7 +95,7 @@ def estimate_data_scale(config: TrainConfig, sampler: StoreSampler, d: int) -> D
     return estimate_scale(torch.cat(rows), str(config.standardize), float(config.typical_ratio or 0.0))
 
 
-def provenance(config: TrainConfig, store: ActivationStore) -> Provenance:
+def provenance(config: TrainConfig, store: ActivationStore, units: np.ndarray) -> Provenance:
     """What the checkpoint records about the rows it is trained on."""
     return Provenance(
         store=config.store,
@@ -100,6 +107,8 @@ def provenance(config: TrainConfig, store: ActivationStore) -> Provenance:
         val_fraction=config.val_fraction,
         split_seed=config.split_seed,
         corpus_fingerprint=store.meta.get("corpus_fingerprint"),
+        units=format_ranges(units),
+        n_units=store.n_units,
     )
 
 
@@ -125,15 +134,33 @@ def check_resumable(
     return {**json_state, "weights": model_state, "model": recorded["model"]}, torch_state
 
 
+def training_units(
+    config: TrainConfig, store: ActivationStore, resumed: tuple[dict[str, Any], dict[str, Any]] | None
+) -> np.ndarray:
+    """The store units this run reads: those its checkpoint recorded when resuming (a partial store
+    may have grown since), else the complete units (an unfinished store needs --allow-partial)."""
+    recorded = resumed[0].get("units") if resumed is not None else None
+    if recorded is None:
+        return store.complete_units(config.allow_partial)
+    units = np.asarray(parse_positions(recorded, allow_last=False), dtype=np.int64)
+    if not store.done_mask()[units].all():
+        raise BaeError(f"store {config.store} no longer holds all units {recorded} this run was trained on")
+    return units
+
+
 def initial_state(
-    config: TrainConfig, store: ActivationStore, sampler: StoreSampler, run: RunFolder, world: int
+    config: TrainConfig,
+    store: ActivationStore,
+    sampler: StoreSampler,
+    resumed: tuple[dict[str, Any], dict[str, Any]] | None,
+    world: int,
 ) -> tuple[TrainState, bool]:
     """A fresh training state, or the latest checkpoint's (sampler cursor and RNGs restored); resumed?"""
-    resumed = check_resumable(run, config, store.d_model)
     scale = estimate_data_scale(config, sampler, store.d_model) if resumed is None else None
     radius = scale.typical_radius if scale is not None else resumed[0]["model"]["typical_radius"]  # type: ignore[index]
     torch.manual_seed(config.seed)
-    model = build_autoencoder(config.autoencoder_config(store.d_model, radius), provenance(config, store))
+    source = provenance(config, store, sampler.units)
+    model = build_autoencoder(config.autoencoder_config(store.d_model, radius), source)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, config.total_steps(world)))
     state = TrainState(model, optimizer, scheduler, FiringWindow(config.window_steps, model.n_bits))
@@ -153,7 +180,7 @@ def initial_state(
     state.window.load(ts["window"])
     sampler.load_state_dict(js["sampler"])
     state.step, state.tokens = js["step"], js["tokens"]
-    restore_rng(js, ts)
+    restore_rng(ts)
     return state, True
 
 
@@ -171,6 +198,7 @@ def checkpoint_writer(config: TrainConfig, run: RunFolder, sampler: StoreSampler
                 "tokens": state.tokens,
                 "world_size": world,
                 "objective": state.objective_state(),
+                "units": format_ranges(sampler.units),
             },
             {
                 "optimizer": state.optimizer.state_dict(),
@@ -184,13 +212,30 @@ def checkpoint_writer(config: TrainConfig, run: RunFolder, sampler: StoreSampler
 
 
 def train(config: TrainConfig, show_progress: bool = True) -> tuple[Autoencoder, dict[str, Any]]:
-    """Train (or resume training) into ``config.out``; returns the model and the final summary."""
-    run = RunFolder.at(config.out)
+    """Train (or resume training) into ``config.out``; returns the model and the final summary.
+
+    The main process holds the run folder for the whole run (a second ``bae train`` on it is
+    refused) and first sweeps what a killed run left (temporary checkpoint and model directories)."""
+    check_trackers(config.log_with or [])
     accelerator = make_accelerator(config)
+    if not accelerator.is_main_process:
+        return _train(config, accelerator, show_progress)
+    with exclusive_output(Path(config.out), "bae train") as root:
+        run = RunFolder.at(root)
+        sweep_temporaries([run.root, run.checkpoints_dir])
+        return _train(config, accelerator, show_progress)
+
+
+def _train(
+    config: TrainConfig, accelerator: Accelerator, show_progress: bool
+) -> tuple[Autoencoder, dict[str, Any]]:
+    run = RunFolder.at(config.out)
     world, main = accelerator.num_processes, accelerator.is_main_process
     store = ActivationStore.open(config.store)
-    sampler, val_sampler = open_samplers(config, store, accelerator.process_index, world)
-    state, resumed = initial_state(config, store, sampler, run, world)
+    checkpoint = check_resumable(run, config, store.d_model)
+    units = training_units(config, store, checkpoint)
+    sampler, val_sampler = open_samplers(config, store, units, accelerator.process_index, world)
+    state, resumed = initial_state(config, store, sampler, checkpoint, world)
     if state.step >= config.total_steps(world) and run.finished:
         summary = {
             "status": "already complete",
@@ -201,10 +246,9 @@ def train(config: TrainConfig, show_progress: bool = True) -> tuple[Autoencoder,
         if main:
             print_summary(f"bae train: {config.out}", summary)
         return state.model, summary
-    run.root.mkdir(parents=True, exist_ok=True)
     log = JsonlLog(run.log, state.step if resumed else None) if main else None
     if config.log_with:
-        accelerator.init_trackers("bae-train", config=config.model_dump(mode="json"))
+        start_trackers(accelerator, config, run.root)
     validate_fn = None
     if val_sampler is not None:
         validate_fn = lambda model: validate(model, val_sampler, config.val_max_rows)  # noqa: E731
@@ -234,7 +278,9 @@ def train_summary(config: TrainConfig, state: TrainState, trainer: Trainer, d: i
     """The one-screen summary: budget, model shape, last train and validation metrics."""
     model = state.model
     last = {**trainer.last_train, **trainer.last_val}
+    source = model.provenance
     return {
+        "store": f"{config.store} (units {source.units} of {source.n_units})",
         "steps": state.step,
         "tokens": human_count(state.tokens),
         "model": str(RunFolder.at(config.out).model_dir),

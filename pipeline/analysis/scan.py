@@ -21,6 +21,7 @@ import torch
 from dask.callbacks import Callback
 
 from bae.common.console import progress
+from bae.common.errors import BaeError
 from bae.stores import ActivationStore, RowFilter, iter_unit_rows
 from bae.trainer import Autoencoder, load_autoencoder
 
@@ -32,8 +33,28 @@ T = TypeVar("T")
 
 @functools.lru_cache(maxsize=8)
 def cached_store(url: str) -> ActivationStore:
-    """A store opened once per process (dask workers reuse it across units)."""
-    return ActivationStore.open(url)
+    """A store opened once per process (dask workers reuse it across units); a store a dask worker
+    cannot see is named with the worker."""
+    try:
+        return ActivationStore.open(url)
+    except BaeError as exc:
+        worker = dask_worker_address()
+        if worker is None or "not found" not in str(exc):
+            raise
+        raise BaeError(
+            f"store {url}: not found on dask worker {worker}; workers need the store at the same path "
+            "(a shared file system) or a URL they can reach"
+        ) from None
+
+
+def dask_worker_address() -> str | None:
+    """The address of the dask worker running this code, or None outside a worker."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return None
 
 
 @functools.lru_cache(maxsize=4)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,10 @@ from bae.common.command import cli
 from bae.common.configs import comma_list
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
+from bae.common.outputs import LocalOutput, make_output_dir
 from bae.pipeline.entropy.synthetic import KINDS, SyntheticSpec
 from bae.trainer.config import TrainConfig
+from bae.trainer.loop import read_log
 from bae.trainer.run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class CalibrateConfig(TrainConfig):
         description="layer of the store to copy (the synthetic stores record it too)",
         json_schema_extra=cli("-l"),
     )
-    out: str = Field(
+    out: LocalOutput = Field(
         description="calibration directory: sets/, runs/, calibration.csv and .json",
         json_schema_extra=cli("-o"),
     )
@@ -197,12 +198,9 @@ def write_set(
 
 def last_val_fvu(run: Path) -> float:
     """The run's last logged ``val_fvu`` (NaN when it never validated)."""
-    log = RunFolder.at(run).log
     fvu = math.nan
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            if line.strip():
-                fvu = json.loads(line).get("val_fvu", fvu)
+    for record in read_log(RunFolder.at(run).log):
+        fvu = record.get("val_fvu", fvu)
     return float(fvu)
 
 
@@ -332,7 +330,7 @@ def run_calibrate(config: CalibrateConfig, show_progress: bool = True) -> list[d
     source = ActivationStore.open(config.store)
     mean, std, used = store_scale(source, config.layer, config.stats_rows, config.seed)
     scale_digest = hashlib.sha256(np.concatenate([mean, std]).tobytes()).hexdigest()[:16]
-    out = Path(config.out)
+    out = make_output_dir(config.out)
     rows = []
     for kind in config.kinds:
         for r in config.ranks:

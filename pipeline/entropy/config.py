@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from bae.common.command import cli
+from bae.common.outputs import LocalOutput
 from bae.common.selection import SplitSelection
 
 CONFIG_JSON = "entropy_config.json"
@@ -24,7 +25,7 @@ class EntropyConfig(SplitSelection):
         description="autoencoder: one per layer, or per (layer, positions); repeat it",
         json_schema_extra=cli("-a", flag="--checkpoint"),
     )
-    out: str = Field(default="entropy", description="output directory", json_schema_extra=cli("-o"))
+    out: LocalOutput = Field(default="entropy", description="output directory", json_schema_extra=cli("-o"))
     group_by: str = Field(
         default="position", description="position | document | token | all | a per-document field"
     )

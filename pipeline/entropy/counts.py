@@ -199,7 +199,7 @@ class CountSpec:
         """A hash of everything that shapes the counts (the partials directory's name)."""
         shaping = {
             "version": COUNTS_VERSION,
-            "store": [self.store, cached_store(self.store).meta],
+            "store": cached_store(self.store).meta,  # what the store is, not how its path is spelled
             "layer": self.layer,
             "filter": repr(self.row_filter),
             "group_key": hashlib.sha256(repr(self.group_key).encode()).hexdigest(),

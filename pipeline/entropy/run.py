@@ -22,7 +22,10 @@ from bae.common.atomic_files import atomic_write_bytes, atomic_write_json, read_
 from bae.common.configs import require_same_config
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
+from bae.common.outputs import exclusive_output, sweep_temporaries
+from bae.common.selection import format_ranges
 from bae.common.stats import FVU_DEFINITION, binary_entropy
+from bae.common.urls import with_resolved_paths
 from bae.pipeline.analysis.checkpoint_match import load_for_store
 from bae.pipeline.analysis.scan import cached_model
 from bae.pipeline.entropy.config import CONFIG_JSON, EntropyConfig
@@ -218,12 +221,25 @@ def plot_series(
     return list(merged.values())
 
 
-def record_config(config: EntropyConfig, out: Path) -> None:
-    """Write the config into ``out``, or refuse a different one already recorded there."""
+PATH_FIELDS = ("store", "checkpoints")
+
+
+def record_config(config: EntropyConfig, out: Path, units: tuple[int, ...], n_units: int) -> None:
+    """Write the config and the store units read into ``out``, or refuse a different config already
+    recorded there (paths compared resolved: ``s.zarr`` and its absolute path are one store)."""
     recorded = read_json(out / CONFIG_JSON)
     if recorded is not None:
-        require_same_config(f"entropy output {out}", recorded["config"], config.shaping())
-    atomic_write_json(out / CONFIG_JSON, {"config": config.shaping(), "full": config.model_dump(mode="json")})
+        old, new = (with_resolved_paths(c, PATH_FIELDS) for c in (recorded["config"], config.shaping()))
+        require_same_config(f"entropy output {out}", old, new)
+    atomic_write_json(
+        out / CONFIG_JSON,
+        {
+            "config": config.shaping(),
+            "full": config.model_dump(mode="json"),
+            "units": format_ranges(units),
+            "n_units": n_units,
+        },
+    )
 
 
 def null_reading(null: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
@@ -291,20 +307,26 @@ def null_shortfall(requested: int, drawn: int, rows: int) -> str | None:
 
 
 def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyResult:
-    """Count, estimate, write the table and plot, print the summary."""
+    """Count, estimate, write the table and plot, print the summary; the output directory is held
+    for the run (a second ``bae entropy`` on it is refused) and first cleared of what a killed run
+    left (temporary per-unit count files)."""
     if not config.store:
         raise BaeError("no store given: pass --store or set `store` in --config")
     if not config.checkpoints:
         raise BaeError("no checkpoint given: pass --checkpoint (repeatable) or set `checkpoints` in --config")
+    with exclusive_output(Path(config.out), "bae entropy") as out:
+        partials = out / "partials"
+        sweep_temporaries([out, partials, *(partials.iterdir() if partials.is_dir() else [])])
+        return measure_entropy(config, out, show_progress)
+
+
+def measure_entropy(config: EntropyConfig, out: Path, show_progress: bool) -> EntropyResult:
+    """``run_entropy`` once its output directory is held."""
     store = ActivationStore.open(config.store)
     models = resolve_models(store, config.checkpoints)
     group_key, values = resolve_grouping(store, config.group_by)
-    units = tuple(int(u) for u in np.flatnonzero(store.done_mask()))
-    if not units:
-        raise BaeError(f"store {store.url} has no completed units")
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    record_config(config, out)
+    units = tuple(int(u) for u in store.complete_units(config.allow_partial))
+    record_config(config, out, units, store.n_units)
     parts = []
     for model in models:
         row_filter = model_filter(config, model)
@@ -354,7 +376,7 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
     csv_path, parquet_path = write_table(table, out)
     plot = plot_entropy(plot_series(parts, config.group_by, values), config.group_by, out / "entropy.png")
     summary = {
-        "store": f"{store.url} ({len(units)} of {store.n_units} units complete)",
+        "store": f"{store.url} (units {format_ranges(units)} of {store.n_units})",
         **summarize(parts, config.group_by, values),
         "table": f"{csv_path}, {parquet_path}",
         "plot": str(plot),

@@ -14,7 +14,9 @@ from pydantic import Field, field_validator
 from bae.common.command import cli
 from bae.common.configs import StrictModel, require_same_config
 from bae.common.errors import BaeError
+from bae.common.outputs import LocalOutput
 from bae.common.selection import SplitSelection
+from bae.common.urls import with_resolved_paths
 
 
 class InterpretConfig(StrictModel):
@@ -84,7 +86,7 @@ class FeaturesConfig(SplitSelection):
         description="an autoencoder to compare; repeat it",
         json_schema_extra=cli("-a", flag="--checkpoint"),
     )
-    out: str = Field(default="features", description="output directory", json_schema_extra=cli("-o"))
+    out: LocalOutput = Field(default="features", description="output directory", json_schema_extra=cli("-o"))
     layer: int | None = Field(
         default=None, description="store layer [the checkpoint's layer]", json_schema_extra=cli("-l")
     )
@@ -154,5 +156,7 @@ def check_recorded(what: str, recorded: dict[str, Any] | None, config: FeaturesC
     """True if an output recorded with ``recorded`` can be reused; BaeError if it differs."""
     if recorded is None:
         return False
-    require_same_config(what, recorded, config.stage_config(stage))
+    paths = ("store", "checkpoint")  # compared resolved: one store or checkpoint however spelled
+    new = config.stage_config(stage)
+    require_same_config(what, with_resolved_paths(recorded, paths), with_resolved_paths(new, paths))
     return True

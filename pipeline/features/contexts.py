@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from bae.common.atomic_files import atomic_write_json, read_json
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
+from bae.common.outputs import make_output_dir
 from bae.pipeline.analysis.scan import ScanSpec, map_reduce_units
 from bae.pipeline.analysis.token_text import TokenText, load_store_tokenizer
 from bae.pipeline.features.config import FeaturesConfig, check_recorded
@@ -257,7 +257,7 @@ def score_params(config: FeaturesConfig, architecture: str, freq: FrequencyResul
 
 def run_contexts(config: FeaturesConfig, show_progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """``bae features contexts``: ``<out>/contexts.json`` and ``<out>/report.html`` (reused if up to date)."""
-    out = Path(config.out)
+    out = make_output_dir(config.out)
     path = out / CONTEXTS_JSON
     recorded = read_json(path)
     if check_recorded(f"contexts output {path}", recorded and recorded["config"], config, "contexts"):

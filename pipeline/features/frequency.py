@@ -20,8 +20,10 @@ import numpy as np
 from bae.common.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text, read_json
 from bae.common.console import human_count, print_summary
 from bae.common.errors import BaeError
+from bae.common.outputs import make_output_dir
+from bae.common.selection import format_ranges
 from bae.common.stats import fvu_from_sums
-from bae.pipeline.analysis.scan import ScanSpec, map_reduce_units
+from bae.pipeline.analysis.scan import ScanSpec, cached_store, map_reduce_units
 from bae.pipeline.features.config import FeaturesConfig, check_recorded
 from bae.pipeline.features.spec import scan_spec
 
@@ -195,11 +197,15 @@ def run_frequency(
     config: FeaturesConfig, show_progress: bool = True, spec: ScanSpec | None = None, quiet: bool = False
 ) -> FrequencyResult:
     """``bae features frequency``: reuse ``<out>/frequency.json`` if made with these options, else compute."""
-    out = Path(config.out)
+    out = make_output_dir(config.out)
     path = out / FREQUENCY_JSON
     recorded = read_json(path)
-    if check_recorded(f"frequency output {path}", recorded and recorded["config"], config, "frequency"):
-        assert recorded is not None  # check_recorded is False for a missing file
+    spec = spec or scan_spec(config)
+    units = f"{format_ranges(spec.units)} of {cached_store(spec.store).n_units}"
+    reusable = check_recorded(
+        f"frequency output {path}", recorded and recorded["config"], config, "frequency"
+    )
+    if reusable and recorded is not None and recorded["summary"].get("units") == units:
         result = FrequencyResult(
             recorded["summary"],
             np.asarray(recorded["frequency"]),
@@ -209,12 +215,13 @@ def run_frequency(
             np.asarray(recorded["code_std"]),
         )
     else:
-        spec = spec or scan_spec(config)
         _, model = spec.open()
         stats = compute_stats(spec, config.scheduler, show_progress)
         freq = stats.frequency
         summary = summarize(freq, stats.rows, model.architecture, config.dense_thresholds)
-        summary.update(fvu=stats.fvu, atypical_rows=stats.rows - stats.typical_rows, mean_l0=stats.mean_l0)
+        summary.update(
+            fvu=stats.fvu, atypical_rows=stats.rows - stats.typical_rows, mean_l0=stats.mean_l0, units=units
+        )
         mean, std = stats.code_mean_std()
         result = FrequencyResult(summary, freq, stats.fvu, stats.mean_l0, mean, std)
         plot_histogram(freq, model.architecture, summary, out / "frequency_hist.png")

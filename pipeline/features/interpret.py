@@ -17,6 +17,7 @@ import numpy as np
 
 from bae.common.atomic_files import atomic_write_json, read_json
 from bae.common.console import print_summary, progress
+from bae.common.outputs import make_output_dir
 from bae.pipeline.features.config import FeaturesConfig, InterpretConfig, check_recorded
 from bae.pipeline.features.contexts import run_contexts
 from bae.pipeline.features.llm_client import (
@@ -112,7 +113,7 @@ def choose_features(records: list[dict[str, Any]], config: InterpretConfig, seed
 
 def run_interpret(config: FeaturesConfig, show_progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """``bae features interpret``: ``<out>/interpretation.json`` and the report with explanations."""
-    out = Path(config.out)
+    out = make_output_dir(config.out)
     path = out / INTERPRETATION_JSON
     recorded = read_json(path)
     data = run_contexts(config, show_progress, quiet=True)

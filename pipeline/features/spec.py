@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import cast
 
-import numpy as np
-
-from bae.common.errors import BaeError
 from bae.pipeline.analysis.checkpoint_match import load_for_store
 from bae.pipeline.analysis.scan import ScanSpec
 from bae.pipeline.features.config import FeaturesConfig
@@ -19,9 +16,7 @@ def scan_spec(config: FeaturesConfig, checkpoint: str | None = None) -> ScanSpec
     checkpoint = checkpoint or cast(str, config.need("checkpoint"))
     store = ActivationStore.open(url)
     _, layer = load_for_store(store, checkpoint, config.layer)
-    units = [int(u) for u in np.flatnonzero(store.done_mask())]
-    if not units:
-        raise BaeError(f"store {url} has no completed units")
+    units = [int(u) for u in store.complete_units(config.allow_partial)]
     if config.max_rows is not None:
         units = [u for u in units if store.unit_range(u)[0] < config.max_rows] or units[:1]
     row_filter = RowFilter.of(config, config.split)

@@ -8,14 +8,17 @@ Every reader yields documents in a deterministic order; :func:`load_corpus` drop
 from __future__ import annotations
 
 import ast
+import bz2
 import codecs
 import glob
+import gzip
 import hashlib
 import importlib.util
 import json
+import lzma
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +108,44 @@ class _Decoder:
             ) from None
 
 
-def _text_docs(path: Path, name: str, decoder: _Decoder, line_docs: bool) -> Iterator[Document]:
+def _decompress_zstd(data: bytes) -> bytes:
+    import numcodecs
+
+    return bytes(numcodecs.Zstd().decode(data))
+
+
+# compressed corpus files are read transparently, recognized by their first bytes
+DECOMPRESSORS: dict[bytes, tuple[str, Callable[[bytes], bytes]]] = {
+    b"\x1f\x8b": ("gzip", gzip.decompress),
+    b"BZh": ("bzip2", bz2.decompress),
+    b"\xfd7zXZ\x00": ("xz", lzma.decompress),
+    b"\x28\xb5\x2f\xfd": ("zstd", _decompress_zstd),
+}
+COMPRESSED_SUFFIXES = {".gz", ".bz2", ".xz", ".zst"}
+
+
+def read_corpus_bytes(path: Path) -> bytes:
+    """A corpus file's bytes, decompressed when it is gzip, bzip2, xz or zstd (by magic bytes)."""
     data = path.read_bytes()
+    for magic, (kind, decompress) in DECOMPRESSORS.items():
+        if data.startswith(magic):
+            try:
+                return decompress(data)
+            except Exception as exc:  # each codec raises its own error type for damaged data
+                raise BaeError(f"corpus file {path}: damaged {kind} data ({exc})") from None
+    return data
+
+
+def format_suffix(path: Path) -> str:
+    """The suffix that names a corpus file's format, under any compression suffix (a.jsonl.gz -> .jsonl)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _text_docs(path: Path, name: str, decoder: _Decoder, line_docs: bool) -> Iterator[Document]:
+    data = read_corpus_bytes(path)
     if not line_docs:
         yield Document(decoder.decode(data, path), {"source": name})
         return
@@ -133,8 +172,8 @@ def _record_doc(record: Any, where: str, text_field: str, name: str) -> Document
 
 
 def _json_docs(path: Path, name: str, decoder: _Decoder, text_field: str) -> Iterator[Document]:
-    text = decoder.decode(path.read_bytes(), path)
-    if path.suffix.lower() == ".json":
+    text = decoder.decode(read_corpus_bytes(path), path)
+    if format_suffix(path) == ".json":
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -199,7 +238,7 @@ def _dataset_docs(path: Path, name: str, text_field: str) -> Iterator[Document]:
 def _file_docs(
     path: Path, name: str, decoder: _Decoder, text_field: str, line_docs: bool
 ) -> Iterator[Document]:
-    suffix = path.suffix.lower()
+    suffix = format_suffix(path)
     if suffix in JSON_SUFFIXES:
         return _json_docs(path, name, decoder, text_field)
     if suffix in PARQUET_SUFFIXES:

@@ -26,6 +26,7 @@ from bae.common.command import cli
 from bae.common.configs import StrictModel, comma_list
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
+from bae.common.outputs import LocalOutput
 from bae.pipeline.harvest.staicc import LABELS, Record, load_staicc
 
 DEFAULT_KS = [0, 1, 2, 4, 8]
@@ -38,7 +39,9 @@ class IclPromptsConfig(StrictModel):
         description="staicc dataset name, e.g. sst2 (a wrong name lists them)",
         json_schema_extra=cli(argument=True),
     )
-    out: str = Field(default="prompts.jsonl", description="JSONL file to write", json_schema_extra=cli("-o"))
+    out: LocalOutput = Field(
+        default="prompts.jsonl", description="JSONL file to write", json_schema_extra=cli("-o")
+    )
     n: int = Field(default=100, ge=1, description="queries, i.e. prompts per k", json_schema_extra=cli("-n"))
     ks: list[int] = Field(
         default_factory=lambda: list(DEFAULT_KS),

@@ -197,7 +197,7 @@ def store_attrs(cfg: HarvestConfig, prepared: Prepared) -> dict[str, Any]:
     loaded = prepared.loaded
     return {
         "config": cfg.recorded(),
-        "model": {"id": loaded.model_id, "revision": loaded.revision},
+        "model": {"id": loaded.model_id, "revision": loaded.revision, "weights": loaded.weights},
         "compute_dtype": str(loaded.model.dtype).removeprefix("torch."),
         "tokenizer_fingerprint": tokenizer_fingerprint(loaded.tokenizer),
         "corpus_fingerprint": prepared.corpus.fingerprint,

@@ -34,6 +34,7 @@ class LoadedModel:
     tokenizer: Any
     model_id: str
     revision: str | None
+    weights: str | None = None  # fingerprint of a local directory's weight files
 
     @property
     def n_layers(self) -> int:
@@ -145,7 +146,7 @@ def load_model(
         try:
             AutoConfig.from_pretrained(spec)
             model = _from_dir(spec, torch_dtype, device_map)
-            tokenizer = AutoTokenizer.from_pretrained(spec)
+            tokenizer = load_tokenizer(spec)
         except OSError as exc:
             offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
             where = "offline (HF_HUB_OFFLINE=1)" if offline else "locally or on the hub"
@@ -158,7 +159,45 @@ def load_model(
     if device_map is None:
         # transformers wraps `to` with functools.wraps(nn.Module.to), which pyright binds wrongly
         model.to(device)  # pyright: ignore[reportArgumentType]
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, revision=revision)
+    # a local directory has no commit: its weights are named by their files
+    weights = weights_fingerprint(path) if spec and path.is_dir() else None
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, model_id=model_id, revision=revision, weights=weights
+    )
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer saved with a model, or one line saying it is missing."""
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except ValueError as exc:  # transformers' answer to a directory without tokenizer files
+        raise BaeError(
+            f"model {spec}: no usable tokenizer there (expected tokenizer.json or tokenizer_config.json "
+            f"with its vocabulary files); save the tokenizer next to the weights "
+            f"({str(exc).strip().splitlines()[0][:120]})"
+        ) from None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """sha256 over a model directory's weight files, cheap at any size: each file's name and size,
+    the whole header of a safetensors file (tensor names, shapes, offsets), and for every weight
+    file its first and last MiB (the values are not all read)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as f:
+            if path.suffix == ".safetensors" and size >= 8:
+                header = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(min(header, size - 8)))
+            f.seek(0)
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

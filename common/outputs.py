@@ -1,0 +1,120 @@
+"""Output locations: which may be URLs, how a directory is made, and the temporaries a kill leaves.
+
+Stores (``bae harvest``, ``bae store import``) may be written to any fsspec URL: a unit counts as
+written once its ``units/done`` flag is set, after its chunks. Run directories (``bae train``,
+``bae entropy``, ``bae features``, calibration) record completion by renaming a finished file or
+directory into place, which object stores cannot do atomically, so they are local paths only
+(``file://`` URLs included); write them to a local or mounted volume and copy them up after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+from bae.common.errors import BaeError
+from bae.common.urls import is_local, local_path
+
+# what ``tempfile`` names in ``atomic_files`` and what ``replace_dir`` moves aside: dot-prefixed
+TEMPORARY_PATTERNS = (".*.tmp-*", ".*.tmp", ".*.old-*")
+
+
+def local_output(value: str) -> str:
+    """A run directory's or file's local path; URLs other than ``file://`` are refused (see above)."""
+    if is_local(value):
+        return local_path(value)
+    raise ValueError(
+        f"{value} is a URL, but this output must be local (its files are completed by atomic "
+        "renames, which object stores lack); write to a local or mounted path and copy it up afterwards"
+    )
+
+
+LocalOutput = Annotated[str, AfterValidator(local_output)]
+
+
+def make_output_dir(path: str | Path) -> Path:
+    """Create ``path`` (and parents) for writing, or one line saying why it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BaeError(f"output {path}: exists and is not a directory; choose another --out") from None
+    except NotADirectoryError:
+        raise BaeError(f"output {path}: a part of the path is a file, not a directory") from None
+    except OSError as exc:
+        raise BaeError(f"output {path}: cannot create it ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        reason = "read-only file system" if is_read_only(path) else "permission denied"
+        raise BaeError(f"output {path}: cannot write there ({reason})")
+    return path
+
+
+def is_read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def sweep_temporaries(directories: Iterable[Path]) -> list[Path]:
+    """Remove what a killed write left in ``directories`` (temporary files and directories, and
+    directories moved aside for replacement); returns what was removed."""
+    removed = []
+    for directory in directories:
+        if not directory.is_dir():
+            continue
+        for pattern in TEMPORARY_PATTERNS:
+            for stray in directory.glob(pattern):
+                if stray.is_dir():
+                    shutil.rmtree(stray, ignore_errors=True)
+                else:
+                    stray.unlink(missing_ok=True)
+                removed.append(stray)
+    return removed
+
+
+# errors of the machine rather than of the program: reported in one line, not as a traceback
+SYSTEM_ERRNOS = {
+    errno.ENOSPC: "no space left on the device; free space and re-run the same command: it resumes "
+    "from its last complete unit or checkpoint",
+    errno.EDQUOT: "disk quota exceeded; free space and re-run the same command: it resumes from its "
+    "last complete unit or checkpoint",
+    errno.EROFS: "read-only file system; choose a writable --out",
+    errno.EACCES: "permission denied",
+}
+
+
+def describe_os_error(exc: OSError) -> str | None:
+    """A one-line message for an OSError the user can act on (None for other errors)."""
+    advice = SYSTEM_ERRNOS.get(exc.errno or 0)
+    if advice is None:
+        return None
+    return f"{exc.filename}: {advice}" if exc.filename is not None else advice
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_output(path: Path, command: str) -> Iterator[Path]:
+    """Hold ``path`` (an output directory, made if needed) for one process of ``command``: a second
+    process on the same output is refused in one line; the lock dies with its process (kill -9
+    included), and the temporaries an earlier killed run left are swept once it is held."""
+    path = make_output_dir(path)
+    with open(path / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BaeError(
+                f"output {path} is in use by another `{command}` (it holds {path / LOCK_FILE}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
