@@ -40,20 +40,30 @@ def local_output(value: str) -> str:
 LocalOutput = Annotated[str, AfterValidator(local_output)]
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """Refuse, in one line, a directory to be made at ``path`` that cannot be: a file is there or
+    on the way, or the nearest existing directory is not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BaeError(f"output {path}: exists and is not a directory; choose another --out")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BaeError(f"output {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        reason = "read-only file system" if is_read_only(ancestor) else "permission denied"
+        raise BaeError(f"output {path}: cannot write in {ancestor} ({reason})")
+    return path
+
+
 def make_output_dir(path: str | Path) -> Path:
     """Create ``path`` (and parents) for writing, or one line saying why it cannot be."""
-    path = Path(path)
+    path = check_output_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise BaeError(f"output {path}: exists and is not a directory; choose another --out") from None
-    except NotADirectoryError:
-        raise BaeError(f"output {path}: a part of the path is a file, not a directory") from None
-    except OSError as exc:
+    except OSError as exc:  # a race with another process, or a file system that refuses
         raise BaeError(f"output {path}: cannot create it ({exc.strerror})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        reason = "read-only file system" if is_read_only(path) else "permission denied"
-        raise BaeError(f"output {path}: cannot write there ({reason})")
     return path
 
 
@@ -86,6 +96,8 @@ SYSTEM_ERRNOS = {
     "last complete unit or checkpoint",
     errno.EROFS: "read-only file system; choose a writable --out",
     errno.EACCES: "permission denied",
+    errno.EFBIG: "file larger than this process may write (ulimit -f); raise the limit and re-run the "
+    "same command: it resumes from its last complete unit or checkpoint",
 }
 
 

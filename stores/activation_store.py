@@ -20,6 +20,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from bae.common.configs import config_diff, describe_validation_error
 from bae.common.errors import BaeError
+from bae.common.outputs import check_output_dir
 from bae.common.selection import format_ranges
 from bae.common.urls import first_line, is_local, local_path, url_filesystem
 from bae.stores.chunk_files import ChunkFiles
@@ -117,6 +118,8 @@ class ActivationStore:
         exists with a different layout or config is refused with the differing fields.
         """
         url = os.fspath(url)
+        if is_local(url):
+            check_output_dir(local_path(url))
         if _exists(url):
             try:
                 existing = cls.open(url, mode="r+")

@@ -9,6 +9,7 @@ either the previous checkpoints or the new one complete, never a half-written on
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -49,7 +50,9 @@ def save_checkpoint(
     tmp = temporary_dir(target)
     try:
         model.write_files(tmp)
-        torch.save({**torch_state, "torch_rng": torch.get_rng_state()}, tmp / STATE_PT)
+        buffer = io.BytesIO()  # torch reports a failed file write as a RuntimeError; a plain write
+        torch.save({**torch_state, "torch_rng": torch.get_rng_state()}, buffer)  # gives the OSError
+        (tmp / STATE_PT).write_bytes(buffer.getbuffer())
         (tmp / STATE_JSON).write_text(json.dumps({**json_state, "step": step}) + "\n")
         replace_dir(tmp, target)
     finally:
