@@ -23,6 +23,7 @@ import numcodecs
 import numpy as np
 import pytest
 from bae_testing.entropy import make_known_store, save_bae
+from bae_testing.features import make_text_store, save_autoencoder
 from bae_testing.stores import assert_stores_identical, make_store, synthetic_rows, write_units
 from bae_testing.tiny_models import save_tiny_model
 
@@ -258,7 +259,8 @@ def test_two_identical_runs_write_identical_checkpoints_readable_by_the_team(bae
     assert "rng" not in state
 
 
-def test_sigterm_says_what_was_kept_and_how_to_resume(store, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_says_what_was_kept_and_how_to_resume(store, tmp_path, sig):
     run = tmp_path / "run"
     args = ["train", "-s", str(store), *TRAIN, "--out", str(run)]
     args[args.index("--steps") + 1] = "100000"
@@ -266,10 +268,30 @@ def test_sigterm_says_what_was_kept_and_how_to_resume(store, tmp_path):
     deadline = time.time() + 120
     while not RunFolder.at(run).checkpoint(20).exists() and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert "interrupted by SIGTERM at step" in err and "re-run the same command to resume" in err
+    assert proc.returncode == 128 + sig
+    assert f"interrupted by {sig.name} at step" in err and "re-run the same command to resume" in err
+    step = int(err.split(" at step ")[1].split()[0])
+    assert RunFolder.at(run).checkpoint(step).is_dir()
+
+
+def test_features_contexts_killed_at_seeded_instants_then_rerun_equals_uninterrupted(tmp_path):
+    make_text_store(tmp_path / "s.zarr", None)
+    ckpt = save_autoencoder(tmp_path / "bae", "bae")
+    args = ["features", "contexts", "-s", str(tmp_path / "s.zarr"), "-a", str(ckpt), "--no-progress"]
+    subprocess.run([*BAE, *args, "-o", str(tmp_path / "clean")], env=ENV, check=True, capture_output=True)
+    reference = (tmp_path / "clean" / "contexts.json").read_text()
+    out = tmp_path / "killed"
+    for delay in np.random.default_rng(14).uniform(1.0, 6.0, size=3):
+        proc = subprocess.Popen([*BAE, *args, "-o", str(out)], env=ENV, stderr=subprocess.DEVNULL)
+        time.sleep(float(delay))
+        proc.kill()
+        proc.wait()
+        done = out / "contexts.json"
+        assert not done.exists() or done.read_text() == reference  # whole or absent, never half
+    subprocess.run([*BAE, *args, "-o", str(out)], env=ENV, check=True, capture_output=True)
+    assert (out / "contexts.json").read_text() == reference
 
 
 # ---------------------------------------------------------------- a full disk
