@@ -223,7 +223,9 @@ class ActivationStore:
         """Refuse a store whose arrays disagree with its recorded layout (edited attributes, or a
         damaged or missing array) instead of reading wrong rows."""
         lay = self.layout
-        expected = {name: ((lay.n_rows,), (lay.unit_rows,), dtype) for name, dtype in ROW_ARRAYS.items()}
+        expected: dict[str, tuple[tuple[int, ...], tuple[int, ...], str]] = {
+            name: ((lay.n_rows,), (lay.unit_rows,), dtype) for name, dtype in ROW_ARRAYS.items()
+        }
         expected.update({name: ((lay.n_units,), (1,), dtype) for name, dtype in UNIT_ARRAYS})
         for layer in lay.layers:
             shape = (lay.n_rows, lay.d_model)

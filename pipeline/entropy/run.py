@@ -322,6 +322,7 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
 
 def measure_entropy(config: EntropyConfig, out: Path, show_progress: bool) -> EntropyResult:
     """``run_entropy`` once its output directory is held."""
+    assert config.store is not None  # checked by run_entropy
     store = ActivationStore.open(config.store)
     models = resolve_models(store, config.checkpoints)
     group_key, values = resolve_grouping(store, config.group_by)
