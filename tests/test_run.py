@@ -93,6 +93,10 @@ def test_killed_during_training_resumes_from_cache_and_matches(inputs, tmp_path)
     assert csv_a.replace(str(tmp_path / "ref"), "W") == csv_b.replace(str(work), "W")
     assert (work / "entropy" / "entropy.png").stat().st_size > 0
     assert "entropy plot" in again.stdout
+    evaluate_a = (tmp_path / "ref" / "evaluate" / "evaluate.csv").read_text()
+    evaluate_b = (work / "evaluate" / "evaluate.csv").read_text()
+    assert evaluate_a.replace(str(tmp_path / "ref"), "W") == evaluate_b.replace(str(work), "W")
+    assert "CE recovered" in again.stdout or "ce_recovered" in again.stdout
 
 
 @pytest.mark.parametrize(

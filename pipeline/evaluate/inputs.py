@@ -129,11 +129,13 @@ def harvest_settings(cfg: EvaluateConfig, store: ActivationStore) -> HarvestConf
 
 
 def same_model(recorded: Any, loaded: LoadedModel) -> bool:
-    """Whether a recorded ``{"id", "revision"}`` names the loaded model (True when nothing is recorded)."""
+    """Whether a recorded ``{"id", "revision", "weights"}`` names the loaded model (True when nothing
+    is recorded): by revision, else by weights fingerprint, else by id."""
     if not isinstance(recorded, dict):
         return True
-    if recorded.get("revision") and loaded.revision:
-        return recorded["revision"] == loaded.revision
+    for key in ("revision", "weights"):  # a hub commit or a GGUF digest; a local directory's weights
+        if recorded.get(key) and getattr(loaded, key):
+            return recorded[key] == getattr(loaded, key)
     return recorded.get("id") in (None, loaded.model_id)
 
 
@@ -256,7 +258,7 @@ def prepare(cfg: EvaluateConfig, device: torch.device | str) -> Prepared:
     units = plan_units(list[Window](windows), max(cfg.unit_tokens, longest)).units
     shaping = {
         "version": FORMAT_VERSION,
-        "model": [loaded.model_id, loaded.revision, str(loaded.model.dtype)],
+        "model": [loaded.model_id, loaded.revision, loaded.weights, str(loaded.model.dtype)],
         "harvest": settings.recorded(),
         "corpus": corpus.fingerprint,
         "positions": cfg.positions,

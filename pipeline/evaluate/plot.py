@@ -50,7 +50,8 @@ def plot_recovered(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title(
         "what a reconstruction costs the model" if points else "no checkpoint with a CE loss to plot"
     )
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     atomic_savefig(fig, path)
     plt.close(fig)
     return path

@@ -40,7 +40,14 @@ from bae.pipeline.evaluate.metrics import (
     recovered,
 )
 from bae.pipeline.evaluate.plot import plot_recovered
-from bae.pipeline.evaluate.splice import CleanPass, clean_forward, log_probs, next_token_terms, resume
+from bae.pipeline.evaluate.splice import (
+    CleanPass,
+    Reference,
+    clean_forward,
+    log_probs,
+    next_token_terms,
+    resume,
+)
 from bae.pipeline.harvest.plan import forward_batches
 from bae.pipeline.harvest.windows import Window
 
@@ -181,8 +188,12 @@ class UnitEvaluator:
             with torch.inference_mode():
                 for a in range(0, len(clean_final), LOGIT_ROWS):
                     part = slice(a, a + LOGIT_ROWS)
-                    reference = log_probs(self.model, clean_final[part])
-                    rows.add(("clean", "clean"), next_token_terms(reference, reference, batch.targets[part]))
+                    reference = Reference.of(log_probs(self.model, clean_final[part]))
+                    ce = reference.ce(batch.targets[part])
+                    rows.add(
+                        ("clean", "clean"),
+                        {"ce": ce, "kl": torch.zeros_like(ce), "jsd": torch.zeros_like(ce)},
+                    )
                     for key, final in finals.items():
                         terms = next_token_terms(
                             reference, log_probs(self.model, final[part]), batch.targets[part]
@@ -312,6 +323,7 @@ class EvaluateResult:
     rows: list[dict[str, Any]]
     interrupted: bool
     units_computed: int
+    tokens_per_second: float = math.nan  # of the units this rank computed
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -351,12 +363,13 @@ def run_evaluate(cfg: EvaluateConfig, show_progress: bool = True, quiet: bool = 
     prepared = prepare(cfg, cast(torch.device, state.device))
     jobs = plan_jobs(prepared, cfg)
     done, tokens, seconds, interrupted = compute_pending(prepared, cfg, jobs, state, show_progress)
+    rate = tokens / seconds if done else math.nan
     if interrupted:
-        return EvaluateResult([], True, done)
+        return EvaluateResult([], True, done, rate)
     if state.num_processes > 1:
         state.wait_for_everyone()
     if not state.is_main_process:
-        return EvaluateResult([], False, done)
+        return EvaluateResult([], False, done, rate)
     out = Path(cfg.out)
     units = range(len(prepared.units))
     merged = {job.key: Partial.merge([Partial.load(job.path(out, u)) for u in units]) for job in jobs}
@@ -370,7 +383,7 @@ def run_evaluate(cfg: EvaluateConfig, show_progress: bool = True, quiet: bool = 
         f"{len(prepared.units)} units, measured at {cfg.positions} valid positions",
         "units": f"{done} of {len(prepared.units)} computed now by rank 0 of {state.num_processes}, "
         "the rest reused or computed by other ranks",
-        "speed": f"{human_count(tokens / max(seconds, 1e-9))} tok/s" if done else "nothing computed",
+        "speed": f"{human_count(rate)} tok/s" if done else "nothing computed",
         "FVU": FVU_DEFINITION,
         "table": f"{csv_path}, {parquet_path}",
         "plot": str(plot),
@@ -382,7 +395,7 @@ def run_evaluate(cfg: EvaluateConfig, show_progress: bool = True, quiet: bool = 
     if not quiet:
         print(screen_table(rows))
         print_summary(f"bae evaluate -> {out}", summary)
-    return EvaluateResult(rows, False, done, summary)
+    return EvaluateResult(rows, False, done, rate, summary)
 
 
 def evaluate_command(cfg: EvaluateConfig, show_progress: bool = True) -> int:

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from bae.pipeline.llm.capture import decoder_blocks, final_norm
 
-LOG_2 = float(torch.log(torch.tensor(2.0)))
+TINY = torch.finfo(torch.float32).tiny  # floor of the mixture, so that 0 · log 0 counts as 0
 
 
 @dataclass
@@ -88,15 +88,30 @@ def log_probs(model: PreTrainedModel, final: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(head(final).float(), dim=-1)
 
 
-def next_token_terms(
-    clean: torch.Tensor, other: torch.Tensor, targets: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Per row: CE of ``other`` at ``targets`` (0 where the target is −1), KL(clean ‖ other) and
-    JSD (natural log) of the two next-token distributions, from log-probabilities [R, V]."""
-    has = targets >= 0
-    ce = -other.gather(1, targets.clamp_min(0)[:, None])[:, 0] * has
-    p, q = clean.exp(), other.exp()
-    kl = (p * (clean - other)).sum(-1)
-    middle = torch.logaddexp(clean, other) - LOG_2
-    jsd = 0.5 * ((p * (clean - middle)).sum(-1) + (q * (other - middle)).sum(-1))
-    return {"ce": ce, "kl": kl.clamp_min(0), "jsd": jsd.clamp_min(0)}
+@dataclass
+class Reference:
+    """The clean next-token log-probabilities [R, V] of a block of rows, and their probabilities."""
+
+    logp: torch.Tensor
+    p: torch.Tensor
+
+    @classmethod
+    def of(cls, logp: torch.Tensor) -> Reference:
+        return cls(logp, logp.exp())
+
+    def ce(self, targets: torch.Tensor) -> torch.Tensor:
+        """Per row: CE at ``targets`` (0 where the target is −1)."""
+        return -self.logp.gather(1, targets.clamp_min(0)[:, None])[:, 0] * (targets >= 0)
+
+
+def next_token_terms(clean: Reference, other: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per row: CE of log-probabilities ``other`` [R, V] at ``targets`` (0 where the target is −1),
+    KL(clean ‖ other) and JSD (natural log) of the two next-token distributions.
+
+    Two transcendental passes over the vocabulary per variant (exp of ``other``, log of the mixture);
+    the JSD is summed term by term, so near-equal distributions lose no precision to cancellation."""
+    q = other.exp()
+    kl = (clean.p * (clean.logp - other)).sum(-1)
+    log_m = ((clean.p + q) * 0.5).clamp_min_(TINY).log_()
+    jsd = 0.5 * ((clean.p * (clean.logp - log_m)).sum(-1) + (q * (other - log_m)).sum(-1))
+    return {"ce": Reference(other, q).ce(targets), "kl": kl.clamp_min(0), "jsd": jsd.clamp_min(0)}
