@@ -27,6 +27,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "gamma": 1.0,
         "merge_every": 50,
         "typical_ratio": 10.0,
+        "encoder_scale": True,
     },
     "paper": {
         "standardize": "none",
@@ -36,6 +37,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lambda_covariance": 1e-7,
         "merge_every": 0,
         "typical_ratio": 0.0,
+        "encoder_scale": False,
     },
 }
 ONLY_FOR = {
@@ -54,6 +56,7 @@ class ModelConfig(StrictModel):
     d_model: int
     expansion: int = 4
     encoder_bias: bool = True
+    encoder_scale: bool = False
     decoder_bias: bool = True
     threshold: Literal["gt", "ge"] = "gt"
     estimator: Literal["ste", "sigmoid", "scaled_sigmoid"] = "ste"
@@ -100,6 +103,11 @@ class TrainConfig(RowSelection):
     architecture: Architecture = Field(default="bae", description="the model: bae, or a baseline SAE")
     expansion: int = Field(default=4, ge=1, description="d' / d")
     encoder_bias: bool = Field(default=True, description="bias before the step")
+    encoder_scale: bool | None = Field(
+        default=None,
+        description="the encoder sees every dimension divided by its standard deviation in the training "
+        "space (the reconstruction and its FVU do not) [default: on for normalized, off for paper]",
+    )
     decoder_bias: bool = Field(default=True, description="bias of the reconstruction")
     threshold: Literal["gt", "ge"] = Field(default="gt", description="bit = z > 0 (gt) or z >= 0 (ge)")
     estimator: Literal["ste", "sigmoid", "scaled_sigmoid"] | None = Field(
@@ -242,6 +250,7 @@ class TrainConfig(RowSelection):
         """A checkpoint's recorded config as today's ``recorded()`` would write it: earlier bae
         trained the paper objective with a boolean ``standardize`` and recorded None for defaults."""
         new = {**old}
+        new.setdefault("encoder_scale", False)  # runs recorded before the option had none
         for key in ("positions", "steps"):
             if key in new and new[key] is None:
                 new[key] = cls.model_fields[key].default

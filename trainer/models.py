@@ -107,6 +107,7 @@ class Autoencoder(nn.Module):
     architecture: ClassVar[str]
     input_mean: torch.Tensor  # buffers, registered only when config.standardize
     input_std: torch.Tensor
+    encoder_input_scale: torch.Tensor  # registered only when config.encoder_scale
 
     def __init__(self, config: ModelConfig, provenance: Provenance | None = None):
         super().__init__()
@@ -119,6 +120,8 @@ class Autoencoder(nn.Module):
         if config.standardize:
             self.register_buffer("input_mean", torch.zeros(d))
             self.register_buffer("input_std", torch.ones(d))
+        if config.encoder_scale:
+            self.register_buffer("encoder_input_scale", torch.ones(d))
 
     @staticmethod
     def n_encoder_outputs(config: ModelConfig) -> int:
@@ -136,6 +139,11 @@ class Autoencoder(nn.Module):
             raise ValueError("model was built without standardize=True")
         self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized rows -> what the encoder sees (each dimension divided by its training-space
+        standard deviation under ``encoder_scale``: a preconditioner, the code is unchanged)."""
+        return x / self.encoder_input_scale if self.config.encoder_scale else x
 
     def normalize(self, h: torch.Tensor) -> torch.Tensor:
         """Raw hidden states -> the space the autoencoder works in."""
@@ -166,7 +174,7 @@ class Autoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Codes:
         """Training pass on *normalized* inputs ``x`` [n, d]."""
-        bits, code = self.codes(self.encoder(x))
+        bits, code = self.codes(self.encoder(self.encoder_input(x)))
         return Codes(bits=bits, code=code, recon=self.decoder(code))
 
     # -- analysis API: the one encode path every stage uses -------------------------------------
@@ -177,7 +185,7 @@ class Autoencoder(nn.Module):
 
     def pre_activations(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Raw hidden states -> encoder outputs (input standardization applied)."""
-        return self.encoder(self.normalize(self.as_input(h)))
+        return self.encoder(self.encoder_input(self.normalize(self.as_input(h))))
 
     def bits_of(self, pre: torch.Tensor) -> torch.Tensor:
         """Encoder outputs -> bool code (for SAEs: activation > 0)."""

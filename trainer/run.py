@@ -168,6 +168,10 @@ def initial_state(
         assert scale is not None
         if model.config.standardize:
             model.set_normalization(scale.mean, scale.std)
+        if model.config.encoder_scale:
+            if scale.per_dim_std is None:
+                raise BaeError("encoder_scale needs the data's scale (standardize global or dimension)")
+            model.encoder_input_scale.copy_(scale.per_dim_std)
         state.variance = scale.variance
         if config.target_fvu is not None:
             state.target = FVUTarget.starting_at(config.target_fvu, float(config.beta or 0.0))

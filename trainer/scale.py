@@ -30,6 +30,7 @@ class DataScale:
     std: torch.Tensor
     variance: float
     typical_radius: float | None
+    per_dim_std: torch.Tensor | None = None  # [d] std of the typical normalized rows (encoder_scale)
 
 
 def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> DataScale:
@@ -57,8 +58,13 @@ def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> D
         sq = norm.pow(2).sum(dim=1, dtype=torch.float64)
         radius = typical_ratio * float(sq.quantile(TYPICAL_QUANTILE))
         keep = sq <= radius
-    variance = float(_moments(norm[keep])[1].sum())
-    return DataScale(mean.float(), std.float(), variance, radius)
+    per_norm = _moments(norm[keep])[1]
+    variance = float(per_norm.sum())
+    # a dimension with no variance is left as it is (divided by 1)
+    per_std = torch.where(
+        per_norm > 1e-16 * max(variance, 1e-300), per_norm.sqrt(), torch.ones_like(per_norm)
+    )
+    return DataScale(mean.float(), std.float(), variance, radius, per_std.float())
 
 
 def identity_scale(d: int) -> DataScale:
