@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import dask.array as da
@@ -18,6 +20,7 @@ from pydantic import ValidationError
 from zarr.codecs import Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore
 
+from bae.common.atomic_files import temporary_dir
 from bae.common.configs import config_diff, describe_validation_error
 from bae.common.errors import BaeError
 from bae.common.outputs import check_output_dir
@@ -81,6 +84,25 @@ def model_diff(old: Any, new: Any) -> list[str]:
     ]
 
 
+def _create_by_rename(
+    target: Path, layout: StoreLayout, attrs: Mapping[str, Any], documents: Mapping[str, np.ndarray] | None
+) -> None:
+    """Build a local store in a temporary sibling and rename it into place, so that independent
+    processes starting on one store at once never build it over each other: one rename wins, and
+    the others then open the winner's store (and compare configs) like any existing store."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_dir(target)
+    try:
+        ActivationStore._build(str(tmp), layout, attrs, documents)
+        try:
+            os.rename(tmp, target)
+        except OSError as exc:  # EEXIST/ENOTEMPTY: another process's store got there first
+            if not target.is_dir():
+                raise BaeError(f"store {target}: cannot create it ({exc.strerror})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _exists(url: str) -> bool:
     """Whether a store is at ``url``; a URL whose package is missing or whose endpoint cannot be
     reached is one line, not the file system's traceback."""
@@ -120,6 +142,8 @@ class ActivationStore:
         url = os.fspath(url)
         if is_local(url):
             check_output_dir(local_path(url))
+            if not _exists(url):
+                _create_by_rename(Path(local_path(url)), layout, attrs, documents)
         if _exists(url):
             try:
                 existing = cls.open(url, mode="r+")
@@ -136,6 +160,17 @@ class ActivationStore:
                         "re-run with the same config to resume, or choose a new --out"
                     )
                 return existing
+        return cls._build(url, layout, attrs, documents)
+
+    @classmethod
+    def _build(
+        cls,
+        url: str,
+        layout: StoreLayout,
+        attrs: Mapping[str, Any],
+        documents: Mapping[str, np.ndarray] | None,
+    ) -> ActivationStore:
+        """Make a new store at ``url`` in place; it is marked incomplete until its metadata is in."""
         group = zarr.open_group(_zarr_store(url, read_only=False), mode="w", zarr_format=3)
         group.attrs[INCOMPLETE_ATTR] = True
         rows, unit = layout.n_rows, layout.unit_rows

@@ -72,6 +72,12 @@ class HarvestConfig(StrictModel):
         ge=1,
         description=f"stop after this many input tokens [all; embedded corpus: {DEFAULT_BUILTIN_TOKENS}]",
     )
+    lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="lease on a unit a process computes, so independent processes on one local store "
+        "share its units (renewed while held; a killed process's units are taken over when it expires)",
+    )
 
     @field_validator("positions", mode="before")
     @classmethod
@@ -88,8 +94,9 @@ class HarvestConfig(StrictModel):
 
     def recorded(self) -> dict[str, Any]:
         """The config as recorded in the store and compared on resume: all but the store's own
-        location, so a store that was moved or copied still resumes."""
-        return self.model_dump(mode="json", exclude={"out"})
+        location, so a store that was moved or copied still resumes, and the lease length, which
+        processes sharing the store may set each their own way."""
+        return self.model_dump(mode="json", exclude={"out", "lease_seconds"})
 
     @property
     def uses_builtin(self) -> bool:

@@ -6,9 +6,11 @@ done are skipped, which is all that resuming takes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -30,6 +32,7 @@ from bae.pipeline.harvest.windows import Tokenized, Window, tokenize_corpus
 from bae.pipeline.llm.capture import LayerCapture, check_layers
 from bae.pipeline.llm.load import LoadedModel, load_model, tokenizer_fingerprint
 from bae.stores import ActivationStore, StoreLayout
+from bae.stores.claims import UnitClaims
 
 
 def check_free_space(out: str, needed: int) -> None:
@@ -215,26 +218,74 @@ class Progress:
     clamped: int = 0
     tokens: int = 0
     bytes: int = 0
+    elsewhere: int = 0  # units other processes finished meanwhile (claims)
+
+
+def claimed_units(
+    store: ActivationStore,
+    claims: UnitClaims,
+    stop: StopRequest,
+    elsewhere: Callable[[list[int]], None],
+    poll: float = 1.0,
+) -> Iterator[int]:
+    """Units this process claims, in order, until every unit of the store is done: units under
+    another process's live lease are waited for (and taken over if their lease goes stale).
+    ``elsewhere`` hears of units that other processes finished."""
+    seen = store.done_mask()
+    while not stop.signum:
+        done = store.done_mask()
+        if news := [int(u) for u in np.flatnonzero(done & ~seen)]:
+            elsewhere(news)
+        seen = done
+        if done.all():
+            return
+        claimed = False
+        for unit in map(int, np.flatnonzero(~done)):
+            if stop.signum:
+                return
+            if not claims.try_claim(unit):
+                continue
+            if store.is_done(unit):  # finished by another process since done_mask() was read
+                claims.release(unit)
+                continue
+            claimed = True
+            yield unit
+            seen[unit] = True
+        if not claimed:
+            time.sleep(poll)
 
 
 def write_pending(
-    cfg: HarvestConfig, prepared: Prepared, store: ActivationStore, pending: list[int], bar: Any
+    cfg: HarvestConfig,
+    prepared: Prepared,
+    store: ActivationStore,
+    pending: list[int],
+    bar: Any,
+    claims: UnitClaims | None = None,
 ) -> tuple[Progress, bool]:
-    """Write ``pending`` units in order until done or a stop signal; (progress, interrupted)."""
+    """Write units until done or a stop signal; (progress, interrupted). Without ``claims`` the units
+    are ``pending`` (a torchrun rank's static share); with them, whatever this process claims."""
     done = Progress()
     with LayerCapture(prepared.loaded.model, prepared.layers) as capture, StopRequest() as stop, bar:
         writer = UnitWriter(store, prepared.plan, capture, prepared.loaded, cfg)
-        for unit in pending:
-            if stop.signum:
+
+        def finished_elsewhere(units: list[int]) -> None:
+            done.elsewhere += len(units)
+            bar.update(sum(prepared.plan.unit_tokens(u) for u in units))
+
+        units = iter(pending) if claims is None else claimed_units(store, claims, stop, finished_elsewhere)
+        for unit in units:
+            if stop.signum and claims is None:
                 break
-            done.clamped += writer.write(unit)
+            with claims.holding(unit) if claims is not None else contextlib.nullcontext():
+                done.clamped += writer.write(unit)
             start, end = store.unit_range(unit)
             done.written += 1
             done.tokens += prepared.plan.unit_tokens(unit)
             done.bytes += (end - start) * prepared.layout.bytes_per_row
             bar.update(prepared.plan.unit_tokens(unit))
             bar.set_postfix_str(f"{human_bytes(done.bytes)} written", refresh=False)
-    return done, bool(stop.signum) and done.written < len(pending)
+    return done, bool(stop.signum) and not store.done_mask()[pending].all()
 
 
 def harvest_summary(
@@ -253,7 +304,7 @@ def harvest_summary(
         f"{corpus.n_replaced} bytes replaced)",
         "rows": f"{human_count(store.n_rows)} in {store.n_units} units of {store.unit_rows}",
         "units": f"{done.written} written now, {counts['skipped']} were done, "
-        f"{int(store.done_mask().sum())}/{store.n_units} done",
+        f"{done.elsewhere} written by other processes, {int(store.done_mask().sum())}/{store.n_units} done",
         "tokens": f"{human_count(done.tokens)} in {seconds:.1f} s "
         f"({human_count(done.tokens / max(seconds, 1e-9))} tok/s)",
         "written": human_bytes(done.bytes),
@@ -275,6 +326,10 @@ def run_harvest(cfg: HarvestConfig, show_progress: bool = True) -> HarvestResult
     done_mask = store.done_mask()
     mine = [u for u in range(store.n_units) if u % state.num_processes == state.process_index]
     pending = [u for u in mine if not done_mask[u]]
+    # independent processes (not torchrun ranks) on a local store share its units by leases
+    claims = None
+    if state.num_processes == 1 and is_local(cfg.out):
+        claims = UnitClaims(Path(local_path(cfg.out)), cfg.lease_seconds)
     bar = progress(
         sum(prepared.plan.unit_tokens(u) for u in pending),
         f"harvest rank {state.process_index}" if state.num_processes > 1 else "harvest",
@@ -282,7 +337,7 @@ def run_harvest(cfg: HarvestConfig, show_progress: bool = True) -> HarvestResult
         disable=not show_progress or not state.is_main_process,
     )
     t0 = time.perf_counter()
-    done, interrupted = write_pending(cfg, prepared, store, pending, bar)
+    done, interrupted = write_pending(cfg, prepared, store, pending, bar, claims)
     seconds = time.perf_counter() - t0
     if not interrupted and state.num_processes > 1:
         state.wait_for_everyone()

@@ -1,0 +1,116 @@
+"""Leases on a store's units, so that independent processes (a Slurm array, a Kubernetes Indexed
+Job, spot instances: no rendezvous, no coordinator) share one store's work.
+
+A process claims a unit before computing it by creating ``.<store>.claims/unit-NNNNNNNN.json``
+beside the store (outside its Zarr hierarchy) with ``O_CREAT | O_EXCL`` (atomic on local file
+systems and on NFS v3+), holding its owner and an expiry time; a background thread renews the
+lease while the unit is computed, and the file is removed once the unit is recorded done. A lease
+past its expiry (a killed or preempted owner), or one whose owner is a dead process on this host,
+is taken over by replacing the file and reading it back. Claims only divide the work: the store's
+``units/done`` flags stay the single record of completion, and a unit's bytes do not depend on
+who computes it, so the rare race of two processes taking over one stale lease at the same
+instant costs a duplicated unit, never a different store. Requires clocks that agree to well
+within the lease (NTP). Stores behind URLs are not claimed (object stores have no exclusive
+create that every fsspec backend offers): processes there split nothing, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bae.common.atomic_files import atomic_write_json
+
+
+def claims_dir(store: Path) -> Path:
+    """Where the leases on the units of the store at ``store`` live: a hidden sibling directory."""
+    return store.parent / f".{store.name}.claims"
+
+
+class UnitClaims:
+    """This process's leases on the units of the store at ``store`` (a local directory)."""
+
+    def __init__(self, store: Path, lease_seconds: float):
+        self.dir = claims_dir(store)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lease_seconds = lease_seconds
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.owner = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
+
+    def path(self, unit: int) -> Path:
+        return self.dir / f"unit-{unit:08d}.json"
+
+    def _lease(self) -> dict[str, Any]:
+        return {"owner": self.owner, "expires": time.time() + self.lease_seconds}
+
+    def read(self, unit: int) -> dict[str, Any] | None:
+        """The lease on ``unit`` (None: unclaimed, or a file caught mid-replace)."""
+        try:
+            return json.loads(self.path(unit).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def is_stale(self, lease: dict[str, Any]) -> bool:
+        """Expired, or held by a process of this host that no longer runs."""
+        if float(lease.get("expires", 0.0)) < time.time():
+            return True
+        host, _, rest = str(lease.get("owner", "")).partition(":")
+        pid = rest.partition(":")[0]
+        if host != self.host or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    def try_claim(self, unit: int) -> bool:
+        """Claim ``unit`` if nobody holds a live lease on it."""
+        try:
+            fd = os.open(self.path(unit), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            lease = self.read(unit)
+            if lease is None or not self.is_stale(lease):
+                return False
+            atomic_write_json(self.path(unit), self._lease())  # take over; the last writer wins
+            lease = self.read(unit)
+            return lease is not None and lease.get("owner") == self.owner
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._lease(), f)
+        return True
+
+    def release(self, unit: int) -> None:
+        """Drop this process's lease on ``unit`` (after the unit is recorded done, or on a stop)."""
+        lease = self.read(unit)
+        if lease is not None and lease.get("owner") == self.owner:
+            self.path(unit).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def holding(self, unit: int) -> Iterator[None]:
+        """Keep the lease on a claimed ``unit`` renewed until the block ends, then release it."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.lease_seconds / 3):
+                lease = self.read(unit)
+                if lease is not None and lease.get("owner") == self.owner:
+                    atomic_write_json(self.path(unit), self._lease())
+
+        thread = threading.Thread(target=renew, name=f"bae-lease-{unit}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.release(unit)
