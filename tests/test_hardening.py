@@ -440,3 +440,7 @@ def test_the_slurm_script_finds_its_configs_when_run_from_the_spool(tmp_path):
     subprocess.run(["bash", str(spool / "slurm_script")], env=env, check=True, cwd=tmp_path, timeout=60)
     calls = log.read_text().splitlines()
     assert len(calls) == 3 and all(f"{REPO}/docker/configs/cluster:/config:ro" in c for c in calls)
+    assert (
+        "harvest" in calls[0] and "--layers 6,12,18,24" in calls[0] and "/data/stores/acts.zarr" in calls[0]
+    )
+    assert "--layer 6" in calls[1] and "/data/checkpoints/L6" in calls[1]
