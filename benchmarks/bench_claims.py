@@ -36,7 +36,7 @@ def run(n: int, args: argparse.Namespace, root: Path) -> tuple[float, list[int]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Independent harvests sharing one store.")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--processes", default="1,2,3")
     parser.add_argument("--layers", default="6,15")
