@@ -23,11 +23,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bae.common.atomic_files import atomic_write_json
+from bae.common.signals import StopRequest
+
+LEASE_SECONDS = 60.0  # default lease: renewed every third of it while held
 
 
 def claims_dir(store: Path) -> Path:
@@ -114,3 +119,39 @@ class UnitClaims:
             stop.set()
             thread.join()
             self.release(unit)
+
+
+def claimed_units(
+    claims: UnitClaims,
+    done_mask: Callable[[], np.ndarray],
+    is_done: Callable[[int], bool],
+    stop: StopRequest,
+    elsewhere: Callable[[list[int]], None],
+    poll: float = 1.0,
+) -> Iterator[int]:
+    """Units this process claims, in order, until ``done_mask()`` is all true: units under another
+    process's live lease are waited for (and taken over if their lease goes stale). ``elsewhere``
+    hears of units that other processes finished; the caller computes each unit yielded inside
+    ``claims.holding(unit)``."""
+    seen = done_mask()
+    while not stop.signum:
+        done = done_mask()
+        if news := [int(u) for u in np.flatnonzero(done & ~seen)]:
+            elsewhere(news)
+        seen = done
+        if done.all():
+            return
+        claimed = False
+        for unit in map(int, np.flatnonzero(~done)):
+            if stop.signum:
+                return
+            if not claims.try_claim(unit):
+                continue
+            if is_done(unit):  # finished by another process since done_mask() was read
+                claims.release(unit)
+                continue
+            claimed = True
+            yield unit
+            seen[unit] = True
+        if not claimed:
+            time.sleep(poll)

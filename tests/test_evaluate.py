@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -277,6 +278,32 @@ def test_torchrun_two_processes_equal_single(env, tmp_path):
     assert (tmp_path / "two" / "evaluate.csv").read_bytes() == (
         env["root"] / "single" / "evaluate.csv"
     ).read_bytes()
+
+
+def test_independent_processes_share_the_units(env, tmp_path):
+    evaluate(env, ["bae", "topk"], "single")
+    args = ["--checkpoint", str(env["ckpt"]["bae"]), "--checkpoint", str(env["ckpt"]["topk"])]
+    for key, value in FAST.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bae.cli",
+        "evaluate",
+        *args,
+        "-o",
+        str(tmp_path / "shared"),
+        "--no-progress",
+    ]
+    env_vars = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env_vars) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    computed = [int(re.search(r"units\s+(\d+) of (\d+) computed now", o).group(1)) for o in outs]  # type: ignore[union-attr]
+    total = int(re.search(r"units\s+\d+ of (\d+)", outs[0]).group(1))  # type: ignore[union-attr]
+    assert sum(computed) == total  # every unit computed once, by one of the two
+    single = (env["root"] / "single" / "evaluate.csv").read_bytes()
+    assert (tmp_path / "shared" / "evaluate.csv").read_bytes() == single
 
 
 def test_bad_input_is_one_line(env, tmp_path):

@@ -1,15 +1,18 @@
 """``bae evaluate``: run the LLM over held-out documents with each checkpoint's reconstruction spliced in
 at its layer, and with the layer zeroed or set to its mean, and report what that costs (docs/evaluate.md).
 
-Work is cut into units of whole windows; rank ``r`` of ``W`` (``torchrun``) takes units ``u % W == r``.
+Work is cut into units of whole windows; rank ``r`` of ``W`` (``torchrun``) takes units ``u % W == r``,
+and independent processes on one ``--out`` share them by leases (``bae.stores.claims``).
 A unit's result is one small file per job — the layer's ablations (once per layer and documents, for
 any checkpoint), or one checkpoint spliced in — written atomically under ``<out>/partials/<job>/``, a
 directory named by a hash of everything that decides it: a killed run, re-run, computes only the
-missing files, and a new checkpoint reuses the ablations. Rank 0 merges the files into the table.
+missing files, and a new checkpoint reuses the ablations. Rank 0 (every independent process, once all
+units are done) merges the files into the table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -50,6 +53,7 @@ from bae.pipeline.evaluate.splice import (
 )
 from bae.pipeline.harvest.plan import forward_batches
 from bae.pipeline.harvest.windows import Window
+from bae.stores.claims import LEASE_SECONDS, UnitClaims, claimed_units
 
 LOGIT_ROWS = 512  # rows whose [rows, vocabulary] log-probabilities are held at once
 ABLATIONS = ("zero", "mean")
@@ -330,28 +334,46 @@ class EvaluateResult:
 def compute_pending(
     prepared: Prepared, cfg: EvaluateConfig, jobs: list[Job], state: PartialState, show_progress: bool
 ) -> tuple[int, int, float, bool]:
-    """This rank's units with a missing job file: (units computed, tokens, seconds, interrupted)."""
+    """This rank's units with a missing job file: (units computed, tokens, seconds, interrupted).
+    Independent processes (not torchrun ranks) on one ``--out`` share the units by leases."""
     out = Path(cfg.out)
+
+    def missing(unit: int) -> list[Job]:
+        return [j for j in jobs if not j.path(out, unit).is_file()]
+
+    def done_mask() -> np.ndarray:
+        return np.array([not missing(u) for u in range(len(prepared.units))], dtype=bool)
+
     mine = range(state.process_index, len(prepared.units), state.num_processes)
-    todo = {u: [j for j in jobs if not j.path(out, u).is_file()] for u in mine}
-    pending = [u for u, missing in todo.items() if missing]
+    pending = [u for u in mine if missing(u)]
     bar = progress(
         sum(prepared.unit_tokens(u) for u in pending),
         f"evaluate rank {state.process_index}" if state.num_processes > 1 else "evaluate",
         unit="tok",
         disable=not show_progress or not state.is_main_process,
     )
+    claims = UnitClaims(out / "partials", LEASE_SECONDS) if state.num_processes == 1 else None
     evaluator = UnitEvaluator(prepared, cfg)
     done, tokens, began = 0, 0, time.perf_counter()
     with StopRequest() as stop, bar:
-        for unit in pending:
-            if stop.signum:
+
+        def elsewhere(units: list[int]) -> None:
+            bar.update(sum(prepared.unit_tokens(u) for u in units))
+
+        units = (
+            iter(pending)
+            if claims is None
+            else claimed_units(claims, done_mask, lambda u: not missing(u), stop, elsewhere)
+        )
+        for unit in units:
+            if stop.signum and claims is None:
                 break
-            for job, partial in evaluator.run(unit, todo[unit]).items():
-                partial.save(job.path(out, unit))
+            with claims.holding(unit) if claims is not None else contextlib.nullcontext():
+                for job, partial in evaluator.run(unit, missing(unit)).items():
+                    partial.save(job.path(out, unit))
             done, tokens = done + 1, tokens + prepared.unit_tokens(unit)
             bar.update(prepared.unit_tokens(unit))
-    return done, tokens, time.perf_counter() - began, bool(stop.signum) and done < len(pending)
+    return done, tokens, time.perf_counter() - began, bool(stop.signum) and any(missing(u) for u in pending)
 
 
 def run_evaluate(cfg: EvaluateConfig, show_progress: bool = True, quiet: bool = False) -> EvaluateResult:

@@ -11,6 +11,7 @@ from bae.common.configs import StrictModel, comma_list
 from bae.common.errors import BaeError
 from bae.common.selection import PositionChoice, parse_positions
 from bae.pipeline.harvest.corpus import BUILTIN
+from bae.stores.claims import LEASE_SECONDS
 
 DEFAULT_BUILTIN_TOKENS = 65_536
 ROWS_PER_UNIT_TARGET = 4096
@@ -73,7 +74,7 @@ class HarvestConfig(StrictModel):
         description=f"stop after this many input tokens [all; embedded corpus: {DEFAULT_BUILTIN_TOKENS}]",
     )
     lease_seconds: float = Field(
-        default=60.0,
+        default=LEASE_SECONDS,
         gt=0,
         description="lease on a unit a process computes, so independent processes on one local store "
         "share its units (renewed while held; a killed process's units are taken over when it expires)",

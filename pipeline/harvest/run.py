@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -32,7 +31,7 @@ from bae.pipeline.harvest.windows import Tokenized, Window, tokenize_corpus
 from bae.pipeline.llm.capture import LayerCapture, check_layers
 from bae.pipeline.llm.load import LoadedModel, load_model, tokenizer_fingerprint
 from bae.stores import ActivationStore, StoreLayout
-from bae.stores.claims import UnitClaims
+from bae.stores.claims import UnitClaims, claimed_units
 
 
 def check_free_space(out: str, needed: int) -> None:
@@ -221,40 +220,6 @@ class Progress:
     elsewhere: int = 0  # units other processes finished meanwhile (claims)
 
 
-def claimed_units(
-    store: ActivationStore,
-    claims: UnitClaims,
-    stop: StopRequest,
-    elsewhere: Callable[[list[int]], None],
-    poll: float = 1.0,
-) -> Iterator[int]:
-    """Units this process claims, in order, until every unit of the store is done: units under
-    another process's live lease are waited for (and taken over if their lease goes stale).
-    ``elsewhere`` hears of units that other processes finished."""
-    seen = store.done_mask()
-    while not stop.signum:
-        done = store.done_mask()
-        if news := [int(u) for u in np.flatnonzero(done & ~seen)]:
-            elsewhere(news)
-        seen = done
-        if done.all():
-            return
-        claimed = False
-        for unit in map(int, np.flatnonzero(~done)):
-            if stop.signum:
-                return
-            if not claims.try_claim(unit):
-                continue
-            if store.is_done(unit):  # finished by another process since done_mask() was read
-                claims.release(unit)
-                continue
-            claimed = True
-            yield unit
-            seen[unit] = True
-        if not claimed:
-            time.sleep(poll)
-
-
 def write_pending(
     cfg: HarvestConfig,
     prepared: Prepared,
@@ -273,7 +238,11 @@ def write_pending(
             done.elsewhere += len(units)
             bar.update(sum(prepared.plan.unit_tokens(u) for u in units))
 
-        units = iter(pending) if claims is None else claimed_units(store, claims, stop, finished_elsewhere)
+        units = (
+            iter(pending)
+            if claims is None
+            else claimed_units(claims, store.done_mask, store.is_done, stop, finished_elsewhere)
+        )
         for unit in units:
             if stop.signum and claims is None:
                 break
