@@ -244,7 +244,7 @@ def run_pipeline_command(
     ] = None,
     workdir: Annotated[str | None, typer.Option(help="Where outputs go [runs/default].")] = None,
 ) -> None:
-    """Run harvest -> train -> entropy from one pipeline file, each stage resuming from its output."""
+    """Run harvest -> train -> entropy -> evaluate from one pipeline file, each stage resuming."""
     from bae.pipeline.run import PipelineConfig, run_pipeline
 
     run_pipeline(load_config(PipelineConfig, pipeline, {"workdir": workdir}))
