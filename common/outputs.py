@@ -110,6 +110,7 @@ def describe_os_error(exc: OSError) -> str | None:
 
 
 LOCK_FILE = ".lock"
+UNLOCKABLE = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # no flock on this file system
 
 
 @contextlib.contextmanager
@@ -121,12 +122,18 @@ def exclusive_output(path: Path, command: str) -> Iterator[Path]:
     with open(path / LOCK_FILE, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             raise BaeError(
                 f"output {path} is in use by another `{command}` (it holds {path / LOCK_FILE}); "
                 "wait for it to finish or choose another --out"
             ) from None
+        except OSError as exc:
+            if exc.errno not in UNLOCKABLE:
+                raise
+            locked = False  # a file system without locks (some network mounts): run unguarded
         try:
             yield path
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
