@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from bae.common.errors import BaeError
+from bae.common.errors import BaeError, first_line
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -41,8 +41,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             raise BaeError(f"config file {path}: unknown suffix {suffix!r}, expected .yaml, .toml or .json")
     except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise BaeError(f"config file {path}: cannot parse: {first}") from exc
+        raise BaeError(f"config file {path}: cannot parse: {first_line(exc)}") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -47,9 +47,3 @@ def url_filesystem(url: str) -> tuple[Any, str]:
         raise BaeError(f"{url}: {exc} (pip install it next to bae)") from None
     except ValueError as exc:  # an unknown protocol
         raise BaeError(f"{url}: {exc}") from None
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as ``Type: first line of its message`` (for one-line errors)."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"

@@ -22,10 +22,10 @@ from zarr.storage import FsspecStore, LocalStore
 
 from bae.common.atomic_files import temporary_dir
 from bae.common.configs import config_diff, describe_validation_error
-from bae.common.errors import BaeError
+from bae.common.errors import BaeError, first_line
 from bae.common.outputs import check_output_dir
 from bae.common.selection import format_ranges
-from bae.common.urls import first_line, is_local, local_path, url_filesystem
+from bae.common.urls import is_local, local_path, url_filesystem
 from bae.stores.chunk_files import ChunkFiles
 from bae.stores.layout import (
     LAYER_CONVENTION,
@@ -111,7 +111,7 @@ def _exists(url: str) -> bool:
         try:
             return fs.exists(path)
         except Exception as exc:  # each fsspec backend raises its own network and auth errors
-            raise BaeError(f"store {url}: cannot reach it ({first_line(exc)})") from exc
+            raise BaeError(f"store {url}: cannot reach it ({type(exc).__name__}: {first_line(exc)})") from exc
     return os.path.exists(local_path(url))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bae.common.atomic_files import temporary_dir
-from bae.common.errors import BaeError
+from bae.common.errors import BaeError, first_line
 from bae.trainer.models import Autoencoder, replace_dir
 from bae.trainer.run_folder import RunFolder
 
@@ -68,7 +68,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         json_state = json.loads((path / STATE_JSON).read_text())
         torch_state = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
     except (OSError, json.JSONDecodeError, RuntimeError) as exc:
-        raise BaeError(f"checkpoint {path}: unreadable ({exc})".splitlines()[0]) from exc
+        raise BaeError(f"checkpoint {path}: unreadable ({first_line(exc)})") from exc
     return json_state, torch_state
 
 

