@@ -71,10 +71,9 @@ def is_read_only(path: Path) -> bool:
     return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
-def sweep_temporaries(directories: Iterable[Path]) -> list[Path]:
+def sweep_temporaries(directories: Iterable[Path]) -> None:
     """Remove what a killed write left in ``directories`` (temporary files and directories, and
-    directories moved aside for replacement); returns what was removed."""
-    removed = []
+    directories moved aside for replacement)."""
     for directory in directories:
         if not directory.is_dir():
             continue
@@ -84,8 +83,6 @@ def sweep_temporaries(directories: Iterable[Path]) -> list[Path]:
                     shutil.rmtree(stray, ignore_errors=True)
                 else:
                     stray.unlink(missing_ok=True)
-                removed.append(stray)
-    return removed
 
 
 # errors of the machine rather than of the program: reported in one line, not as a traceback

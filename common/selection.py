@@ -39,6 +39,11 @@ def parse_positions(value: Any, allow_last: bool = True) -> PositionChoice:
     return items
 
 
+def parse_ranges(text: str) -> list[int]:
+    """``"0-2,5"`` -> ``[0, 1, 2, 5]``: what ``format_ranges`` writes (unit lists in records)."""
+    return _ranges(text, text.replace(" ", ""), allow_last=False)
+
+
 def _expected(allow_last: bool) -> str:
     return f"expected all{', last' if allow_last else ''}, or integers and ranges such as 0-63,80"
 

@@ -15,7 +15,7 @@ from bae.common.configs import require_same_config
 from bae.common.console import human_count, print_summary
 from bae.common.errors import BaeError
 from bae.common.outputs import exclusive_output, sweep_temporaries
-from bae.common.selection import format_ranges, parse_positions
+from bae.common.selection import format_ranges, parse_ranges
 from bae.common.stats import FVU_DEFINITION
 from bae.stores import ActivationStore, RowFilter, StoreSampler
 from bae.trainer.checkpoints import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -84,7 +84,8 @@ def open_samplers(
 
 def estimate_data_scale(config: TrainConfig, sampler: StoreSampler, d: int) -> DataScale:
     """The data's scale (``bae.trainer.scale``) from the first ``standardize_rows`` eligible rows."""
-    if config.objective == "paper" and config.standardize == "none" and not config.typical_ratio:
+    needs_data = config.standardize != "none" or config.typical_ratio or config.encoder_scale
+    if config.objective == "paper" and not needs_data:
         return identity_scale(d)
     rows, n = [], 0
     for x, _ in sampler.iter_epoch_once():
@@ -142,7 +143,7 @@ def training_units(
     recorded = resumed[0].get("units") if resumed is not None else None
     if recorded is None:
         return store.complete_units(config.allow_partial)
-    units = np.asarray(parse_positions(recorded, allow_last=False), dtype=np.int64)
+    units = np.asarray(parse_ranges(recorded), dtype=np.int64)
     if not store.done_mask()[units].all():
         raise BaeError(f"store {config.store} no longer holds all units {recorded} this run was trained on")
     return units
@@ -169,8 +170,6 @@ def initial_state(
         if model.config.standardize:
             model.set_normalization(scale.mean, scale.std)
         if model.config.encoder_scale:
-            if scale.per_dim_std is None:
-                raise BaeError("encoder_scale needs the data's scale (standardize global or dimension)")
             model.encoder_input_scale.copy_(scale.per_dim_std)
         state.variance = scale.variance
         if config.target_fvu is not None:

@@ -30,7 +30,7 @@ class DataScale:
     std: torch.Tensor
     variance: float
     typical_radius: float | None
-    per_dim_std: torch.Tensor | None = None  # [d] std of the typical normalized rows (encoder_scale)
+    per_dim_std: torch.Tensor  # [d] std of the typical normalized rows (what --encoder-scale divides by)
 
 
 def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> DataScale:
@@ -46,7 +46,7 @@ def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> D
     if standardize == "global":
         std = torch.full((d,), float(per_dim.sum() / d) ** 0.5, dtype=torch.float64)
     elif standardize == "dimension":
-        std = torch.where(per_dim > 1e-16, per_dim.sqrt(), torch.ones_like(per_dim))
+        std = std_or_one(per_dim, 1e-16)
     else:
         mean, std = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
     if float(std.min()) <= 1e-8:
@@ -60,16 +60,19 @@ def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> D
         keep = sq <= radius
     per_norm = _moments(norm[keep])[1]
     variance = float(per_norm.sum())
-    # a dimension with no variance is left as it is (divided by 1)
-    per_std = torch.where(
-        per_norm > 1e-16 * max(variance, 1e-300), per_norm.sqrt(), torch.ones_like(per_norm)
-    )
+    per_std = std_or_one(per_norm, 1e-16 * max(variance, 1e-300))
     return DataScale(mean.float(), std.float(), variance, radius, per_std.float())
+
+
+def std_or_one(variance: torch.Tensor, floor: float) -> torch.Tensor:
+    """Per-dimension standard deviations, 1 where the variance is at most ``floor`` (a dimension
+    without variance is left as it is)."""
+    return torch.where(variance > floor, variance.sqrt(), torch.ones_like(variance))
 
 
 def identity_scale(d: int) -> DataScale:
     """No scaling, every row typical (the paper objective on raw states needs no data pass)."""
-    return DataScale(torch.zeros(d), torch.ones(d), 1.0, None)
+    return DataScale(torch.zeros(d), torch.ones(d), 1.0, None, torch.ones(d))
 
 
 def _moments(x: torch.Tensor, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:

@@ -297,7 +297,7 @@ def run_harvest(cfg: HarvestConfig, show_progress: bool = True) -> HarvestResult
     pending = [u for u in mine if not done_mask[u]]
     # independent processes (not torchrun ranks) on a local store share its units by leases
     claims = None
-    if state.num_processes == 1 and is_local(cfg.out):
+    if pending and state.num_processes == 1 and is_local(cfg.out):
         claims = UnitClaims(Path(local_path(cfg.out)), cfg.lease_seconds)
     bar = progress(
         sum(prepared.plan.unit_tokens(u) for u in pending),
