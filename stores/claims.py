@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +155,25 @@ def claimed_units(
             seen[unit] = True
         if not claimed:
             time.sleep(poll)
+
+
+def units_to_compute(
+    pending: list[int],
+    claims: UnitClaims | None,
+    done_mask: Callable[[], np.ndarray],
+    is_done: Callable[[int], bool],
+    stop: StopRequest,
+    elsewhere: Callable[[list[int]], None],
+) -> Generator[int, None, None]:
+    """The units this process computes, until a stop signal: ``pending`` in order (a torchrun
+    rank's static share) without ``claims``; with them, the units it claims, each held under a
+    renewed lease while the caller computes it and released when the caller asks for the next."""
+    if claims is None:
+        for unit in pending:
+            if stop.signum:
+                return
+            yield unit
+        return
+    for unit in claimed_units(claims, done_mask, is_done, stop, elsewhere):
+        with claims.holding(unit):
+            yield unit

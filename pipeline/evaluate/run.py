@@ -53,7 +53,7 @@ from bae.pipeline.evaluate.splice import (
 )
 from bae.pipeline.harvest.plan import forward_batches
 from bae.pipeline.harvest.windows import Window
-from bae.stores.claims import LEASE_SECONDS, UnitClaims, claimed_units
+from bae.stores.claims import LEASE_SECONDS, UnitClaims, units_to_compute
 
 LOGIT_ROWS = 512  # rows whose [rows, vocabulary] log-probabilities are held at once
 ABLATIONS = ("zero", "mean")
@@ -360,19 +360,13 @@ def compute_pending(
         def elsewhere(units: list[int]) -> None:
             bar.update(sum(prepared.unit_tokens(u) for u in units))
 
-        units = (
-            iter(pending)
-            if claims is None
-            else claimed_units(claims, done_mask, lambda u: not missing(u), stop, elsewhere)
-        )
-        for unit in units:
-            if stop.signum and claims is None:
-                break
-            with claims.holding(unit) if claims is not None else contextlib.nullcontext():
+        units = units_to_compute(pending, claims, done_mask, lambda u: not missing(u), stop, elsewhere)
+        with contextlib.closing(units):  # closed on an error too: the held lease is released
+            for unit in units:
                 for job, partial in evaluator.run(unit, missing(unit)).items():
                     partial.save(job.path(out, unit))
-            done, tokens = done + 1, tokens + prepared.unit_tokens(unit)
-            bar.update(prepared.unit_tokens(unit))
+                done, tokens = done + 1, tokens + prepared.unit_tokens(unit)
+                bar.update(prepared.unit_tokens(unit))
     return done, tokens, time.perf_counter() - began, bool(stop.signum) and any(missing(u) for u in pending)
 
 

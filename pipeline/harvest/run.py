@@ -31,7 +31,7 @@ from bae.pipeline.harvest.windows import Tokenized, Window, tokenize_corpus
 from bae.pipeline.llm.capture import LayerCapture, check_layers
 from bae.pipeline.llm.load import LoadedModel, load_model, tokenizer_fingerprint
 from bae.stores import ActivationStore, StoreLayout
-from bae.stores.claims import UnitClaims, claimed_units
+from bae.stores.claims import UnitClaims, units_to_compute
 
 
 def check_free_space(out: str, needed: int) -> None:
@@ -238,22 +238,16 @@ def write_pending(
             done.elsewhere += len(units)
             bar.update(sum(prepared.plan.unit_tokens(u) for u in units))
 
-        units = (
-            iter(pending)
-            if claims is None
-            else claimed_units(claims, store.done_mask, store.is_done, stop, finished_elsewhere)
-        )
-        for unit in units:
-            if stop.signum and claims is None:
-                break
-            with claims.holding(unit) if claims is not None else contextlib.nullcontext():
+        units = units_to_compute(pending, claims, store.done_mask, store.is_done, stop, finished_elsewhere)
+        with contextlib.closing(units):  # closed on an error too: the held lease is released
+            for unit in units:
                 done.clamped += writer.write(unit)
-            start, end = store.unit_range(unit)
-            done.written += 1
-            done.tokens += prepared.plan.unit_tokens(unit)
-            done.bytes += (end - start) * prepared.layout.bytes_per_row
-            bar.update(prepared.plan.unit_tokens(unit))
-            bar.set_postfix_str(f"{human_bytes(done.bytes)} written", refresh=False)
+                start, end = store.unit_range(unit)
+                done.written += 1
+                done.tokens += prepared.plan.unit_tokens(unit)
+                done.bytes += (end - start) * prepared.layout.bytes_per_row
+                bar.update(prepared.plan.unit_tokens(unit))
+                bar.set_postfix_str(f"{human_bytes(done.bytes)} written", refresh=False)
     return done, bool(stop.signum) and not store.done_mask()[pending].all()
 
 
