@@ -46,8 +46,13 @@ features_app = typer.Typer(
     help="Dense/dead features, top contexts, ComSem interpretation, and BAE vs SAE comparison.",
     no_args_is_help=True,
 )
+export_app = typer.Typer(
+    help="Write a checkpoint or its features in another tool's format (SAELens, sparsify, dashboards).",
+    no_args_is_help=True,
+)
 app.add_typer(store_app, name="store")
 app.add_typer(features_app, name="features")
+app.add_typer(export_app, name="export")
 
 
 def _harvest(config: HarvestConfig, show_progress: bool) -> int:
