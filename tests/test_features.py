@@ -178,13 +178,16 @@ def test_report_html_highlights_the_token_and_escapes_text(env):
     tmp, _, checkpoints = env
     result = run_contexts(_config(tmp, checkpoints["topk_sae"], "ctx-report"), False, quiet=True)
     assert result["decoded"] is True
-    html = (tmp / "ctx-report" / "report.html").read_text()
     record = next(f for f in result["features"] if f["contexts"])
+    pages = [
+        (tmp / "ctx-report" / "report" / f"f{f['feature']}.html").read_text() for f in result["features"]
+    ]
+    html = (tmp / "ctx-report" / "report.html").read_text() + "".join(pages)
     top = record["contexts"][0]
     import html as html_lib
 
     expected = f"{html_lib.escape(top['before'])}<mark>{html_lib.escape(top['token'])}</mark>"
-    assert expected in html
+    assert expected in pages[record["feature"]]
     texts = " ".join(c["before"] + c["token"] + c["after"] for f in result["features"] for c in f["contexts"])
     assert "capital" in texts or "Python" in texts or "Moon" in texts  # real words, decoded
     if "<sea" in texts:

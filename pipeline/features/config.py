@@ -105,7 +105,6 @@ class FeaturesConfig(SplitSelection):
     z_score: bool = Field(default=False, description="SAE scores: activation z-scored per feature")
     seed: int = Field(default=0, ge=0, description="tie-breaking and sampling seed")
     tokenizer: str | None = Field(default=None, description="tokenizer to decode with [the store's model]")
-    report_max_features: int = Field(default=2000, ge=1, description="features listed in report.html")
     interpret: InterpretConfig = Field(default_factory=InterpretConfig)
 
     @field_validator("dense_thresholds")

@@ -2,7 +2,11 @@
 
 Scores (docs/method.md): a BAE bit scores ``|h1 − p̄|`` (its rarer state scores higher), an SAE
 feature its activation, optionally z-scored per feature. A (token, feature) pair is *eligible* when
-the score is positive (for an SAE: when the feature fires). Ties are broken by a seeded random key
+the score is positive (for an SAE: when the feature fires); tokens are assigned to features by this
+score. Contexts are *ranked* by it too for an SAE; a BAE's score has only two values, so its contexts
+(and ComSem's explain samples) are ranked by the bit's *margin*: the encoder's pre-step value
+``(W_enc x + b_enc)_j`` signed toward the bit's rarer state (positive exactly when the bit is in it,
+larger = further past the threshold). Ties are broken by a seeded random key
 per (row, feature), so equal scores never favour low feature indices or early rows, and the result
 does not depend on how rows are batched or split across workers.
 
@@ -36,8 +40,11 @@ from bae.pipeline.features.report import write_report
 from bae.pipeline.features.spec import scan_spec
 from bae.pipeline.features.topk import TopK, random_keys, select_top
 from bae.stores import ActivationStore
+from bae.trainer.models import Autoencoder
 
 CONTEXTS_JSON = "contexts.json"
+# a BAE context's score; contexts.json files recording another BAE score are recomputed
+BAE_MARGIN = "margin: encoder pre-step value toward the bit's rarer state"
 KEY_TIES, KEY_SAMPLE, KEY_NEGATIVE = 0, 1, 2
 
 
@@ -66,6 +73,20 @@ class ScoreParams:
                 score = (score - torch.from_numpy(self.center)) / torch.from_numpy(self.scale)
             eligible = bits
         return torch.where(eligible, score, -torch.inf)
+
+    def ranks(self, score: torch.Tensor, model: Autoencoder, x: torch.Tensor) -> torch.Tensor:
+        """What orders a feature's contexts [n, F]: a BAE bit's margin toward its rarer state, an
+        SAE's score; -inf where ``score`` is."""
+        if self.architecture != "bae":
+            return score
+        with torch.no_grad():
+            margin = model.pre_activations(x).double() * torch.from_numpy(rarer_sign(self.center))
+        return torch.where(score > -torch.inf, margin, -torch.inf)
+
+
+def rarer_sign(frequency: np.ndarray) -> np.ndarray:
+    """+1 for bits whose rarer state is on (p̄ ≤ ½), −1 for the others."""
+    return np.where(frequency <= 0.5, 1.0, -1.0)
 
 
 @dataclass
@@ -118,6 +139,7 @@ def contexts_partial(spec: ScanSpec, p: ScoreParams, unit: int) -> ContextsParti
         seen = model.analyse(x)
         bits, code = seen.bits, seen.code
         score = p.scores(bits, code)
+        rank = p.ranks(score, model, x)
         row = torch.from_numpy(rows)
         ties = random_keys(row[:, None], features[None, :], p.seed, KEY_TIES)
         mask, top = assign(score, ties, p.features_per_token)
@@ -127,8 +149,8 @@ def contexts_partial(spec: ScanSpec, p: ScoreParams, unit: int) -> ContextsParti
             ContextsPartial(
                 len(x),
                 mask.sum(0).numpy().astype(np.int64),
-                TopK(score.T, ties.T, row.expand(n_features, -1), bits.T.long()[..., None]),
-                TopK(torch.where(mask, score, -torch.inf).T, ties.T, row.expand(n_features, -1)),
+                TopK(rank.T, ties.T, row.expand(n_features, -1), bits.T.long()[..., None]),
+                TopK(torch.where(mask, rank, -torch.inf).T, ties.T, row.expand(n_features, -1)),
                 TopK(torch.where(mask, sample, -torch.inf).T, sample.T, row.expand(n_features, -1)),
                 TopK(neg_key, neg_key, row[None, :], top[None]),
             )
@@ -260,7 +282,9 @@ def run_contexts(config: FeaturesConfig, show_progress: bool = True, quiet: bool
     out = make_output_dir(config.out)
     path = out / CONTEXTS_JSON
     recorded = read_json(path)
-    if check_recorded(f"contexts output {path}", recorded and recorded["config"], config, "contexts"):
+    if check_recorded(f"contexts output {path}", recorded and recorded["config"], config, "contexts") and (
+        _current(recorded)
+    ):
         assert recorded is not None  # check_recorded is False for a missing file
         data: dict[str, Any] = recorded
     else:
@@ -290,7 +314,7 @@ def run_contexts(config: FeaturesConfig, show_progress: bool = True, quiet: bool
             "features": feature_records(part, params, freq, reader, config.interpret.n_negative),
         }
         atomic_write_json(path, data)
-    report = write_report(out, data, read_json(out / "interpretation.json"), config.report_max_features)
+    report = write_report(out, data, read_json(out / "interpretation.json"))
     if not quiet:
         with_contexts = sum(1 for f in data["features"] if f["contexts"])
         print_summary(
@@ -306,7 +330,13 @@ def run_contexts(config: FeaturesConfig, show_progress: bool = True, quiet: bool
     return data
 
 
+def _current(recorded: dict[str, Any] | None) -> bool:
+    """False for a BAE's contexts.json written with an earlier score (recomputed, not reused)."""
+    return recorded is not None and (recorded["architecture"] != "bae" or recorded["score"] == BAE_MARGIN)
+
+
 def score_name(architecture: str, z_score: bool) -> str:
+    """What a context's ``score`` is (recorded in contexts.json)."""
     if architecture == "bae":
-        return "|h1 - p̄|"
+        return BAE_MARGIN
     return "activation z-score" if z_score else "activation"

@@ -173,7 +173,7 @@ def run_interpret(config: FeaturesConfig, show_progress: bool = True, quiet: boo
         }
         result = {"config": config.stage_config("interpret"), "summary": summary, "features": features}
         atomic_write_json(path, result)
-    report = write_report(out, data, result, config.report_max_features)
+    report = write_report(out, data, result)
     if not quiet:
         print_summary(f"bae features interpret -> {out}", {**result["summary"], "report": report})
     return result
