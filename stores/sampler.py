@@ -192,9 +192,14 @@ class StoreSampler:
 
     # ------------------------------------------------------------------ stream
 
-    def _window_units(self, epoch: int, window: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.units)
-        return np.sort(perm[window * self.units_per_window : (window + 1) * self.units_per_window])
+    def share_units(self, epoch: int, share: int = 0, shares: int = 1) -> np.ndarray:
+        """Epoch ``epoch``'s unit permutation, every ``shares``-th unit from ``share`` on: ``shares``
+        disjoint shares that together hold every unit once (one share: the whole permutation)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.units)[share::shares]
+
+    def _window_units(self, epoch: int, window: int, share: int = 0, shares: int = 1) -> np.ndarray:
+        units = self.share_units(epoch, share, shares)
+        return np.sort(units[window * self.units_per_window : (window + 1) * self.units_per_window])
 
     def _window_buffer(self) -> np.ndarray:
         """Room for one window of raw chunks: [units_per_window, unit_rows, d], storage dtype."""
@@ -202,7 +207,9 @@ class StoreSampler:
         shape = (slots, self.store.unit_rows, self.store.d_model)
         return np.empty(shape, dtype=self.store.layout.physical_dtype)
 
-    def _load_window(self, epoch: int, window: int, buffer: np.ndarray) -> torch.Tensor:
+    def _load_window(
+        self, epoch: int, window: int, buffer: np.ndarray, share: int = 0, shares: int = 1
+    ) -> torch.Tensor:
         """A window's eligible rows, shuffled, as float32.
 
         Each unit is read straight into its slot of ``buffer`` ([units_per_window, unit_rows, d],
@@ -210,7 +217,7 @@ class StoreSampler:
         """
         unit_rows = self.store.unit_rows
         slots, row_index = [], []
-        for i, unit in enumerate(self._window_units(epoch, window)):
+        for i, unit in enumerate(self._window_units(epoch, window, share, shares)):
             keep = np.flatnonzero(self.filter.mask(self.store.read_unit_rows(int(unit))))
             if len(keep):
                 self.store.read_unit_layer(self.layer, int(unit), buffer[i])
@@ -226,22 +233,29 @@ class StoreSampler:
         check_finite(self.store, self.layer, x, np.concatenate(row_index)[order])
         return x
 
-    def _windows(
-        self, epoch: int, window: int, stop: threading.Event
-    ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        empty_epochs = 0
+    def _epoch_windows(
+        self, epoch: int, stop: threading.Event, first: int = 0, share: int = 0, shares: int = 1
+    ) -> Iterator[torch.Tensor]:
+        """One epoch's windows of one share, from window ``first`` on, until ``stop`` is set."""
+        n_windows = -(-len(self.share_units(epoch, share, shares)) // self.units_per_window)
         buffer = self._window_buffer()  # reused by every window
+        for window in range(first, n_windows):
+            if stop.is_set():
+                return
+            yield self._load_window(epoch, window, buffer, share, shares)
+
+    def _windows(
+        self, epoch: int, first: int, stop: threading.Event
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(epoch, window, rows) from window ``first`` of ``epoch`` on, across epochs."""
         while not stop.is_set():
             rows_this_epoch = 0
-            while window < self.n_windows and not stop.is_set():
-                x = self._load_window(epoch, window, buffer)
+            for window, x in enumerate(self._epoch_windows(epoch, stop, first), start=first):
                 rows_this_epoch += len(x)
                 yield epoch, window, x
-                window += 1
-            empty_epochs = empty_epochs + 1 if rows_this_epoch == 0 else 0
-            if empty_epochs:
+            if rows_this_epoch == 0:
                 raise BaeError(f"store {self.store.url} layer {self.layer}: no rows pass the filters")
-            epoch, window = epoch + 1, 0
+            epoch, first = epoch + 1, 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Batches from the cursor on, forever; this rank's share when world_size > 1."""
@@ -280,10 +294,45 @@ class StoreSampler:
             stop.set()
             windows.close()
 
+    def iter_epoch(
+        self, epoch: int, share: int = 0, shares: int = 1, drop_last: bool = False
+    ) -> Iterator[torch.Tensor]:
+        """Epoch ``epoch`` alone, as float32 batches, from one of ``shares`` disjoint shares of its
+        units (``share_units``); the last batch is short unless ``drop_last``. The cursor is untouched.
+
+        Every eligible row of the share comes once; with one share these are the rows of the
+        sampler's own epoch in the same order, cut into the same batches when the epoch starts on a
+        batch boundary (epoch 0 always; every epoch when its rows are a multiple of batch_size)."""
+        stop = threading.Event()
+        windows = _Prefetcher(self._epoch_windows(epoch, stop, 0, share, shares), self.prefetch, stop)
+        try:
+            yield from rebatch(windows, self.batch_size, drop_last)
+        finally:
+            stop.set()
+            windows.close()
+
     def iter_epoch_once(self) -> Iterator[tuple[torch.Tensor, dict[str, np.ndarray]]]:
         """One pass over the eligible rows in store order, unit by unit: (x, row arrays)."""
         for _, x, rows in iter_unit_rows(self.store, self.layer, self.filter, self.units):
             yield torch.from_numpy(x), rows
+
+
+def rebatch(chunks: Iterable[torch.Tensor], batch_size: int, drop_last: bool) -> Iterator[torch.Tensor]:
+    """Consecutive batches of ``batch_size`` rows cut across ``chunks``; a short last one unless
+    ``drop_last``."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    for x in chunks:
+        offset = 0
+        while offset < len(x):
+            take = min(batch_size - have, len(x) - offset)
+            pending.append(x[offset : offset + take])
+            have, offset = have + take, offset + take
+            if have == batch_size:
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, have = [], 0
+    if pending and not drop_last:
+        yield torch.cat(pending)
 
 
 class _Prefetcher:

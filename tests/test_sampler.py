@@ -11,16 +11,9 @@ from bae.stores import StoreSampler, split_mask
 
 
 def _indexed_store(tmp_path, n=3000, unit_rows=256, doc_len=10):
-    from bae_testing.stores import synthetic_rows, write_units
+    from bae_testing.stores import indexed_store
 
-    from bae.stores import ActivationStore, StoreLayout
-
-    layout = StoreLayout(n_rows=n, unit_rows=unit_rows, d_model=3, layers=[0], dtype="float32")
-    store = ActivationStore.create(str(tmp_path / "idx"), layout, attrs={"config": {}})
-    data = synthetic_rows(n, 3, [0], doc_len=doc_len)
-    data["layers"][0][:, 0] = np.arange(n)
-    write_units(store, data, range(store.n_units))
-    return store, data
+    return indexed_store(tmp_path / "idx", n, unit_rows, doc_len)
 
 
 def _rows(batches):

@@ -136,3 +136,16 @@ def chow_liu_bound(
         "edges": edges,
         "edge_mi_bits": w,
     }
+
+
+def pair_bits_for(n_bits: int, m: int, sample: Callable[[], tuple[np.ndarray, int]]) -> tuple[int, ...]:
+    """The bits whose pairwise statistics the bound uses: all ``n_bits`` when at most ``m``, else the
+    ``m`` of highest marginal entropy in ``sample()`` = (rows with each bit set, rows), ascending (a
+    deterministic choice; any subset gives a valid bound)."""
+    if m == 0:
+        return ()
+    if n_bits <= m:
+        return tuple(range(n_bits))
+    ones, n = sample()
+    entropy = binary_entropy(ones / max(n, 1))
+    return tuple(sorted(int(i) for i in np.argsort(-entropy, kind="stable")[:m]))

@@ -244,7 +244,18 @@ def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
         for a in range(0, len(x), spec.batch_rows):
             part = slice(a, a + spec.batch_rows)
             bits = model.encode_bits(x[part])
-            parts.append(batch_counts(spec, keys, inverse[part], bits, doc_ids[part]))
+            parts.append(
+                batch_counts(
+                    keys,
+                    inverse[part],
+                    bits,
+                    doc_ids[part],
+                    bootstrap=spec.bootstrap,
+                    bootstrap_seed=spec.bootstrap_seed,
+                    pair_bits=spec.pair_bits,
+                    joint=spec.joint,
+                )
+            )
     counts = merge_all(parts)
     if path is not None:
         counts.save(path)
@@ -259,9 +270,18 @@ def merge_all(parts: list[GroupCounts]) -> GroupCounts:
 
 
 def batch_counts(
-    spec: CountSpec, keys: np.ndarray, inverse: np.ndarray, bits: np.ndarray, doc_ids: np.ndarray
+    keys: np.ndarray,
+    inverse: np.ndarray,
+    bits: np.ndarray,
+    doc_ids: np.ndarray,
+    *,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
+    pair_bits: tuple[int, ...] = (),
+    joint: bool = True,
 ) -> GroupCounts:
-    """Counts of one encoded batch (bool [n, bits]) whose rows fall in groups ``keys[inverse]``."""
+    """Counts of one encoded batch (bool [n, bits]) whose rows fall in groups ``keys[inverse]``, with
+    the extras a ``CountSpec`` names (bootstrap replicates over ``doc_ids``, pairs, whole codes)."""
     present, local = np.unique(inverse, return_inverse=True)
     order = np.argsort(local, kind="stable")
     bounds = np.searchsorted(local[order], np.arange(len(present) + 1))
@@ -269,14 +289,14 @@ def batch_counts(
     spans = list(itertools.pairwise(bounds))
     ones = np.stack([sorted_bits[lo:hi].sum(0, dtype=np.int32) for lo, hi in spans]).astype(np.int64)
     counts = GroupCounts(keys[present], np.diff(bounds).astype(np.int64), ones)
-    weights = poisson_weights(doc_ids[order], spec.bootstrap, spec.bootstrap_seed) if spec.bootstrap else None
+    weights = poisson_weights(doc_ids[order], bootstrap, bootstrap_seed) if bootstrap else None
     if weights is not None:
         counts.boot_rows = np.add.reduceat(weights, bounds[:-1], axis=1)
         counts.boot_ones = grouped_products(weights.T, sorted_bits, bounds).transpose(1, 0, 2)
-    if spec.pair_bits:
-        chosen = sorted_bits[:, list(spec.pair_bits)]
+    if pair_bits:
+        chosen = sorted_bits[:, list(pair_bits)]
         counts.pairs = grouped_products(chosen, chosen, bounds)
-    if spec.joint:
+    if joint:
         group = np.repeat(counts.keys, counts.rows)
         counts.codes = CodeTable.of_rows(group, code_hashes(np.packbits(sorted_bits, axis=1)), weights)
     return counts

@@ -24,10 +24,11 @@ from bae.common.console import print_summary
 from bae.common.errors import BaeError
 from bae.common.outputs import exclusive_output, sweep_temporaries
 from bae.common.selection import format_ranges
-from bae.common.stats import FVU_DEFINITION, binary_entropy
+from bae.common.stats import FVU_DEFINITION
 from bae.common.urls import with_resolved_paths
 from bae.pipeline.analysis.checkpoint_match import load_for_store
 from bae.pipeline.analysis.scan import cached_model
+from bae.pipeline.entropy.bounds import pair_bits_for
 from bae.pipeline.entropy.config import CONFIG_JSON, EntropyConfig
 from bae.pipeline.entropy.counts import (
     ConstantKey,
@@ -94,23 +95,21 @@ PAIR_SAMPLE_ROWS = 16384
 def choose_pair_bits(
     store: ActivationStore, model: EntropyModel, row_filter: RowFilter, units: tuple[int, ...], m: int
 ) -> tuple[int, ...]:
-    """The bits whose pairwise statistics the Chow–Liu bound uses: all of them when the code has at
-    most ``m``, else the ``m`` of highest marginal entropy in rows read from units spread over the
-    store (a deterministic choice; any subset gives a valid bound)."""
-    if m == 0:
-        return ()
-    if model.n_bits <= m:
-        return tuple(range(model.n_bits))
-    autoencoder = cached_model(model.checkpoint)
-    step = max(1, len(units) // 8)
-    ones, n = np.zeros(model.n_bits), 0
-    for _, x, _ in iter_unit_rows(store, model.layer, row_filter, units[::step]):
-        bits = autoencoder.encode_bits(x[: PAIR_SAMPLE_ROWS - n])
-        ones, n = ones + bits.sum(0), n + len(bits)
-        if n >= PAIR_SAMPLE_ROWS:
-            break
-    entropy = binary_entropy(ones / max(n, 1))
-    return tuple(sorted(int(i) for i in np.argsort(-entropy, kind="stable")[:m]))
+    """The bits whose pairwise statistics the Chow–Liu bound uses (``pair_bits_for``), ranked when
+    there are more than ``m`` on rows read from units spread over the store."""
+
+    def sample() -> tuple[np.ndarray, int]:
+        autoencoder = cached_model(model.checkpoint)
+        step = max(1, len(units) // 8)
+        ones, n = np.zeros(model.n_bits), 0
+        for _, x, _ in iter_unit_rows(store, model.layer, row_filter, units[::step]):
+            bits = autoencoder.encode_bits(x[: PAIR_SAMPLE_ROWS - n])
+            ones, n = ones + bits.sum(0), n + len(bits)
+            if n >= PAIR_SAMPLE_ROWS:
+                break
+        return ones, n
+
+    return pair_bits_for(model.n_bits, m, sample)
 
 
 def resolve_grouping(store: ActivationStore, group_by: str) -> tuple[GroupKey, np.ndarray | None]:

@@ -48,6 +48,16 @@ def make_store(path: Path, n=1000, d=16, layers=(2,), unit_rows=128, seed=0, doc
     return store, data
 
 
+def indexed_store(path: Path, n: int = 3000, unit_rows: int = 256, doc_len: int = 10):
+    """A float32 store of layer 0, d=3, whose rows carry their own row index in column 0."""
+    layout = StoreLayout(n_rows=n, unit_rows=unit_rows, d_model=3, layers=[0], dtype="float32")
+    store = ActivationStore.create(str(path), layout, attrs={"config": {}})
+    data = synthetic_rows(n, 3, [0], doc_len=doc_len)
+    data["layers"][0][:, 0] = np.arange(n)
+    write_units(store, data, range(store.n_units))
+    return store, data
+
+
 def assert_stores_identical(a: str | Path, b: str | Path) -> None:
     """Every array of two Zarr groups equal, element by element, and the same attributes."""
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
