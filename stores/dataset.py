@@ -8,7 +8,8 @@ exactly one worker of one rank. The order is fixed by (seed, epoch, ranks × wor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,34 +33,15 @@ class StoreDataset(IterableDataset[torch.Tensor]):
         store: ActivationStore | str,
         layer: int,
         batch_size: int,
-        seed: int = 0,
         drop_last: bool = False,
-        buffer_rows: int = 1 << 16,
-        valid_only: bool = True,
-        positions: Iterable[int] | None = None,
-        split: str | None = None,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        prefetch: int = 2,
+        **options: Any,
     ):
-        distributed = dist.is_available() and dist.is_initialized()
-        self.sampler = StoreSampler(
-            ActivationStore.open(store) if isinstance(store, str) else store,
-            layer,
-            batch_size,
-            seed=seed,
-            buffer_rows=buffer_rows,
-            valid_only=valid_only,
-            positions=positions,
-            split=split,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            rank=(dist.get_rank() if distributed else 0) if rank is None else rank,
-            world_size=(dist.get_world_size() if distributed else 1) if world_size is None else world_size,
-            prefetch=prefetch,
-        )
+        """``options``: ``StoreSampler``'s keyword arguments (seed, positions, split, buffer_rows, ...)."""
+        if dist.is_available() and dist.is_initialized():
+            options.setdefault("rank", dist.get_rank())
+            options.setdefault("world_size", dist.get_world_size())
+        store = ActivationStore.open(store) if isinstance(store, str) else store
+        self.sampler = StoreSampler(store, layer, batch_size, **options)
         self.drop_last = drop_last
         self.epoch = 0
 

@@ -76,6 +76,7 @@ def test_drop_last_and_a_bad_rank(indexed):
     store, _ = indexed
     batches = list(DataLoader(StoreDataset(store, 0, 1000, drop_last=True), batch_size=None))
     assert [len(b) for b in batches] == [1000, 1000]  # 2700 eligible rows
+    assert StoreDataset(store.url, 0, 10).count_rows() == 2700  # a path opens the store
     with pytest.raises(BaeError, match="rank 2 out of range"):
         StoreDataset(store, 0, 10, rank=2, world_size=2)
 
