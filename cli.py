@@ -18,6 +18,7 @@ from bae.common.command import config_command, switch
 from bae.common.configs import load_config
 from bae.common.errors import BaeError
 from bae.common.outputs import describe_os_error
+from bae.interop.checkpoint_config import ExportCheckpointConfig, ImportCheckpointConfig
 from bae.pipeline.entropy.calibrate import CalibrateConfig
 from bae.pipeline.entropy.config import EntropyConfig
 from bae.pipeline.evaluate.config import EvaluateConfig
@@ -310,6 +311,52 @@ store_app.command("import")(
         _store_import,
         "Make a store from activations made elsewhere (each row its own document, position 0).",
         only=["src", "out", "layer", "tensor", "dtype", "unit_rows", "overflow"],
+    )
+)
+
+
+def _export_saelens(config: ExportCheckpointConfig) -> None:
+    from bae.interop.saelens import export_saelens
+
+    export_saelens(config)
+
+
+def _export_sparsify(config: ExportCheckpointConfig) -> None:
+    from bae.interop.sparsify import export_sparsify
+
+    export_sparsify(config)
+
+
+def _import_checkpoint(config: ImportCheckpointConfig) -> None:
+    from bae.interop.checkpoint_import import import_checkpoint
+
+    import_checkpoint(config)
+
+
+export_app.command("saelens")(
+    config_command(
+        ExportCheckpointConfig,
+        _export_saelens,
+        "Write a checkpoint as a SAELens 6.x SAE directory: relu_sae as `standard`, topk_sae as `topk`, "
+        "bae as the `bae` architecture of bae.interop.saelens_bae; input standardization folded in.",
+        progress=False,
+    )
+)
+export_app.command("sparsify")(
+    config_command(
+        ExportCheckpointConfig,
+        _export_sparsify,
+        "Write a topk_sae checkpoint as a sparsify run (<out>/<hookpoint>/cfg.json + sae.safetensors).",
+        progress=False,
+    )
+)
+app.command("import-checkpoint")(
+    config_command(
+        ImportCheckpointConfig,
+        _import_checkpoint,
+        "Turn a SAELens (standard, topk, bae) or sparsify SAE into a bae checkpoint that `bae features "
+        "compare` and `bae evaluate` take beside a BAE (give --store to record its store).",
+        progress=False,
     )
 )
 

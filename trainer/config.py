@@ -55,6 +55,9 @@ class ModelConfig(StrictModel):
     architecture: Architecture = "bae"
     d_model: int
     expansion: int = 4
+    features: int | None = Field(
+        default=None, description="decoder input width when it is not expansion × d_model (imported SAEs)"
+    )
     encoder_bias: bool = True
     encoder_scale: bool = False
     decoder_bias: bool = True
@@ -72,8 +75,8 @@ class ModelConfig(StrictModel):
 
     @property
     def n_features(self) -> int:
-        """d' = expansion × d: the decoder's input width."""
-        return self.expansion * self.d_model
+        """d' = expansion × d (or ``features``): the decoder's input width."""
+        return self.features or self.expansion * self.d_model
 
 
 DEFAULT_STEPS = 10_000
