@@ -19,6 +19,7 @@ from bae.common.configs import load_config
 from bae.common.errors import BaeError
 from bae.common.outputs import describe_os_error
 from bae.interop.checkpoint_config import ExportCheckpointConfig, ImportCheckpointConfig
+from bae.interop.dashboard_config import DashboardExportConfig
 from bae.pipeline.entropy.calibrate import CalibrateConfig
 from bae.pipeline.entropy.config import EntropyConfig
 from bae.pipeline.evaluate.config import EvaluateConfig
@@ -239,6 +240,23 @@ features_app.command("compare")(
                 default=True,
             ),
         ],
+    )
+)
+
+
+def _export_dashboard(config: DashboardExportConfig) -> None:
+    from bae.interop.dashboard import export_dashboard
+
+    export_dashboard(config)
+
+
+export_app.command("dashboard")(
+    config_command(
+        DashboardExportConfig,
+        _export_dashboard,
+        "Features of a `bae features contexts` output as SAEDashboard / Neuronpedia batch-<n>.json files: "
+        "frequency, decoder alignment, top contexts with a value per token, ComSem explanations.",
+        progress=False,
     )
 )
 

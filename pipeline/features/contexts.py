@@ -186,24 +186,36 @@ class ContextReader:
             parts.append({k: v[a:b] for k, v in self._unit_rows(unit).items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def sample(self, row: int) -> dict[str, Any]:
-        """The token at ``row`` with the text before and after it in its document."""
+    def _window(self, row: int) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+        """Row arrays from ``row - before`` on, the offsets shown (same document, valid, real tokens;
+        ``row`` itself always) and ``row``'s offset."""
         start, stop = max(0, row - self.before), min(self.store.n_rows, row + self.after + 1)
         rows = self._rows(start, stop)
         at = row - start
-        same = rows["doc_ids"] == rows["doc_ids"][at]
-        keep = same & rows["valid"].astype(bool) & (rows["token_ids"] >= 0)
-        before = [int(t) for t, k in zip(rows["token_ids"][:at], keep[:at]) if k]
-        after = [int(t) for t, k in zip(rows["token_ids"][at + 1 :], keep[at + 1 :]) if k]
-        token = int(rows["token_ids"][at])
+        keep = rows["doc_ids"] == rows["doc_ids"][at]
+        keep &= rows["valid"].astype(bool) & (rows["token_ids"] >= 0)
+        keep[at] = True
+        return rows, np.flatnonzero(keep), at
+
+    def window(self, row: int) -> tuple[list[int], list[int], int]:
+        """The tokens shown around ``row``: their store rows, token ids, and where ``row`` is among them."""
+        rows, kept, at = self._window(row)
+        start = max(0, row - self.before)
+        return (start + kept).tolist(), rows["token_ids"][kept].tolist(), int(np.searchsorted(kept, at))
+
+    def sample(self, row: int) -> dict[str, Any]:
+        """The token at ``row`` with the text before and after it in its document."""
+        rows, kept, at = self._window(row)
+        ids = rows["token_ids"]
+        token = int(ids[at])
         return {
             "row": row,
             "doc": int(rows["doc_ids"][at]),
             "position": int(rows["positions"][at]),
             "token_id": token,
-            "before": self.text.decode(before),
+            "before": self.text.decode(ids[kept[kept < at]].tolist()),
             "token": self.text.decode([token]),
-            "after": self.text.decode(after),
+            "after": self.text.decode(ids[kept[kept > at]].tolist()),
         }
 
     def samples(self, rows: list[int]) -> dict[int, dict[str, Any]]:
