@@ -37,7 +37,9 @@ class ImportCheckpointConfig(StrictModel):
         "(cfg.json + sae.safetensors, or a run directory holding one hookpoint)",
         json_schema_extra=cli(argument=True),
     )
-    out: LocalOutput = Field(description="bae model directory to write", json_schema_extra=cli(argument=True))
+    out: LocalOutput = Field(
+        description="directory to write the bae model to", json_schema_extra=cli(argument=True)
+    )
     store: str | None = Field(
         default=None,
         description="the store of the states it was trained on: recorded, so that `bae features` and "
@@ -47,6 +49,6 @@ class ImportCheckpointConfig(StrictModel):
     layer: int | None = Field(
         default=None,
         description="the store layer it reads [from its hook name: blocks.L.hook_resid_pre = L, "
-        "blocks.L.hook_resid_post and sparsify's layers.L = L+1]",
+        "blocks.L.hook_resid_post and sparsify's layers.L = L+1, or the store's hook site of that name]",
         json_schema_extra=cli("-l"),
     )

@@ -37,6 +37,9 @@ def import_provenance(config: ImportCheckpointConfig, sae: ReadSae) -> Provenanc
     if config.store is None:
         return Provenance(model=model, layer=layer, d_model=d)
     store = ActivationStore.open(config.store)
+    sites = {site["name"]: int(site["layer"]) for site in store.meta.get("sites") or []}
+    if config.layer is None and sae.hook_name in sites:  # a hook site of `bae harvest --hook`
+        layer = sites[sae.hook_name]
     if layer is None and len(store.layers) == 1:
         layer = store.layers[0]
     if layer is None:
