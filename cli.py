@@ -327,8 +327,13 @@ store_app.command("import")(
     config_command(
         ImportConfig,
         _store_import,
-        "Make a store from activations made elsewhere (each row its own document, position 0).",
-        only=["src", "out", "layer", "tensor", "dtype", "unit_rows", "overflow"],
+        "Make a store from activations made elsewhere: (N, d) rows, each its own document at position 0; "
+        "(batch, seq, d) caches with token ids and a padding mask, document = batch index and position = "
+        "seq index; or a SAELens activation cache, with its token ids and hook name.",
+        only=[
+            *("src", "out", "layer", "tensor", "tokens", "mask", "lengths", "doc_ids", "special_tokens"),
+            *("hook", "model", "dtype", "unit_rows", "overflow"),
+        ],
     )
 )
 

@@ -25,7 +25,8 @@ def store_summary(store: ActivationStore) -> dict[str, Any]:
     dtype = meta["dtype"]
     return {
         "store": store.url,
-        "model": f"{model.get('id')} @ {version}" if model else "(imported)",
+        "model": (f"{model['id']} @ {version}" if version else model.get("id")) if model else "(imported)",
+        **({"source": describe_source(meta["source"])} if isinstance(meta.get("source"), dict) else {}),
         "layers": ", ".join(map(str, store.layers)),
         "d_model": store.d_model,
         "dtype": f"{dtype['logical']} (stored as {dtype['physical']})",
@@ -41,3 +42,11 @@ def store_summary(store: ActivationStore) -> dict[str, Any]:
         f"(layout: {store.layout.bytes_per_row} uncompressed)",
         "config": ", ".join(f"{k}={v}" for k, v in (meta.get("config") or {}).items() if v is not None),
     }
+
+
+def describe_source(source: dict[str, Any]) -> str:
+    """Where an imported store's rows came from: format, path, shape, dtype, tensor and hook."""
+    named = [f"{key} {source[key]}" for key in ("tensor", "hook", "token_ids") if source.get(key)]
+    shape = "x".join(map(str, source.get("shape") or []))
+    head = f"{source.get('format', 'array')} {source.get('path')} [{shape}] {source.get('dtype')}"
+    return ", ".join([head, *named])

@@ -90,9 +90,9 @@ def test_import_with_a_config_file_and_flag_override(tmp_path):
         (None, ["store", "info", "{tmp}/missing"], "store {tmp}/missing: not found"),
         ("plain", ["store", "verify", "{tmp}/plain"], "is not a bae activation store"),
         (
-            "npy3d",
+            "npy4d",
             ["store", "import", "{tmp}/x.npy", "--out", "{tmp}/o"],
-            "array shape (4, 2, 2), expected [N, d]",
+            "array shape (4, 2, 2, 2), expected [N, d] or [batch, seq, d]",
         ),
         ("npy", ["store", "import", "{tmp}/x.npy", "--out", "{tmp}/o", "--dtype", "float8"], "field 'dtype'"),
         ("npy", ["store", "import", "{tmp}/nope.npy", "--out", "{tmp}/o"], "nope.npy: not found"),
@@ -103,8 +103,8 @@ def test_bad_input_one_line_nonzero_nothing_written(tmp_path, setup, args, messa
     tmp = str(tmp_path)
     if setup == "plain":
         (tmp_path / "plain").mkdir()
-    if setup == "npy3d":
-        np.save(tmp_path / "x.npy", np.zeros((4, 2, 2), np.float32))
+    if setup == "npy4d":
+        np.save(tmp_path / "x.npy", np.zeros((4, 2, 2, 2), np.float32))
     if setup == "npy":
         np.save(tmp_path / "x.npy", np.zeros((4, 2), np.float32))
     if setup == "badcfg":
