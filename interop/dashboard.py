@@ -209,7 +209,7 @@ def export_dashboard(config: DashboardExportConfig, quiet: bool = False) -> Path
             activations.append(
                 {
                     "bin_min": -1,  # SAEDashboard's marks of the top-activations group
-                    "bin_max": float(np.round(v.max(initial=0.0), DIGITS)),
+                    "bin_max": round(float(v.max(initial=0.0)), DIGITS),
                     "bin_contains": -1,
                     "tokens": [piece(t) for t in ids],
                     "values": np.round(v, DIGITS).tolist(),
