@@ -33,16 +33,17 @@ import torch
 D, EXPANSION, BATCH = 576, 4, 512
 
 
-def make_store(path: Path, n_rows: int) -> None:
+def make_store(path: Path, n_rows: int, d: int = D) -> None:
+    """A store of standard normal rows (seed 0) at layer 1."""
     from bae.stores import ActivationStore, StoreLayout
 
     rng = np.random.default_rng(0)
-    layout = StoreLayout(n_rows=n_rows, unit_rows=4096, d_model=D, layers=[1], dtype="float16")
+    layout = StoreLayout(n_rows=n_rows, unit_rows=4096, d_model=d, layers=[1], dtype="float16")
     store = ActivationStore.create(path, layout, attrs={"config": {"bench": n_rows}})
     for u in range(layout.n_units):
         a, b = layout.unit_range(u)
         rows = np.arange(a, b)
-        x = rng.standard_normal((b - a, D), dtype=np.float32)
+        x = rng.standard_normal((b - a, d), dtype=np.float32)
         store.write_unit(
             u,
             layers={1: x},

@@ -22,6 +22,7 @@ from bae.common.errors import BaeError
 from bae.common.signals import StopRequest
 from bae.common.stats import binary_entropy, fvu_from_sums
 from bae.stores import StoreSampler
+from bae.trainer.bit_products import bit_counts
 from bae.trainer.config import TrainConfig
 from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import Autoencoder
@@ -337,7 +338,7 @@ class Trainer:
         """Fold duplicate bits, judged on this step's bits of all processes (same on every rank)."""
         b = bits.float()
         n = torch.tensor([len(b)], dtype=b.dtype, device=b.device)
-        stats = torch.cat([n, b.sum(0), (b.T @ b).flatten()])
+        stats = torch.cat([n, b.sum(0), bit_counts(b).to(b.dtype).flatten()])
         if self.world > 1:
             stats = cast(torch.Tensor, self.accelerator.reduce(stats, reduction="sum"))
         d = b.shape[1]

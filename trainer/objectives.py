@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from bae.trainer.models import Codes
+from bae.trainer.pair_penalties import abs_covariance, gram_norm
 
 EPS = 1e-10
 CORR_EPS = 1e-4
@@ -33,10 +34,9 @@ def entropy_term(bits: torch.Tensor) -> torch.Tensor:
 
 
 def covariance_term(bits: torch.Tensor) -> torch.Tensor:
-    """D = Σ_{j≠k} |C_jk|, C the unbiased covariance of the bits over the batch (one GEMM)."""
-    centred = bits - bits.mean(dim=0)
-    cov = centred.T @ centred / (bits.shape[0] - 1)
-    return cov.abs().sum() - cov.diagonal().abs().sum()
+    """D = Σ_{j≠k} |C_jk|, C the unbiased covariance of the bits over the batch (exact integer
+    co-occurrence counts, ``pair_penalties.abs_covariance``)."""
+    return abs_covariance(bits)
 
 
 def fvu_term(x: torch.Tensor, recon: torch.Tensor, variance: float) -> torch.Tensor:
@@ -52,11 +52,13 @@ def code_bits_term(bits: torch.Tensor) -> torch.Tensor:
 
 
 def redundancy_term(bits: torch.Tensor) -> torch.Tensor:
-    """R = Σ_{j<k} ρ_jk² / (2 ln 2), ρ the bits' batch correlation (I(j;k) ≈ ρ²/2ln2 bits)."""
+    """R = Σ_{j<k} ρ_jk² / (2 ln 2), ρ the bits' batch correlation (I(j;k) ≈ ρ²/2ln2 bits).
+    Σ_jk ρ_jk² = ‖zᵀz‖²/n² goes through the smaller Gram matrix (``pair_penalties.gram_norm``)."""
+    n = bits.shape[0]
     centred = bits - bits.mean(dim=0)
     z = centred / (centred.pow(2).mean(dim=0) + CORR_EPS).sqrt()
-    corr = z.T @ z / bits.shape[0]
-    return (corr.pow(2).sum() - corr.diagonal().pow(2).sum()) / (4 * math.log(2))
+    diagonal = z.pow(2).mean(dim=0)
+    return (gram_norm(z) / n**2 - diagonal.pow(2).sum()) / (4 * math.log(2))
 
 
 @dataclass(frozen=True)

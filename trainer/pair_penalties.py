@@ -1,0 +1,84 @@
+"""The objectives' pairwise penalties, exact, without the d'×d' float GEMMs autograd would do.
+
+``abs_covariance`` (the paper's D = Σ_{j≠k} |C_jk|): the covariance of 0/1 bits is an integer
+co-occurrence count, so C's numerator ``n·G_jk − n_j·n_k`` is computed exactly from popcounts
+(``bit_products``) and its sign is exact; the backward is the one product 2/(n−1)·Z·sign(C)
+(autograd does two d'-wide GEMMs for it), also from popcounts of the bits against sign(C) > 0.
+Constant bits contribute nothing to either and are left out.
+
+``gram_norm`` (‖zᵀz‖²_F, the normalized objective's Σ ρ²): equal to ‖zzᵀ‖²_F, so it goes through
+whichever Gram matrix is smaller — n×n for a batch narrower than the code — and its gradient is
+4·(zzᵀ)z, one more product of the same size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bae.trainer.bit_products import CovarianceSigns, bit_counts, covariance_signs, set_bits, unpack_rows
+
+MAX_TIES_PER_BIT = 4  # exact-zero covariances handled sparsely up to this many per bit, else densely
+
+
+class _AbsCovariance(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, bits: torch.Tensor) -> torch.Tensor:
+        n = bits.shape[0]
+        ones = bits.sum(dim=0, dtype=torch.float64)
+        varying = ((ones > 0) & (ones < n)).nonzero().squeeze(1)
+        b = bits[:, varying].to(torch.promote_types(bits.dtype, torch.float32))
+        ctx.signs = covariance_signs(b)
+        ctx.save_for_backward(b, varying)
+        ctx.shape, ctx.dtype = bits.shape, bits.dtype
+        return torch.tensor(ctx.signs.abs_sum, dtype=bits.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        b, varying = ctx.saved_tensors
+        signs: CovarianceSigns = ctx.signs
+        z_sign = _times_sign(b, signs) - signs.p_sign.to(b.dtype)  # Z·S = B·S − 1·pᵀS
+        out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=b.device)
+        out[:, varying] = (z_sign * (grad * 2 / (ctx.shape[0] - 1))).to(ctx.dtype)
+        return out
+
+
+def _times_sign(b: torch.Tensor, signs: CovarianceSigns) -> torch.Tensor:
+    """B·S for 0/1 B [n, m] and S = sign(C): S = 2·[C > 0] − 1 + [C = 0 or j = k], so one popcount
+    pass, the row sums, and the columns of the (sparse: diagonal and exact ties) last term."""
+    m = b.shape[1]
+    if signs.n_zero > MAX_TIES_PER_BIT * m:
+        zero, positive = unpack_rows(signs.zero, m), unpack_rows(signs.positive, m)
+        return b @ (2 * positive.to(b.dtype) - 1 + zero.to(b.dtype))
+    product = 2 * bit_counts(b.T, signs.positive).to(b.dtype) - b.sum(dim=1, keepdim=True)
+    if signs.n_zero == m:  # the diagonal only
+        return product + b
+    rows, cols = set_bits(signs.zero)
+    return product.index_add_(1, cols, b[:, rows])
+
+
+class _GramNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
+        gram = z @ z.T if z.shape[0] < z.shape[1] else z.T @ z
+        ctx.save_for_backward(z, gram)
+        return gram.pow(2).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        z, gram = ctx.saved_tensors
+        product = gram @ z if z.shape[0] < z.shape[1] else z @ gram
+        return product * (4 * grad)
+
+
+def abs_covariance(bits: torch.Tensor) -> torch.Tensor:
+    """Σ_{j≠k} |C_jk|, C the unbiased covariance over the batch of 0/1 ``bits`` [n, m]."""
+    if not bool(((bits == 0) | (bits == 1)).all()):
+        raise ValueError("abs_covariance needs 0/1 bits")
+    return _AbsCovariance.apply(bits)
+
+
+def gram_norm(z: torch.Tensor) -> torch.Tensor:
+    """‖zᵀz‖²_F of z [n, m], through the smaller of zzᵀ and zᵀz."""
+    return _GramNorm.apply(z)
