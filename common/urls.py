@@ -37,12 +37,14 @@ def with_resolved_paths(data: dict[str, Any], fields: tuple[str, ...]) -> dict[s
     return out
 
 
-def url_filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path) of a URL; one line when its protocol's package is missing."""
+def url_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path) of a URL, made with ``storage_options`` (endpoint, credentials; the
+    backend's environment variables apply where these say nothing); one line when its protocol's
+    package is missing."""
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
     except ImportError as exc:  # fsspec names the package, e.g. "Install s3fs to access S3"
         raise BaeError(f"{url}: {exc} (pip install it next to bae)") from None
     except ValueError as exc:  # an unknown protocol

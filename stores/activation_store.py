@@ -52,9 +52,11 @@ DAMAGED = "its zarr.json was edited or damaged"
 UNIT_ARRAYS = (("units/done", "uint8"), ("units/clamped", "int64"))  # one entry per unit
 
 
-def _zarr_store(url: str, read_only: bool) -> LocalStore | FsspecStore:
+def _zarr_store(
+    url: str, read_only: bool, storage_options: dict[str, Any] | None
+) -> LocalStore | FsspecStore:
     if not is_local(url):
-        return FsspecStore.from_url(url, read_only=read_only)
+        return FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
     return LocalStore(local_path(url), read_only=read_only)
 
 
@@ -103,11 +105,11 @@ def _create_by_rename(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _exists(url: str) -> bool:
+def _exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether a store is at ``url``; a URL whose package is missing or whose endpoint cannot be
     reached is one line, not the file system's traceback."""
     if not is_local(url):
-        fs, path = url_filesystem(url)
+        fs, path = url_filesystem(url, storage_options)
         try:
             return fs.exists(path)
         except Exception as exc:  # each fsspec backend raises its own network and auth errors
@@ -133,20 +135,22 @@ class ActivationStore:
         layout: StoreLayout,
         attrs: Mapping[str, Any],
         documents: Mapping[str, np.ndarray] | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> ActivationStore:
         """Create a store, or reopen an existing one made with the same layout and config.
 
         ``attrs`` holds the producing ``config`` plus model/tokenizer/corpus descriptions. A store that
         exists with a different layout or config is refused with the differing fields.
+        ``storage_options`` go to fsspec for a URL (endpoint, credentials); they are not recorded.
         """
         url = os.fspath(url)
         if is_local(url):
             check_output_dir(local_path(url))
             if not _exists(url):
                 _create_by_rename(Path(local_path(url)), layout, attrs, documents)
-        if _exists(url):
+        if _exists(url, storage_options):
             try:
-                existing = cls.open(url, mode="r+")
+                existing = cls.open(url, mode="r+", storage_options=storage_options)
             except BaeError as exc:
                 if "creation was interrupted" not in str(exc):
                     raise BaeError(f"{url} exists and is not a bae activation store: {exc}") from exc
@@ -160,7 +164,7 @@ class ActivationStore:
                         "re-run with the same config to resume, or choose a new --out"
                     )
                 return existing
-        return cls._build(url, layout, attrs, documents)
+        return cls._build(url, layout, attrs, documents, storage_options)
 
     @classmethod
     def _build(
@@ -169,9 +173,10 @@ class ActivationStore:
         layout: StoreLayout,
         attrs: Mapping[str, Any],
         documents: Mapping[str, np.ndarray] | None,
+        storage_options: dict[str, Any] | None = None,
     ) -> ActivationStore:
         """Make a new store at ``url`` in place; it is marked incomplete until its metadata is in."""
-        group = zarr.open_group(_zarr_store(url, read_only=False), mode="w", zarr_format=3)
+        group = zarr.open_group(_zarr_store(url, False, storage_options), mode="w", zarr_format=3)
         group.attrs[INCOMPLETE_ATTR] = True
         rows, unit = layout.n_rows, layout.unit_rows
         codecs = _compressors(layout)
@@ -223,14 +228,19 @@ class ActivationStore:
         return cls(url, group, meta)
 
     @classmethod
-    def open(cls, url: str | os.PathLike[str], mode: str = "r") -> ActivationStore:
-        """Open an existing store; a clear error if it is missing, not a store, or of another schema."""
+    def open(
+        cls, url: str | os.PathLike[str], mode: str = "r", storage_options: dict[str, Any] | None = None
+    ) -> ActivationStore:
+        """Open an existing store; a clear error if it is missing, not a store, or of another schema.
+        ``storage_options`` go to fsspec for a URL (endpoint, credentials)."""
         url = os.fspath(url)
-        if not _exists(url):
+        if not _exists(url, storage_options):
             raise BaeError(f"store {url}: not found")
         try:
             group = zarr.open_group(
-                _zarr_store(url, read_only=mode == "r"), mode=cast("AccessModeLiteral", mode), zarr_format=3
+                _zarr_store(url, mode == "r", storage_options),
+                mode=cast("AccessModeLiteral", mode),
+                zarr_format=3,
             )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as exc:
             raise BaeError(f"{url} is not a bae activation store (no Zarr v3 group there)") from exc

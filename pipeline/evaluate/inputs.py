@@ -24,12 +24,13 @@ from bae.common.errors import BaeError
 from bae.pipeline.analysis.checkpoint_match import load_for_store
 from bae.pipeline.evaluate.config import EvaluateConfig
 from bae.pipeline.harvest.config import HarvestConfig
-from bae.pipeline.harvest.corpus import load_corpus
+from bae.pipeline.harvest.corpus import CorpusStream
 from bae.pipeline.harvest.plan import plan_units
 from bae.pipeline.harvest.windows import Window, tokenize_corpus
 from bae.pipeline.llm.capture import check_layers
 from bae.pipeline.llm.load import LoadedModel, file_sha256, load_model
 from bae.stores import ActivationStore, RowFilter, iter_unit_rows, split_mask
+from bae.stores.sites import store_sites
 from bae.trainer import Autoencoder, load_autoencoder
 from bae.trainer.models import CONFIG_FILE, WEIGHTS_FILE, resolve_model_dir
 
@@ -139,11 +140,29 @@ def same_model(recorded: Any, loaded: LoadedModel) -> bool:
     return recorded.get("id") in (None, loaded.model_id)
 
 
+def refuse_site(store: ActivationStore, checkpoint: str, layer: int) -> None:
+    """Splicing replaces ``hidden_states[L]``: a hook site is refused, naming the layer it equals."""
+    site = store_sites(store).get(layer)
+    if site is None:
+        return
+    equals = site.get("hidden_state")
+    hint = (
+        f"it equals hidden_states[{equals}]: harvest --layers {equals} to evaluate it"
+        if equals is not None
+        else "harvest a hidden_states layer (--layers) to evaluate"
+    )
+    raise BaeError(
+        f"checkpoint {checkpoint}: store layer {layer} is the hook site {site['name']}, and evaluate "
+        f"splices hidden_states layers only; {hint}"
+    )
+
+
 def load_targets(cfg: EvaluateConfig, store: ActivationStore, loaded: LoadedModel) -> list[Target]:
     """Each checkpoint, refused in one line if it belongs to another store, LLM, width or layer range."""
     targets = []
     for name, path in zip(checkpoint_names(cfg.checkpoints), cfg.checkpoints):
         model, layer = load_for_store(store, path, cfg.layer)
+        refuse_site(store, path, layer)
         try:
             check_layers([layer], loaded.n_layers)
         except BaeError as exc:
@@ -229,18 +248,19 @@ def prepare(cfg: EvaluateConfig, device: torch.device | str) -> Prepared:
     settings = harvest_settings(cfg, store)
     loaded = load_model(settings.model, settings.model_dtype, device)
     targets = load_targets(cfg, store, loaded)
-    corpus = load_corpus(settings.corpus, settings.text_field, settings.line_docs, settings.encoding_errors)
-    if not cfg.corpus and corpus.fingerprint != store.meta.get("corpus_fingerprint", corpus.fingerprint):
-        raise BaeError(f"the corpus of store {store.url} has changed since the harvest; pass --corpus")
+    corpus = CorpusStream(settings.corpus, settings.text_field, settings.line_docs, settings.encoding_errors)
     tokens = tokenize_corpus(
         loaded.tokenizer,
-        [d.text for d in corpus.docs],
+        corpus.texts(),
         settings.context_length,
         settings.mode,
         settings.bos,
         cfg.positions,
         settings.token_budget,
     )
+    # the harvest read the same documents (same budget), so the fingerprints of what was read agree
+    if not cfg.corpus and corpus.fingerprint != store.meta.get("corpus_fingerprint", corpus.fingerprint):
+        raise BaeError(f"the corpus of store {store.url} has changed since the harvest; pass --corpus")
     if cfg.corpus:
         split: tuple[float, int] | None = None
         held_out_text = f"every document of {', '.join(cfg.corpus)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
@@ -73,6 +74,14 @@ class HarvestConfig(StrictModel):
         ge=1,
         description=f"stop after this many input tokens [all; embedded corpus: {DEFAULT_BUILTIN_TOKENS}]",
     )
+    storage_options: dict[str, Any] | None = Field(
+        default=None,
+        description="fsspec options for URL corpora and the store, as JSON or a config-file mapping, "
+        'e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\' (keys of s3fs/gcsfs; their environment '
+        "variables apply where these say nothing); never recorded or printed, so it may hold secrets",
+        exclude=True,  # out of every dump: the store's config, diffs, provenance
+        repr=False,
+    )
     lease_seconds: float = Field(
         default=LEASE_SECONDS,
         gt=0,
@@ -87,6 +96,16 @@ class HarvestConfig(StrictModel):
             return parse_positions(value)
         except BaeError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _storage_options(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:  # the message must not quote the value: it may hold secrets
+            raise ValueError(f"not a JSON object ({exc.msg} at character {exc.pos})") from None
 
     @field_validator("layers", mode="before")
     @classmethod

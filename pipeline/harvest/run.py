@@ -25,7 +25,7 @@ from bae.common.errors import BaeError
 from bae.common.signals import StopRequest
 from bae.common.urls import is_local, local_path
 from bae.pipeline.harvest.config import HarvestConfig
-from bae.pipeline.harvest.corpus import Corpus, load_corpus
+from bae.pipeline.harvest.corpus import CorpusStream
 from bae.pipeline.harvest.plan import UnitPlan, forward_batches, plan_units
 from bae.pipeline.harvest.windows import Tokenized, Window, tokenize_corpus
 from bae.pipeline.llm.capture import LayerCapture, check_layers
@@ -130,7 +130,7 @@ def _open_store(
     error = [None]
     if state.is_main_process:
         try:
-            ActivationStore.create(cfg.out, layout, attrs=attrs, documents=documents)
+            ActivationStore.create(cfg.out, layout, attrs, documents, cfg.storage_options)
         except BaeError as exc:
             error = [str(exc)]
     if state.num_processes > 1:
@@ -138,12 +138,12 @@ def _open_store(
         broadcast_object_list(error, from_process=0)
     if error[0]:
         raise BaeError(error[0])
-    return ActivationStore.open(cfg.out, mode="r+")
+    return ActivationStore.open(cfg.out, mode="r+", storage_options=cfg.storage_options)
 
 
-def _pending_bytes(out: str, layout: StoreLayout) -> int:
+def _pending_bytes(cfg: HarvestConfig, layout: StoreLayout) -> int:
     try:
-        done = ActivationStore.open(out).done_mask()
+        done = ActivationStore.open(cfg.out, storage_options=cfg.storage_options).done_mask()
     except BaeError:
         done = np.zeros(layout.n_units, dtype=bool)
     pending = sum(layout.unit_range(int(u))[1] - layout.unit_range(int(u))[0] for u in np.flatnonzero(~done))
@@ -154,7 +154,7 @@ def _pending_bytes(out: str, layout: StoreLayout) -> int:
 class Prepared:
     """A harvest made ready: the corpus, the model, its windows, the unit plan and the store layout."""
 
-    corpus: Corpus
+    corpus: CorpusStream  # read as far as the windows needed
     loaded: LoadedModel
     layers: list[int]
     tokens: Tokenized
@@ -163,8 +163,9 @@ class Prepared:
 
 
 def prepare(cfg: HarvestConfig, state: PartialState) -> Prepared:
-    """Read the corpus, load the model, tokenize, plan units and lay out the store."""
-    corpus = load_corpus(cfg.corpus, cfg.text_field, cfg.line_docs, cfg.encoding_errors)
+    """List the corpus, load the model, tokenize the documents as they are read (up to the token
+    budget), plan units and lay out the store."""
+    corpus = CorpusStream(cfg.corpus, cfg.text_field, cfg.line_docs, cfg.encoding_errors, cfg.storage_options)
     # PartialState sets its device on creation
     loaded = load_model(cfg.model, cfg.model_dtype, cast(torch.device, state.device), cfg.device_map)
     layers = check_layers(cfg.layers if cfg.layers is not None else [loaded.n_layers // 2], loaded.n_layers)
@@ -173,9 +174,14 @@ def prepare(cfg: HarvestConfig, state: PartialState) -> Prepared:
             f"context_length {cfg.context_length} exceeds the model's maximum "
             f"of {loaded.max_positions} positions"
         )
-    texts = [doc.text for doc in corpus.docs]
     tokens = tokenize_corpus(
-        loaded.tokenizer, texts, cfg.context_length, cfg.mode, cfg.bos, cfg.positions, cfg.token_budget
+        loaded.tokenizer,
+        corpus.texts(),
+        cfg.context_length,
+        cfg.mode,
+        cfg.bos,
+        cfg.positions,
+        cfg.token_budget,
     )
     if not tokens.windows:
         raise BaeError(
@@ -262,8 +268,9 @@ def harvest_summary(
         "model": f"{loaded.model_id} ({str(loaded.model.dtype).removeprefix('torch.')})",
         "layers": ", ".join(map(str, prepared.layers)) + f" of 0..{loaded.n_layers}",
         "mode": f"{cfg.mode}, context {cfg.context_length}, positions {cfg.positions}",
-        "documents": f"{tokens.n_docs_used} used of {len(corpus.docs)} "
-        f"({corpus.n_empty} empty skipped, {tokens.n_truncated} truncated, "
+        "documents": f"{tokens.n_docs_used} used of {corpus.n_read} read"
+        + ("" if corpus.exhausted else " (the token budget was reached before the corpus ended)")
+        + f" ({corpus.n_empty} empty skipped, {tokens.n_truncated} truncated, "
         f"{corpus.n_replaced} bytes replaced)",
         "rows": f"{human_count(store.n_rows)} in {store.n_units} units of {store.unit_rows}",
         "units": f"{done.written} written now, {counts['skipped']} were done, "
@@ -282,7 +289,7 @@ def run_harvest(cfg: HarvestConfig, show_progress: bool = True) -> HarvestResult
     state = process_state()
     prepared = prepare(cfg, state)
     if state.is_main_process:
-        check_free_space(cfg.out, _pending_bytes(cfg.out, prepared.layout))
+        check_free_space(cfg.out, _pending_bytes(cfg, prepared.layout))
     store = _open_store(
         cfg, state, prepared.layout, store_attrs(cfg, prepared), prepared.corpus.metadata_columns()
     )

@@ -9,7 +9,8 @@ invalid rows. ``positions`` are positions in the window (= in the document, in d
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,9 +70,10 @@ def separator_id(tokenizer: Any) -> int:
     raise BaeError("packed mode needs an EOS or BOS token to separate documents; use --mode document")
 
 
-def _token_lists(tokenizer: Any, texts: Sequence[str]) -> Iterator[list[int]]:
-    for start in range(0, len(texts), _TOKENIZE_BATCH):
-        batch = list(texts[start : start + _TOKENIZE_BATCH])
+def _token_lists(tokenizer: Any, texts: Iterable[str]) -> Iterator[list[int]]:
+    """Token ids per text; texts are taken from ``texts`` a batch at a time, as they are needed."""
+    remaining = iter(texts)
+    while batch := list(itertools.islice(remaining, _TOKENIZE_BATCH)):
         yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
 
 
@@ -110,14 +112,15 @@ def _window(
 
 def tokenize_corpus(
     tokenizer: Any,
-    texts: Sequence[str],
+    texts: Iterable[str],
     context_length: int,
     mode: Mode = "packed",
     bos: BosPolicy = "auto",
     positions: Positions = "all",
     max_tokens: int | None = None,
 ) -> Tokenized:
-    """Turn documents into windows; stop once ``max_tokens`` model input tokens are planned."""
+    """Turn documents into windows; stop once ``max_tokens`` model input tokens are planned, having
+    taken from ``texts`` (which may be read lazily) only the batches that took."""
     use_bos = uses_bos(tokenizer, bos)
     bos_id = int(tokenizer.bos_token_id) if use_bos else None
     room = context_length - int(use_bos)
@@ -132,7 +135,7 @@ def tokenize_corpus(
 
 def _documents(
     tokenizer: Any,
-    texts: Sequence[str],
+    texts: Iterable[str],
     room: int,
     bos_id: int | None,
     special: np.ndarray,
@@ -160,7 +163,7 @@ def _documents(
 
 def _packed(
     tokenizer: Any,
-    texts: Sequence[str],
+    texts: Iterable[str],
     room: int,
     bos_id: int | None,
     special: np.ndarray,

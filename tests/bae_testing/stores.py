@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -58,10 +59,19 @@ def indexed_store(path: Path, n: int = 3000, unit_rows: int = 256, doc_len: int 
     return store, data
 
 
-def assert_stores_identical(a: str | Path, b: str | Path) -> None:
-    """Every array of two Zarr groups equal, element by element, and the same attributes."""
+def _attrs_but(group: zarr.Group, config_fields: tuple[str, ...]) -> dict[str, Any]:
+    attrs: dict[str, Any] = copy.deepcopy(dict(group.attrs))
+    config = attrs.get("bae", {}).get("config") or {}
+    for name in config_fields:
+        config.pop(name, None)
+    return attrs
+
+
+def assert_stores_identical(a: str | Path, b: str | Path, config_except: tuple[str, ...] = ()) -> None:
+    """Every array of two Zarr groups equal, element by element, and the same attributes (but the
+    recorded config's ``config_except`` fields, e.g. a corpus read from two places)."""
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-    assert dict(ga.attrs) == dict(gb.attrs)
+    assert _attrs_but(ga, config_except) == _attrs_but(gb, config_except)
     names_a = sorted(name for name, _ in ga.arrays()) + sorted(
         f"{g}/{name}" for g, sub in ga.groups() for name, _ in sub.arrays()
     )
