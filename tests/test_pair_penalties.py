@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from bae.trainer.bit_products import bit_counts
+from bae.trainer.bit_products import bit_counts, packed_signs
 from bae.trainer.config import ModelConfig
 from bae.trainer.models import build_autoencoder
 from bae.trainer.objectives import CORR_EPS, NormalizedObjective, Objective
-from bae.trainer.pair_penalties import abs_covariance, gram_norm
+from bae.trainer.pair_penalties import abs_covariance, dense_signs, gram_norm
 
 
 def plain_covariance(bits: torch.Tensor) -> torch.Tensor:
@@ -133,3 +133,24 @@ def test_objective_gradients_equal_the_plain_formulas_on_a_model(objective: str)
     assert loss.item() == pytest.approx(plain.item(), rel=1e-10)
     for a, b in zip(g_fast, grads(plain)):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(("n", "m"), [(64, 150), (4, 40), (509, 90)])
+def test_packed_and_dense_signs_agree_with_exact_integers(n: int, m: int) -> None:
+    """The CPU popcount path, the dense path (other devices, many ties) and numpy's integers agree;
+    (4, 40) has ties on most pairs, so abs_covariance takes the dense path there."""
+    gen = torch.Generator().manual_seed(n + m)
+    bits = (torch.rand(n, m, generator=gen) < 0.5).double()
+    bits = bits[:, (bits.sum(0) > 0) & (bits.sum(0) < n)]
+    b = bits.numpy().astype(np.int64)
+    numerator = n * (b.T @ b) - np.outer(b.sum(0), b.sum(0))
+    np.fill_diagonal(numerator, 0)
+    sign = np.sign(numerator)
+    packed, dense = packed_signs(bits), dense_signs(bits)
+    for signs in (packed, dense):
+        assert signs.abs_sum == pytest.approx(np.abs(numerator).sum() / (n * (n - 1)), rel=1e-12)
+        assert np.allclose(signs.p_sign.numpy(), b.mean(0) @ sign, rtol=1e-12, atol=1e-12)
+        assert np.array_equal(signs.times(bits).numpy(), b @ sign)
+    bits.requires_grad_()
+    (grad,) = torch.autograd.grad(abs_covariance(bits), bits)
+    assert np.allclose(grad.numpy(), 2 / (n - 1) * (b - b.mean(0)) @ sign, rtol=1e-12, atol=1e-12)

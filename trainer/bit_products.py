@@ -118,12 +118,6 @@ def bit_counts(a: torch.Tensor, b: torch.Tensor | np.ndarray | None = None) -> t
     return torch.from_numpy(_counts(p, q, b is None)).to(a.device)
 
 
-def unpack_rows(packed: np.ndarray, m: int) -> torch.Tensor:
-    """Inverse of ``pack_columns``: bool [rows, m]."""
-    bits = np.unpackbits(packed.view(np.uint8), axis=1, bitorder="little")[:, :m]
-    return torch.from_numpy(bits.astype(bool))
-
-
 def set_bits(packed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices of the set bits of a packed matrix, row-major."""
     rows, cols = _set_bits(packed, int(np.bitwise_count(packed).sum()))
@@ -131,7 +125,7 @@ def set_bits(packed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class CovarianceSigns:
+class PackedSigns:
     """The exact covariance of 0/1 bits [n, m], as the pairwise penalties need it:
     ``abs_sum`` = Σ_{j≠k} |C_jk|; ``p_sign`` = pᵀ·sign(C) (p the firing rates, sign 0 on the
     diagonal and on exact zeros); ``positive``/``zero`` = rows of [C > 0] and [C = 0 or j = k],
@@ -143,13 +137,23 @@ class CovarianceSigns:
     zero: np.ndarray
     n_zero: int
 
+    def times(self, b: torch.Tensor) -> torch.Tensor:
+        """B·S for the 0/1 bits B [n, m] these signs came from: S = 2·[C > 0] − 1 + [C = 0 or j = k],
+        so one popcount pass, the row sums, and the columns of the last term (the diagonal and
+        exact ties, few: ``pair_penalties`` goes dense when they are many)."""
+        product = 2 * bit_counts(b.T, self.positive).to(b.dtype) - b.sum(dim=1, keepdim=True)
+        if self.n_zero == b.shape[1]:  # the diagonal only
+            return product + b
+        rows, cols = set_bits(self.zero)
+        return product.index_add_(1, cols, b[:, rows])
 
-def covariance_signs(bits: torch.Tensor) -> CovarianceSigns:
+
+def packed_signs(bits: torch.Tensor) -> PackedSigns:
     """C's signs from integer co-occurrence counts: n·G_jk − n_j·n_k is exact, so is its sign."""
     n = bits.shape[0]
     ones = bits.sum(dim=0, dtype=torch.int64).cpu().numpy()
     abs_sum, ones_sign, positive, zero = _covariance_signs(bit_counts(bits).numpy(), ones, n)
-    return CovarianceSigns(
+    return PackedSigns(
         abs_sum=float(abs_sum.sum()) / (n * (n - 1)),
         p_sign=torch.from_numpy(ones_sign / n),
         positive=positive,

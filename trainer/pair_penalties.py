@@ -13,13 +13,36 @@ whichever Gram matrix is smaller — n×n for a batch narrower than the code —
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from bae.trainer.bit_products import CovarianceSigns, bit_counts, covariance_signs, set_bits, unpack_rows
+from bae.trainer.bit_products import PackedSigns, packed_signs
 
 MAX_TIES_PER_BIT = 4  # exact-zero covariances handled sparsely up to this many per bit, else densely
+
+
+@dataclass(frozen=True)
+class DenseSigns:
+    """The covariance signs as a d'×d' matrix: off the CPU, or with many exact ties (tiny batches)."""
+
+    abs_sum: float
+    p_sign: torch.Tensor
+    sign: torch.Tensor
+
+    def times(self, b: torch.Tensor) -> torch.Tensor:
+        return b @ self.sign.to(b.dtype)
+
+
+def dense_signs(b: torch.Tensor) -> DenseSigns:
+    """C's numerator n·G − n_j·n_k from a float64 product (exact integers), its signs and Σ|C|."""
+    n = b.shape[0]
+    ones = b.sum(dim=0, dtype=torch.float64)
+    numerator = n * (b.T.double() @ b.double()) - ones[:, None] * ones[None, :]
+    numerator.fill_diagonal_(0)
+    sign = numerator.sign()
+    return DenseSigns(float(numerator.abs().sum()) / (n * (n - 1)), (ones / n) @ sign, sign)
 
 
 class _AbsCovariance(torch.autograd.Function):
@@ -29,33 +52,22 @@ class _AbsCovariance(torch.autograd.Function):
         ones = bits.sum(dim=0, dtype=torch.float64)
         varying = ((ones > 0) & (ones < n)).nonzero().squeeze(1)
         b = bits[:, varying].to(torch.promote_types(bits.dtype, torch.float32))
-        ctx.signs = covariance_signs(b)
+        signs: PackedSigns | DenseSigns = dense_signs(b) if b.device.type != "cpu" else packed_signs(b)
+        if isinstance(signs, PackedSigns) and signs.n_zero > MAX_TIES_PER_BIT * b.shape[1]:
+            signs = dense_signs(b)
+        ctx.signs = signs
         ctx.save_for_backward(b, varying)
         ctx.shape, ctx.dtype = bits.shape, bits.dtype
-        return torch.tensor(ctx.signs.abs_sum, dtype=bits.dtype)
+        return torch.tensor(signs.abs_sum, dtype=bits.dtype, device=bits.device)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         b, varying = ctx.saved_tensors
-        signs: CovarianceSigns = ctx.signs
-        z_sign = _times_sign(b, signs) - signs.p_sign.to(b.dtype)  # Z·S = B·S − 1·pᵀS
+        signs = ctx.signs
+        z_sign = signs.times(b) - signs.p_sign.to(b)  # Z·S = B·S − 1·pᵀS
         out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=b.device)
         out[:, varying] = (z_sign * (grad * 2 / (ctx.shape[0] - 1))).to(ctx.dtype)
         return out
-
-
-def _times_sign(b: torch.Tensor, signs: CovarianceSigns) -> torch.Tensor:
-    """B·S for 0/1 B [n, m] and S = sign(C): S = 2·[C > 0] − 1 + [C = 0 or j = k], so one popcount
-    pass, the row sums, and the columns of the (sparse: diagonal and exact ties) last term."""
-    m = b.shape[1]
-    if signs.n_zero > MAX_TIES_PER_BIT * m:
-        zero, positive = unpack_rows(signs.zero, m), unpack_rows(signs.positive, m)
-        return b @ (2 * positive.to(b.dtype) - 1 + zero.to(b.dtype))
-    product = 2 * bit_counts(b.T, signs.positive).to(b.dtype) - b.sum(dim=1, keepdim=True)
-    if signs.n_zero == m:  # the diagonal only
-        return product + b
-    rows, cols = set_bits(signs.zero)
-    return product.index_add_(1, cols, b[:, rows])
 
 
 class _GramNorm(torch.autograd.Function):
