@@ -15,6 +15,7 @@ that subtracts ``b_dec`` becomes a bae model whose input mean is ``b_dec`` (σ =
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,6 +46,17 @@ class SaeWeights:
         """The four weights by SAELens' names, contiguous (what safetensors writes)."""
         names = ("W_enc", "b_enc", "W_dec", "b_dec")
         return {name: getattr(self, name).contiguous() for name in names}
+
+
+@dataclass
+class ReadSae:
+    """An SAE read from another tool: its weights, bae architecture and options, and where it was trained."""
+
+    weights: SaeWeights
+    architecture: str
+    options: dict[str, Any]
+    model_name: str | None
+    hook_name: str | None
 
 
 def bit_decoder(model: Autoencoder) -> torch.Tensor:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from bae.common.atomic_files import shareable, temporary_dir
 from bae.common.errors import BaeError, first_line
 from bae.interop.checkpoint_config import ExportCheckpointConfig
 from bae.interop.hook_names import Source, saelens_hook
-from bae.interop.sae_weights import SaeWeights, from_autoencoder
+from bae.interop.sae_weights import ReadSae, SaeWeights, from_autoencoder
 from bae.trainer.models import Autoencoder, load_autoencoder, replace_dir
 
 CFG_FILE = "cfg.json"
@@ -113,17 +112,6 @@ def export_saelens(config: ExportCheckpointConfig) -> Path:
     }
     print_summary(f"bae export saelens -> {out}", rows)
     return out
-
-
-@dataclass
-class ReadSae:
-    """An SAE read from another tool: its weights, bae architecture and options, and where it was trained."""
-
-    weights: SaeWeights
-    architecture: str
-    options: dict[str, Any]
-    model_name: str | None
-    hook_name: str | None
 
 
 def read_saelens(path: Path) -> ReadSae:

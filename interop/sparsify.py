@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from bae.common.errors import BaeError, first_line
 from bae.interop.checkpoint_config import ExportCheckpointConfig
 from bae.interop.hook_names import Source, sparsify_hookpoint
-from bae.interop.sae_weights import SaeWeights, from_autoencoder
-from bae.interop.saelens import ReadSae, write_sae_dir
+from bae.interop.sae_weights import ReadSae, SaeWeights, from_autoencoder
+from bae.interop.saelens import write_sae_dir
 from bae.trainer.models import load_autoencoder
 
 CFG_FILE = "cfg.json"
