@@ -9,7 +9,9 @@ holding ``model_id``, ``layer``, ``sae_set``, ``sae_id_suffix`` and, per feature
 and checkpoint: a BAE bit's margin toward its rarer state (the encoder's pre-step value, signed;
 0 where the bit is not in that state), an SAE feature's activation. ComSem explanations, when
 ``interpretation.json`` exists, go to ``explanations.jsonl`` in Neuronpedia's explanation fields.
-Left empty: logit tables and histograms, correlated neurons and features.
+The logit tables (``pos_str``/``neg_str``) list the tokens each decoder direction promotes and
+suppresses most through the store's LLM unembedding. Left empty: histograms, correlated neurons and
+features.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from bae.trainer.models import Autoencoder, replace_dir
 
 EXPLANATIONS_JSONL = "explanations.jsonl"
 ALIGNMENT_DIMS = 3  # residual dimensions listed per feature, as SAEDashboard's feature tables
+LOGIT_TOKENS = 10  # promoted and suppressed tokens listed per feature, as SAEDashboard lists them
 DIGITS = 5  # values are rounded as SAEDashboard rounds them
 _BATCH = re.compile(r"batch-\d+\.json")
 
@@ -78,17 +82,20 @@ def token_values(
     return np.split(values, np.cumsum([len(r) for _, r in wanted])[:-1])
 
 
-def decoder_alignment(
-    model: Autoencoder, k: int = ALIGNMENT_DIMS, chunk: int = 1024
-) -> list[dict[str, list]]:
-    """Per feature, the ``k`` residual dimensions its raw-space decoder direction writes most to
-    (``decode(e_j) − decode(0)``): indices, values and shares of the direction's L1 norm."""
+def decoder_directions(model: Autoencoder, chunk: int = 1024) -> Iterator[np.ndarray]:
+    """Raw-space decoder directions ``decode(e_j) − decode(0)`` [chunk, d], ``chunk`` features at a time
+    (k-bit groups, the output standardization and decoder bias handled by ``decode`` itself)."""
     n = model.n_bits
     base = model.decode(torch.zeros(1, n))
-    out = []
     for start in range(0, n, chunk):
-        eye = torch.eye(n)[start : start + chunk]
-        directions = (model.decode(eye) - base).double().cpu().numpy()
+        yield (model.decode(torch.eye(n)[start : start + chunk]) - base).double().cpu().numpy()
+
+
+def decoder_alignment(model: Autoencoder, k: int = ALIGNMENT_DIMS) -> list[dict[str, list]]:
+    """Per feature, the ``k`` residual dimensions its decoder direction writes most to: indices,
+    values and shares of the direction's L1 norm."""
+    out = []
+    for directions in decoder_directions(model):
         top = np.argsort(-np.abs(directions), axis=1)[:, :k]
         l1 = np.abs(directions).sum(1, keepdims=True)
         vals = np.take_along_axis(directions, top, 1)
@@ -104,6 +111,45 @@ def decoder_alignment(
     return out
 
 
+def logit_effects(
+    store: ActivationStore, model: Autoencoder, text: TokenText, k: int = LOGIT_TOKENS
+) -> list[dict[str, list]] | None:
+    """Per feature, the ``k`` tokens its decoder direction promotes and suppresses most through the
+    store's LLM unembedding (``W_U (γ ⊙ direction)``, γ the final norm's weight where the model has
+    one); None for a store that records no model."""
+    from bae.pipeline.llm.load import EMBEDDED_ID, load_model
+
+    spec = (store.meta.get("model") or {}).get("id")
+    if not spec:
+        return None
+    llm = load_model(None if spec == EMBEDDED_ID else spec).model
+    unembed = llm.get_output_embeddings()
+    if unembed is None:
+        raise BaeError(f"model {spec}: no output embedding to compute logit effects (pass --no-logits)")
+    w_u = unembed.weight.detach().double()
+    if w_u.shape[1] != model.config.d_model:
+        raise BaeError(
+            f"model {spec}: hidden size {w_u.shape[1]}, but the checkpoint reads {model.config.d_model} "
+            "dimensions; no logit effects (pass --no-logits)"
+        )
+    norm = getattr(llm.base_model, "norm", None)
+    gamma = norm.weight.detach().double() if norm is not None and norm.weight is not None else 1.0
+    out = []
+    for directions in decoder_directions(model):
+        logits = (torch.from_numpy(directions) * gamma) @ w_u.T
+        pos, neg = logits.topk(k, dim=1), (-logits).topk(k, dim=1)
+        for pi, pv, ni, nv in zip(pos.indices, pos.values, neg.indices, neg.values):
+            out.append(
+                {
+                    "pos_str": [text.decode([int(t)]) for t in pi],
+                    "pos_values": np.round(pv.numpy(), DIGITS).tolist(),
+                    "neg_str": [text.decode([int(t)]) for t in ni],
+                    "neg_values": np.round(-nv.numpy(), DIGITS).tolist(),
+                }
+            )
+    return out
+
+
 def _model_id(store: ActivationStore, given: str | None) -> str:
     if given:
         return given
@@ -111,7 +157,9 @@ def _model_id(store: ActivationStore, given: str | None) -> str:
     return Path(str(model)).name.lower() if model else "unknown"
 
 
-def dashboard_feature(record: dict[str, Any], activations: list[dict[str, Any]], alignment: dict) -> dict:
+def dashboard_feature(
+    record: dict[str, Any], activations: list[dict[str, Any]], alignment: dict, logits: dict | None
+) -> dict:
     """One feature in SAEDashboard's ``NeuronpediaDashboardFeature`` fields."""
     return {
         "feature_index": record["feature"],
@@ -122,10 +170,7 @@ def dashboard_feature(record: dict[str, Any], activations: list[dict[str, Any]],
         "correlated_features_indices": [],
         "correlated_features_l1": [],
         "correlated_features_pearson": [],
-        "neg_str": [],
-        "neg_values": [],
-        "pos_str": [],
-        "pos_values": [],
+        **(logits or {"neg_str": [], "neg_values": [], "pos_str": [], "pos_values": []}),
         "frac_nonzero": record["frequency"],
         "freq_hist_data_bar_values": [],
         "freq_hist_data_bar_heights": [],
@@ -201,6 +246,7 @@ def export_dashboard(config: DashboardExportConfig, quiet: bool = False) -> Path
         return pieces[token]
 
     alignment = decoder_alignment(model)
+    logits = logit_effects(store, model, text) if config.logits else None
     features = []
     for j, record in enumerate(records):
         activations = []
@@ -229,7 +275,7 @@ def export_dashboard(config: DashboardExportConfig, quiet: bool = False) -> Path
                 "sae_set": config.sae_set,
                 "sae_id_suffix": None,
                 "features": [
-                    dashboard_feature(records[j], features[j], alignment[j])
+                    dashboard_feature(records[j], features[j], alignment[j], logits[j] if logits else None)
                     for j in range(start, min(start + step, len(records)))
                 ],
             }
@@ -254,6 +300,7 @@ def export_dashboard(config: DashboardExportConfig, quiet: bool = False) -> Path
                 "batches": -(-len(records) // step),
                 "contexts": len(windows),
                 "explanations": len(explained),
+                "logit effects": "yes" if logits else "no (--no-logits or no model recorded)",
                 "model_id / layer / sae_set": f"{model_id} / {spec.layer} / {config.sae_set}",
                 "values": "margin toward the rarer state (0 elsewhere)"
                 if model.architecture == "bae"

@@ -29,4 +29,8 @@ class DashboardExportConfig(StrictModel):
         default=None, description="Neuronpedia model id [the store's model, last path part]"
     )
     sae_set: str = Field(default="bae", description="Neuronpedia source-set name")
+    logits: bool = Field(
+        default=True,
+        description="logit tables from the store's LLM unembedding (loads the LLM); off: left empty",
+    )
     batch_features: int = Field(default=128, ge=1, description="features per batch-<n>.json")

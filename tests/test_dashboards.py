@@ -8,8 +8,9 @@ import re
 
 import numpy as np
 import pytest
-from bae_testing.features import make_text_store, save_autoencoder, save_tokenizer
+from bae_testing.features import make_text_store, save_autoencoder
 from bae_testing.stores import run_bae
+from bae_testing.tiny_models import save_tiny_model
 
 from bae.common.errors import BaeError
 from bae.interop.dashboard import export_dashboard
@@ -23,11 +24,11 @@ from bae.trainer import load_autoencoder
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dashboards")
-    tokenizer = save_tokenizer(tmp / "tokenizer")
-    _, data = make_text_store(tmp / "store.zarr", tokenizer)
+    llm = save_tiny_model("llama", tmp / "llm")  # the store's model: tokenizer and unembedding
+    _, data = make_text_store(tmp / "store.zarr", llm, d=32)
     out = {}
     for arch in ("bae", "relu_sae"):
-        ck = save_autoencoder(tmp / arch, arch)
+        ck = save_autoencoder(tmp / arch, arch, d=32, expansion=2)
         config = FeaturesConfig(
             store=str(tmp / "store.zarr"), checkpoint=str(ck), out=str(tmp / f"f-{arch}"), top_k=6
         )
@@ -120,6 +121,16 @@ def test_report_reaches_every_feature_and_sorts_by_score(tmp_path):
     )
 
 
+def _logit_effects(llm_dir, checkpoint) -> np.ndarray:
+    """[features, vocab]: the unembedding of (final RMSNorm weight ⊙ decoder column), from the saved files."""
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(llm_dir / "model.safetensors"))
+    decoder = load_file(str(checkpoint / "model.safetensors"))["decoder.weight"].astype(np.float64)
+    gamma = weights["model.norm.weight"].astype(np.float64)
+    return (decoder.T * gamma) @ weights["lm_head.weight"].astype(np.float64).T
+
+
 def _load_batches(directory):
     from sae_dashboard.neuronpedia.neuronpedia_dashboard import NeuronpediaDashboardBatch
 
@@ -142,7 +153,7 @@ def test_export_loads_with_sae_dashboard_and_values_match(env, arch):
         DashboardExportConfig(features=str(tmp / f"f-{arch}"), out=str(dest), batch_features=24), quiet=True
     )
     batches = _load_batches(dest)
-    assert len(batches) == 3 and {b.layer for b in batches} == {3} and batches[0].model_id == "tokenizer"
+    assert len(batches) == 3 and {b.layer for b in batches} == {3} and batches[0].model_id == "llm"
     features = [f for b in batches for f in b.features]
     assert [f.feature_index for f in features] == list(range(64))
     rows = np.flatnonzero(data["valid"])
@@ -151,8 +162,14 @@ def test_export_loads_with_sae_dashboard_and_values_match(env, arch):
     expected_values = (
         np.maximum(pre * np.where(freq <= 0.5, 1, -1), 0) if arch == "bae" else np.maximum(pre, 0)
     )
+    logits = _logit_effects(tmp / "llm", ck)
     for feature, record in zip(features, result["features"]):
         assert feature.frac_nonzero == pytest.approx(record["frequency"])
+        top = np.argsort(-logits[feature.feature_index])[:10]
+        np.testing.assert_allclose(feature.pos_values, logits[feature.feature_index, top], atol=1e-4)
+        bottom = np.argsort(logits[feature.feature_index])[:10]
+        np.testing.assert_allclose(feature.neg_values, logits[feature.feature_index, bottom], atol=1e-4)
+        assert len(feature.pos_str) == len(feature.neg_str) == 10
         assert (
             len(feature.activations) == len(record["contexts"]) and len(feature.neuron_alignment_indices) == 3
         )
@@ -212,7 +229,7 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path):
     tmp = env[0]
     proc = run_bae("export", "dashboard", str(tmp_path / "nothing"), "-o", str(tmp_path / "d"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no contexts.json" in proc.stderr
-    wrong = save_autoencoder(tmp_path / "other", "bae", expansion=2)
+    wrong = save_autoencoder(tmp_path / "other", "bae", d=32, expansion=1)
     config = DashboardExportConfig(
         features=str(tmp / "f-bae"), out=str(tmp_path / "d"), checkpoint=str(wrong)
     )
