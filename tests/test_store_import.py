@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from bae import cli
 from bae.common.console import format_summary
+from bae.pipeline.analysis.token_text import TokenText, load_store_tokenizer
 from bae.pipeline.entropy.run import EntropyConfig, run_entropy
 from bae.pipeline.harvest.config import HarvestConfig
 from bae.pipeline.harvest.run import run_harvest
@@ -80,7 +81,8 @@ def test_batch_cache_of_a_harvest_imports_as_the_harvest_store(model_dir, tmp_pa
     cache = to_batch(ref)
     for name, values in cache.items():
         np.save(tmp_path / f"{name}.npy", values)
-    special = ",".join(map(str, transformers.AutoTokenizer.from_pretrained(model_dir).all_special_ids))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    special = ",".join(map(str, tokenizer.all_special_ids))
     run_bae(
         *("store", "import", str(tmp_path / "acts.npy"), "-o", str(tmp_path / "imported"), "--layer", "1"),
         *("--tokens", str(tmp_path / "tokens.npy"), "--mask", str(tmp_path / "mask.npy")),
@@ -107,6 +109,8 @@ def test_batch_cache_of_a_harvest_imports_as_the_harvest_store(model_dir, tmp_pa
     ]
     assert len(tables[0]["position"]) > 5
     np.testing.assert_equal(tables[0], tables[1])  # NaN == NaN (no FVU recorded)
+    first = got["token_ids"][got["doc_ids"] == got["doc_ids"][0]].tolist()  # what features contexts shows
+    assert TokenText(load_store_tokenizer(imported)).decode(first) == tokenizer.decode(first)
     info = format_summary("store", store_summary(imported))
     assert f"npy {tmp_path / 'acts.npy'} [{'x'.join(map(str, cache['acts'].shape))}] float32" in info
     assert f"model            {model_dir}\n" in info
@@ -140,18 +144,16 @@ def expected_rows(cache: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[st
     return {k: np.array(v) for k, v in rows.items()}
 
 
+def pt_config(src: Path, out: Path, **kw) -> ImportConfig:
+    """Import a ``left_padded`` cache saved with torch.save, by its keys."""
+    names = {"tensor": "blocks.0.hook_resid_post", "tokens": "input_ids", "mask": "attention_mask"}
+    return ImportConfig.model_validate({"src": str(src), "out": str(out), **names, **kw})
+
+
 def test_pt_cache_weights_only_left_padding_dropped(tmp_path):
     cache = left_padded(batch=9, seq=11, d=6)
     torch.save(cache, tmp_path / "cache.pt")
-    cfg = ImportConfig(
-        src=str(tmp_path / "cache.pt"),
-        out=str(tmp_path / "s"),
-        tensor="blocks.0.hook_resid_post",
-        tokens="input_ids",
-        mask="attention_mask",
-        dtype="bfloat16",
-        unit_rows=16,
-    )
+    cfg = pt_config(tmp_path / "cache.pt", tmp_path / "s", dtype="bfloat16", unit_rows=16)
     store = import_activations(cfg, show_progress=False)
     want = expected_rows(cache, cache["attention_mask"])
     got = all_rows(store, 1)  # blocks.0.hook_resid_post = hidden_states[1]
@@ -236,14 +238,7 @@ def test_saelens_cache_imports_with_token_ids_and_hook(saelens_cache, model_dir,
 def test_resume_rewrites_only_missing_units(tmp_path):
     cache = left_padded(batch=6, seq=8, d=4, seed=2)
     torch.save(cache, tmp_path / "c.pt")
-    cfg = ImportConfig(
-        src=str(tmp_path / "c.pt"),
-        out=str(tmp_path / "s"),
-        tensor="blocks.0.hook_resid_post",
-        tokens="input_ids",
-        mask="attention_mask",
-        unit_rows=5,
-    )
+    cfg = pt_config(tmp_path / "c.pt", tmp_path / "s", unit_rows=5)
     before = all_rows(import_activations(cfg, show_progress=False), 1)
     group = zarr.open_group(str(tmp_path / "s"), mode="r+")
     cast(zarr.Array, group["units/done"])[2] = 0
