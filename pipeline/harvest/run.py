@@ -268,10 +268,9 @@ def harvest_summary(
         "model": f"{loaded.model_id} ({str(loaded.model.dtype).removeprefix('torch.')})",
         "layers": ", ".join(map(str, prepared.layers)) + f" of 0..{loaded.n_layers}",
         "mode": f"{cfg.mode}, context {cfg.context_length}, positions {cfg.positions}",
-        "documents": f"{tokens.n_docs_used} used of {corpus.n_read} read"
-        + ("" if corpus.exhausted else " (the token budget was reached before the corpus ended)")
-        + f" ({corpus.n_empty} empty skipped, {tokens.n_truncated} truncated, "
-        f"{corpus.n_replaced} bytes replaced)",
+        "documents": f"{tokens.n_docs_used} used of {corpus.n_read} read ({corpus.n_empty} empty skipped, "
+        f"{tokens.n_truncated} truncated, {corpus.n_replaced} bytes replaced)"
+        + ("" if corpus.exhausted else "; the token budget ended the reading"),
         "rows": f"{human_count(store.n_rows)} in {store.n_units} units of {store.unit_rows}",
         "units": f"{done.written} written now, {counts['skipped']} were done, "
         f"{done.elsewhere} written by other processes, {int(store.done_mask().sum())}/{store.n_units} done",
