@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from bae.common.errors import BaeError, first_line
 
@@ -77,6 +77,14 @@ def comma_list(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+def _layer_number(value: Any) -> Any:
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+LayerRef = Annotated[int | str, BeforeValidator(_layer_number)]
+"""A store layer: its index (``"6"`` is 6), or the name of a hook site it holds (``bae harvest --hook``)."""
 
 
 def merge_nested(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

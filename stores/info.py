@@ -8,6 +8,7 @@ import numpy as np
 
 from bae.common.console import human_bytes, human_count
 from bae.stores.activation_store import ActivationStore
+from bae.stores.sites import site_lines
 from bae.stores.verify import bytes_on_disk
 
 
@@ -28,6 +29,7 @@ def store_summary(store: ActivationStore) -> dict[str, Any]:
         "model": (f"{model['id']} @ {version}" if version else model.get("id")) if model else "(imported)",
         **({"source": describe_source(meta["source"])} if isinstance(meta.get("source"), dict) else {}),
         "layers": ", ".join(map(str, store.layers)),
+        **({"hook sites": site_lines(meta["sites"])} if meta.get("sites") else {}),
         "d_model": store.d_model,
         "dtype": f"{dtype['logical']} (stored as {dtype['physical']})",
         "compressor": store.layout.compressor or "none",

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from bae.common.command import cli
-from bae.common.configs import StrictModel
+from bae.common.configs import LayerRef, StrictModel
 from bae.common.outputs import LocalOutput
 from bae.common.selection import RowSelection
 
@@ -88,7 +88,10 @@ class TrainConfig(RowSelection):
 
     # data (and the row selection: valid_only, positions, val_fraction, split_seed)
     store: str = Field(description="activation store (path or URL)", json_schema_extra=cli("-s"))
-    layer: int = Field(description="layer of the store to train on", json_schema_extra=cli("-l"))
+    layer: LayerRef = Field(
+        description="layer of the store to train on: its index, or a hook site's name (bae harvest --hook)",
+        json_schema_extra=cli("-l"),
+    )
     out: LocalOutput = Field(description="output run directory", json_schema_extra=cli("-o"))
     standardize: Standardization | None = Field(
         default=None,

@@ -18,6 +18,7 @@ from bae.common.outputs import exclusive_output, sweep_temporaries
 from bae.common.selection import format_ranges, parse_ranges
 from bae.common.stats import FVU_DEFINITION
 from bae.stores import ActivationStore, RowFilter, StoreSampler
+from bae.stores.sites import resolve_layer
 from bae.trainer.checkpoints import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from bae.trainer.config import TrainConfig
 from bae.trainer.loop import FiringWindow, JsonlLog, Trainer, TrainState, lr_lambda, validate
@@ -101,7 +102,7 @@ def provenance(config: TrainConfig, store: ActivationStore, units: np.ndarray) -
     return Provenance(
         store=config.store,
         model=store.meta.get("model"),
-        layer=config.layer,
+        layer=resolve_layer(store, config.layer),
         d_model=store.d_model,
         positions=config.position_list,
         valid_only=config.valid_only,
@@ -235,6 +236,7 @@ def _train(
     run = RunFolder.at(config.out)
     world, main = accelerator.num_processes, accelerator.is_main_process
     store = ActivationStore.open(config.store)
+    config = config.model_copy(update={"layer": resolve_layer(store, config.layer)})  # a site by its key
     checkpoint = check_resumable(run, config, store.d_model)
     units = training_units(config, store, checkpoint)
     sampler, val_sampler = open_samplers(config, store, units, accelerator.process_index, world)

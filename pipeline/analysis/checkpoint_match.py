@@ -6,15 +6,17 @@ from typing import TYPE_CHECKING
 
 from bae.common.errors import BaeError
 from bae.stores import ActivationStore
+from bae.stores.sites import resolve_layer
 
 if TYPE_CHECKING:
     from bae.trainer.models import Autoencoder
 
 
 def load_for_store(
-    store: ActivationStore, checkpoint: str, layer: int | None = None
+    store: ActivationStore, checkpoint: str, layer: int | str | None = None
 ) -> tuple[Autoencoder, int]:
-    """The checkpoint's model and the store layer it applies to (``layer`` overrides the recorded one).
+    """The checkpoint's model and the store layer it applies to (``layer``, an index or a hook
+    site's name, overrides the recorded one).
 
     Refused, one line each: a layer the store lacks, another d_model, another corpus fingerprint.
     """
@@ -22,7 +24,7 @@ def load_for_store(
 
     model = load_autoencoder(checkpoint)
     provenance = model.provenance
-    layer = layer if layer is not None else provenance.layer
+    layer = resolve_layer(store, layer) if layer is not None else provenance.layer
     if layer is None:
         if len(store.layers) != 1:
             raise BaeError(

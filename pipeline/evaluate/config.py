@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from bae.common.command import cli
-from bae.common.configs import StrictModel
+from bae.common.configs import LayerRef, StrictModel
 
 EVALUATE_JSON = "evaluate.json"
 # options that change how fast a run goes, not what it measures
@@ -46,8 +46,10 @@ class EvaluateConfig(StrictModel):
         description="where the state is replaced and the distributions compared: every valid token, or "
         "the last token of each document (the ICL setting)",
     )
-    layer: int | None = Field(
-        default=None, description="layer to splice at [each checkpoint's layer]", json_schema_extra=cli("-l")
+    layer: LayerRef | None = Field(
+        default=None,
+        description="layer to splice at: its index or a hook site's name [each checkpoint's layer]",
+        json_schema_extra=cli("-l"),
     )
     keep_atypical: bool = Field(
         default=False,

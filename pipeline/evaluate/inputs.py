@@ -30,6 +30,7 @@ from bae.pipeline.harvest.windows import Window, tokenize_corpus
 from bae.pipeline.llm.capture import check_layers
 from bae.pipeline.llm.load import LoadedModel, file_sha256, load_model
 from bae.stores import ActivationStore, RowFilter, iter_unit_rows, split_mask
+from bae.stores.sites import store_sites
 from bae.trainer import Autoencoder, load_autoencoder
 from bae.trainer.models import CONFIG_FILE, WEIGHTS_FILE, resolve_model_dir
 
@@ -139,11 +140,29 @@ def same_model(recorded: Any, loaded: LoadedModel) -> bool:
     return recorded.get("id") in (None, loaded.model_id)
 
 
+def refuse_site(store: ActivationStore, checkpoint: str, layer: int) -> None:
+    """Splicing replaces ``hidden_states[L]``: a hook site is refused, naming the layer it equals."""
+    site = store_sites(store).get(layer)
+    if site is None:
+        return
+    equals = site.get("hidden_state")
+    hint = (
+        f"it equals hidden_states[{equals}]: harvest --layers {equals} to evaluate it"
+        if equals is not None
+        else "harvest a hidden_states layer (--layers) to evaluate"
+    )
+    raise BaeError(
+        f"checkpoint {checkpoint}: store layer {layer} is the hook site {site['name']}, and evaluate "
+        f"splices hidden_states layers only; {hint}"
+    )
+
+
 def load_targets(cfg: EvaluateConfig, store: ActivationStore, loaded: LoadedModel) -> list[Target]:
     """Each checkpoint, refused in one line if it belongs to another store, LLM, width or layer range."""
     targets = []
     for name, path in zip(checkpoint_names(cfg.checkpoints), cfg.checkpoints):
         model, layer = load_for_store(store, path, cfg.layer)
+        refuse_site(store, path, layer)
         try:
             check_layers([layer], loaded.n_layers)
         except BaeError as exc:

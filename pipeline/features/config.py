@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from bae.common.command import cli
-from bae.common.configs import StrictModel, require_same_config
+from bae.common.configs import LayerRef, StrictModel, require_same_config
 from bae.common.errors import BaeError
 from bae.common.outputs import LocalOutput
 from bae.common.selection import SplitSelection
@@ -87,8 +87,10 @@ class FeaturesConfig(SplitSelection):
         json_schema_extra=cli("-a", flag="--checkpoint"),
     )
     out: LocalOutput = Field(default="features", description="output directory", json_schema_extra=cli("-o"))
-    layer: int | None = Field(
-        default=None, description="store layer [the checkpoint's layer]", json_schema_extra=cli("-l")
+    layer: LayerRef | None = Field(
+        default=None,
+        description="store layer: its index or a hook site's name [the checkpoint's layer]",
+        json_schema_extra=cli("-l"),
     )
     max_rows: int | None = Field(
         default=None, ge=1, description="use only the first units up to this many rows"

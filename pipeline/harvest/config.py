@@ -60,6 +60,14 @@ class HarvestConfig(StrictModel):
         description="HF hidden_states indices, e.g. 3,6,9 [n_layers // 2]",
         json_schema_extra=cli("-l"),
     )
+    hooks: list[str] = Field(
+        default_factory=list,
+        description="also capture a module's output or input: its path in the HF model with :output "
+        "(default) or :input, e.g. model.layers.5.mlp, or blocks.L.hook_resid_pre / hook_resid_post / "
+        "hook_attn_out / hook_mlp_out (TransformerLens names); a module returning a tuple gives its first "
+        "tensor; repeatable [none; with hooks, --layers defaults to none]",
+        json_schema_extra=cli(flag="--hook"),
+    )
     store_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         default="float16", description="storage dtype"
     )
@@ -112,11 +120,20 @@ class HarvestConfig(StrictModel):
     def _layers(cls, value: Any) -> Any:
         return comma_list(value)
 
+    @field_validator("hooks", mode="before")
+    @classmethod
+    def _hooks(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [part for item in value for part in comma_list(item)]
+        return comma_list(value)
+
     def recorded(self) -> dict[str, Any]:
         """The config as recorded in the store and compared on resume: all but the store's own
         location, so a store that was moved or copied still resumes, and the lease length, which
-        processes sharing the store may set each their own way."""
-        return self.model_dump(mode="json", exclude={"out", "lease_seconds"})
+        processes sharing the store may set each their own way. An empty hooks list is not recorded, so
+        stores made before ``--hook`` existed still resume."""
+        unrecorded = {"out", "lease_seconds"} | (set() if self.hooks else {"hooks"})
+        return self.model_dump(mode="json", exclude=unrecorded)
 
     @property
     def uses_builtin(self) -> bool:

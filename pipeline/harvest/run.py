@@ -28,10 +28,12 @@ from bae.pipeline.harvest.config import HarvestConfig
 from bae.pipeline.harvest.corpus import CorpusStream
 from bae.pipeline.harvest.plan import UnitPlan, forward_batches, plan_units
 from bae.pipeline.harvest.windows import Tokenized, Window, tokenize_corpus
-from bae.pipeline.llm.capture import LayerCapture, check_layers
+from bae.pipeline.llm.capture import LayerCapture, Site, check_layers
 from bae.pipeline.llm.load import LoadedModel, load_model, tokenizer_fingerprint
+from bae.pipeline.llm.sites import probe_sites, resolve_sites
 from bae.stores import ActivationStore, StoreLayout
 from bae.stores.claims import UnitClaims, units_to_compute
+from bae.stores.sites import site_lines
 
 
 def check_free_space(out: str, needed: int) -> None:
@@ -160,6 +162,8 @@ class Prepared:
     tokens: Tokenized
     plan: UnitPlan
     layout: StoreLayout
+    sites: list[Site] = field(default_factory=list)
+    site_records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def prepare(cfg: HarvestConfig, state: PartialState) -> Prepared:
@@ -168,7 +172,10 @@ def prepare(cfg: HarvestConfig, state: PartialState) -> Prepared:
     corpus = CorpusStream(cfg.corpus, cfg.text_field, cfg.line_docs, cfg.encoding_errors, cfg.storage_options)
     # PartialState sets its device on creation
     loaded = load_model(cfg.model, cfg.model_dtype, cast(torch.device, state.device), cfg.device_map)
-    layers = check_layers(cfg.layers if cfg.layers is not None else [loaded.n_layers // 2], loaded.n_layers)
+    requested = cfg.layers if cfg.layers is not None else ([] if cfg.hooks else [loaded.n_layers // 2])
+    layers = check_layers(requested, loaded.n_layers) if requested or not cfg.hooks else []
+    sites = resolve_sites(loaded.model, cfg.hooks)
+    site_records = probe_sites(loaded.model, sites, loaded.d_model)
     if loaded.max_positions is not None and cfg.context_length > loaded.max_positions:
         raise BaeError(
             f"context_length {cfg.context_length} exceeds the model's maximum "
@@ -192,12 +199,12 @@ def prepare(cfg: HarvestConfig, state: PartialState) -> Prepared:
         n_rows=plan.n_rows,
         unit_rows=plan.unit_rows,
         d_model=loaded.d_model,
-        layers=layers,
+        layers=layers + [site.layer for site in sites],
         dtype=cfg.store_dtype,
         overflow=cfg.overflow,
         compressor={"name": "zstd", "level": 3} if cfg.compressor == "zstd" else None,
     )
-    return Prepared(corpus, loaded, layers, tokens, plan, layout)
+    return Prepared(corpus, loaded, layers, tokens, plan, layout, sites, site_records)
 
 
 def store_attrs(cfg: HarvestConfig, prepared: Prepared) -> dict[str, Any]:
@@ -212,6 +219,7 @@ def store_attrs(cfg: HarvestConfig, prepared: Prepared) -> dict[str, Any]:
         "context_length": cfg.context_length,
         "packing_mode": cfg.mode,
         "n_tokens": prepared.tokens.n_tokens,
+        **({"sites": prepared.site_records} if prepared.site_records else {}),
     }
 
 
@@ -237,7 +245,8 @@ def write_pending(
     """Write units until done or a stop signal; (progress, interrupted). Without ``claims`` the units
     are ``pending`` (a torchrun rank's static share); with them, whatever this process claims."""
     done = Progress()
-    with LayerCapture(prepared.loaded.model, prepared.layers) as capture, StopRequest() as stop, bar:
+    capture = LayerCapture(prepared.loaded.model, prepared.layers, prepared.sites)
+    with capture, StopRequest() as stop, bar:
         writer = UnitWriter(store, prepared.plan, capture, prepared.loaded, cfg)
 
         def finished_elsewhere(units: list[int]) -> None:
@@ -266,7 +275,8 @@ def harvest_summary(
     return {
         "store": cfg.out,
         "model": f"{loaded.model_id} ({str(loaded.model.dtype).removeprefix('torch.')})",
-        "layers": ", ".join(map(str, prepared.layers)) + f" of 0..{loaded.n_layers}",
+        "layers": (", ".join(map(str, prepared.layers)) or "none") + f" of 0..{loaded.n_layers}",
+        **({"sites": site_lines(prepared.site_records)} if prepared.site_records else {}),
         "mode": f"{cfg.mode}, context {cfg.context_length}, positions {cfg.positions}",
         "documents": f"{tokens.n_docs_used} used of {corpus.n_read} read ({corpus.n_empty} empty skipped, "
         f"{tokens.n_truncated} truncated, {corpus.n_replaced} bytes replaced)"

@@ -1,4 +1,5 @@
-"""Capture hidden states of chosen layers with forward hooks, stopping after the deepest one.
+"""Capture hidden states of chosen layers and hook sites with forward hooks, stopping the forward
+as soon as all of them are captured.
 
 Layer numbering follows HF ``output_hidden_states`` (docs/method.md): 0 is the embedding output
 (the input of block 0), ``l`` is the output of block ``l-1``, and the last index (``n_layers``) is
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -19,10 +21,40 @@ from bae.common.errors import BaeError
 
 _BLOCK_NAMES = ("layers", "h", "blocks", "layer")
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
+SiteIO = Literal["output", "input"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One captured site: the module, input or output, the TransformerLens name it was given by
+    (if any), its key on the store's layer axis, and the ``hidden_states`` index it equals (if any)."""
+
+    module: str
+    io: SiteIO
+    tl: str | None
+    layer: int
+    hidden_state: int | None
+
+    @property
+    def name(self) -> str:
+        """How the site is shown and addressed: the TransformerLens name, else ``module:io``."""
+        return self.tl or f"{self.module}:{self.io}"
+
+    def record(self, tuple_output: bool) -> dict[str, Any]:
+        """What the store records about the site."""
+        return {
+            "layer": self.layer,
+            "name": self.name,
+            "module": self.module,
+            "io": self.io,
+            "tl": self.tl,
+            "hidden_state": self.hidden_state,
+            "tuple_output": tuple_output,
+        }
 
 
 class _StopForward(Exception):
-    """Raised from a hook once the deepest requested layer is captured: the rest never runs."""
+    """Raised from a hook once every requested layer and site is captured: the rest never runs."""
 
 
 def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
@@ -59,50 +91,98 @@ def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """A module's output as captured: the tensor itself, or the first tensor of a tuple or list."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        return next((item for item in value if isinstance(item, torch.Tensor)), None)
+    return None
+
+
+def input_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """A module's input as captured: its first positional tensor, else its ``hidden_states``
+    keyword (HF passes attention its input by keyword), else its first tensor keyword."""
+    found = first_tensor(args)
+    if found is None and isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    return found if found is not None else first_tensor(list(kwargs.values()))
 
 
 class LayerCapture:
-    """Hooks that record the requested layers and cut the forward short after the deepest one.
+    """Hooks that record the requested layers and hook sites (``bae.pipeline.llm.sites``) and cut
+    the forward short once all of them are captured.
 
-    Use as a context manager; :meth:`run` returns ``{layer: tensor[batch, seq, d]}``.
+    Use as a context manager; :meth:`run` returns ``{layer or site key: tensor[batch, seq, d]}``.
     """
 
-    def __init__(self, model: PreTrainedModel, layers: Sequence[int]):
+    def __init__(self, model: PreTrainedModel, layers: Sequence[int], sites: Sequence[Site] = ()):
         self.model = model
         self.n_layers = int(model.config.num_hidden_layers)
-        self.layers = check_layers(layers, self.n_layers)
-        self.deepest = self.layers[-1]
+        self.layers = check_layers(layers, self.n_layers) if layers or not sites else []
+        self.sites = list(sites)
+        self.wanted = set(self.layers) | {site.layer for site in self.sites}
+        self.tuple_outputs: set[int] = set()  # site keys whose module returned a tuple
         self._captured: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
 
-    def _record(self, layer: int, value: torch.Tensor) -> None:
-        if layer in self.layers:
-            self._captured[layer] = value.detach()
-        if layer == self.deepest:
+    def _record(self, key: int, value: torch.Tensor) -> None:
+        if key not in self.wanted:
+            return
+        if key in self._captured:
+            name = next((s.name for s in self.sites if s.layer == key), f"layer {key}")
+            raise BaeError(f"hook {name}: its module ran twice in one forward; which call to keep is unclear")
+        self._captured[key] = value.detach()
+        if len(self._captured) == len(self.wanted):
             raise _StopForward
+
+    def _hook_site(self, site: Site) -> Any:
+        module = self.model.get_submodule(site.module)
+
+        def found(tensor: torch.Tensor | None, got: Any) -> None:
+            if tensor is None:
+                raise BaeError(
+                    f"hook {site.name}: its module's {site.io} has no tensor ({type(got).__name__})"
+                )
+            if site.io == "output" and not isinstance(got, torch.Tensor):
+                self.tuple_outputs.add(site.layer)
+            self._record(site.layer, tensor)
+
+        if site.io == "input":
+
+            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                found(input_tensor(args, kwargs), args)
+
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            found(first_tensor(output), output)
+
+        return module.register_forward_hook(hook)
 
     def __enter__(self) -> LayerCapture:
         blocks = decoder_blocks(self.model)
+        deepest = max(self.layers, default=-1)
+        if 0 in self.layers:
 
-        def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._record(0, args[0] if args else kwargs["hidden_states"])
+            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                self._record(0, args[0] if args else kwargs["hidden_states"])
 
-        self._handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
-        for index in range(min(self.deepest, self.n_layers - 1)):
+            self._handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for index in range(min(deepest, self.n_layers - 1)):
             layer = index + 1
 
             def hook(_module: nn.Module, _args: Any, output: Any, layer: int = layer) -> None:
-                self._record(layer, _hidden(output))
+                self._record(layer, cast(torch.Tensor, first_tensor(output)))
 
             self._handles.append(blocks[index].register_forward_hook(hook))
-        if self.deepest == self.n_layers:
+        if deepest == self.n_layers:
 
             def norm_hook(_module: nn.Module, _args: Any, output: Any) -> None:
-                self._record(self.n_layers, _hidden(output))
+                self._record(self.n_layers, cast(torch.Tensor, first_tensor(output)))
 
             self._handles.append(final_norm(self.model).register_forward_hook(norm_hook))
+        self._handles.extend(self._hook_site(site) for site in self.sites)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -114,14 +194,16 @@ class LayerCapture:
     def run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> dict[int, torch.Tensor]:
-        """One forward of the base model up to the deepest requested layer."""
+        """One forward of the base model until every requested layer and site is captured."""
         if not self._handles:
             raise RuntimeError("LayerCapture.run outside its `with` block")
         self._captured = {}
         with contextlib.suppress(_StopForward):
             self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        missing = set(self.layers) - set(self._captured)
+        missing = self.wanted - set(self._captured)
         if missing:
-            raise RuntimeError(f"hooks did not capture layers {sorted(missing)}")
+            names = [s.name for s in self.sites if s.layer in missing]
+            names += [f"layer {layer}" for layer in sorted(missing & set(self.layers))]
+            raise BaeError(f"nothing captured at {', '.join(names)}: those modules never ran in the forward")
         captured, self._captured = self._captured, {}
         return captured
