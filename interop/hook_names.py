@@ -7,8 +7,9 @@ bae stores HF ``hidden_states[L]``: 0 is the embedding output, ``L`` the output 
 - TransformerLens: ``blocks.L.hook_resid_pre`` for L < n_layers. The last index has no exact
   TransformerLens hook (``ln_final.hook_normalized`` is taken before the norm's weight), so it
   needs ``--hook-name``;
-- sparsify: ``embed_tokens`` for 0, ``layers.{L-1}`` (a block's output) for 0 < L < n_layers and
-  ``norm`` (the final norm's output) for L = n_layers (Llama-style module names).
+- sparsify: the base model's module whose output it is: ``embed_tokens`` for 0, ``layers.{L-1}`` (a
+  block's output) for 0 < L < n_layers and ``norm`` (the final norm) for L = n_layers, with GPT-2's
+  and GPT-NeoX's own names (``drop``/``h``/``ln_f``, ``emb_dropout``/``layers``/``final_layer_norm``).
 
 A store made with ``bae harvest --hook`` records its hook sites; a site named by a TransformerLens
 hook keeps that name.
@@ -75,21 +76,22 @@ class Source:
                 return record
         return None
 
-    def hidden_state(self) -> tuple[int, int | None]:
-        """(hidden_states index, the LLM's n_layers or None when unknown); a module-hook site that is
-        no hidden state needs ``--hook-name``."""
+    def hidden_state(self) -> tuple[int, dict[str, Any]]:
+        """(hidden_states index, the LLM's config or {} when unknown); a module-hook site that is no
+        hidden state needs ``--hook-name``."""
         site = self.site
         index = self.layer if site is None else site.get("hidden_state")
         if index is None:
             raise BaeError(f"layer {self.layer} is the hook site {site and site['name']}: pass --hook-name")
-        return int(index), n_layers(self.model_record)
+        return int(index), llm_config(self.model_record)
 
 
-def n_layers(model: dict[str, Any]) -> int | None:
-    """The LLM's number of blocks, from its ``config.json`` in a local directory or the HF cache."""
+def llm_config(model: dict[str, Any]) -> dict[str, Any]:
+    """The LLM's ``config.json`` (its text model's part) from a local directory or the HF cache; {}
+    when neither has it."""
     model_id = model.get("id")
     if not isinstance(model_id, str):
-        return None
+        return {}
     path: Path | None = Path(model_id) / "config.json"
     if not path.is_file():
         from huggingface_hub import try_to_load_from_cache
@@ -100,11 +102,19 @@ def n_layers(model: dict[str, Any]) -> int | None:
             cached = None
         path = Path(cached) if isinstance(cached, str) else None
     if path is None:
-        return None
+        return {}
     config = json.loads(path.read_text())
-    config = config.get("text_config", config)
+    return config.get("text_config", config)
+
+
+def n_layers(config: dict[str, Any]) -> int | None:
     value = config.get("num_hidden_layers", config.get("n_layer"))
     return int(value) if value is not None else None
+
+
+# the base model's modules whose outputs are hidden_states[0], the blocks and hidden_states[n_layers]
+MODULES = {"gpt2": ("drop", "h", "ln_f"), "gpt_neox": ("emb_dropout", "layers", "final_layer_norm")}
+LLAMA_STYLE = ("embed_tokens", "layers", "norm")
 
 
 def saelens_hook(source: Source) -> str:
@@ -112,8 +122,8 @@ def saelens_hook(source: Source) -> str:
     site = source.site
     if site is not None and site.get("tl"):
         return str(site["name"])
-    index, n = source.hidden_state()
-    if index == n:
+    index, config = source.hidden_state()
+    if index == n_layers(config):
         raise BaeError(
             f"layer {index} is the LLM's last hidden state, taken after the final norm's weight: no "
             "TransformerLens hook holds exactly that (ln_final.hook_normalized is before the weight); "
@@ -123,20 +133,21 @@ def saelens_hook(source: Source) -> str:
 
 
 def sparsify_hookpoint(source: Source) -> str:
-    """The sparsify hookpoint (a module of the base model whose output is the rows)."""
-    index, n = source.hidden_state()
+    """The sparsify hookpoint: the base model's module whose output is the rows."""
+    index, config = source.hidden_state()
+    embedding, blocks, norm = MODULES.get(config.get("model_type", ""), LLAMA_STYLE)
     if index == 0:
-        return "embed_tokens"
-    return "norm" if index == n else f"layers.{index - 1}"
+        return embedding
+    return norm if index == n_layers(config) else f"{blocks}.{index - 1}"
 
 
 def layer_of_hook(name: str) -> int | None:
     """The ``hidden_states`` index a TransformerLens residual hook or sparsify hookpoint holds."""
-    if name == "embed_tokens":
+    if name in ("embed_tokens", "drop", "emb_dropout"):
         return 0
     for pattern, offset in ((r"blocks\.(\d+)\.hook_resid_pre", 0), (r"blocks\.(\d+)\.hook_resid_post", 1)):
         match = re.fullmatch(pattern, name)
         if match:
             return int(match.group(1)) + offset
-    match = re.fullmatch(r"(?:model\.)?layers[._](\d+)", name)
+    match = re.fullmatch(r"(?:model\.)?(?:layers|h)[._](\d+)", name)
     return int(match.group(1)) + 1 if match else None

@@ -18,10 +18,12 @@ from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.loading.pretrained_sae_loaders import sparsify_disk_loader
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from bae.common.errors import BaeError
 from bae.interop.checkpoint_config import ExportCheckpointConfig, ImportCheckpointConfig
 from bae.interop.checkpoint_import import import_checkpoint
+from bae.interop.hook_names import Source, layer_of_hook, sparsify_hookpoint
 from bae.interop.saelens import export_saelens
 from bae.interop.saelens_bae import BinarySAE
 from bae.interop.sparsify import export_sparsify
@@ -281,3 +283,23 @@ def test_cli_without_sae_lens_at_start_up(env, tmp_path):
     assert_same_function(
         load_autoencoder(checkpoints["topk_sae"]), SAE.load_from_disk(tmp_path / "cli"), rows(data)
     )
+
+
+@pytest.mark.parametrize("kind", ["llama", "neox", "gpt2"])
+def test_sparsify_hookpoints_are_the_modules_that_output_the_hidden_states(tmp_path, kind):
+    """For hidden_states[0], [2] and [n_layers] of a real (tiny) HF model, the derived hookpoint is
+    the base model's module whose output equals that hidden state; a block's reads back as the layer."""
+    config = tiny_config(kind, 320)
+    config.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(config).eval()
+    outputs = {}
+    for layer in (0, 2, LAST):
+        name = sparsify_hookpoint(Source(Provenance(layer=layer, model={"id": str(tmp_path)})))
+        module = llm.base_model.get_submodule(name)
+        module.register_forward_hook(lambda _m, _i, out, layer=layer: outputs.__setitem__(layer, out))
+        assert layer_of_hook(name) == (layer if layer < LAST else None)  # the final norm needs --layer
+    with torch.no_grad():
+        hidden = llm(torch.arange(2, 12)[None], output_hidden_states=True).hidden_states
+    for layer, out in outputs.items():
+        torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, hidden[layer])
