@@ -241,3 +241,17 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path):
             DashboardExportConfig(features=str(tmp / "f-bae"), out=str(tmp / "f-bae")), quiet=True
         )
     assert (tmp / "f-bae" / "contexts.json").is_file()
+    # a store whose recorded LLM does not match the checkpoint's width: no logit tables, or --no-logits
+    make_text_store(tmp_path / "narrow.zarr", tmp / "llm", d=16)
+    ck = save_autoencoder(tmp_path / "narrow", "bae", d=16)
+    features = FeaturesConfig(
+        store=str(tmp_path / "narrow.zarr"), checkpoint=str(ck), out=str(tmp_path / "f"), top_k=2
+    )
+    run_contexts(features, False, quiet=True)
+    with pytest.raises(BaeError, match=r"hidden size 32, but the checkpoint reads 16 .*--no-logits"):
+        export_dashboard(
+            DashboardExportConfig(features=str(tmp_path / "f"), out=str(tmp_path / "n")), quiet=True
+        )
+    config = DashboardExportConfig(features=str(tmp_path / "f"), out=str(tmp_path / "n"), logits=False)
+    batch = json.loads((export_dashboard(config, quiet=True) / "batch-0.json").read_text())
+    assert all(f["pos_str"] == [] and len(f["activations"]) == 2 for f in batch["features"])
