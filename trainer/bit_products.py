@@ -30,54 +30,56 @@ def _ctpop(typingctx: Any, word: Any) -> Any:
 _popcount: Any = intrinsic(_ctpop)  # the CPU's population count, inside compiled code
 
 
-@njit(inline="always")
-def _dot(p: np.ndarray, r: int, q: np.ndarray, c: int) -> int:  # pragma: no cover - compiled
-    total = 0
-    for w in range(p.shape[1]):
-        total += _popcount(p[r, w] & q[c, w])
-    return total
+BLOCK = 4  # rows of the left operand per pass over the right one (each right word loaded once)
 
 
 @njit(parallel=True, cache=True)
-def _counts(p: np.ndarray, q: np.ndarray, symmetric: bool) -> np.ndarray:  # pragma: no cover - compiled
-    rows, cols = p.shape[0], q.shape[0]
-    out = np.zeros((rows, cols), np.int32)
-    for r in prange(rows):
-        for c in range(r if symmetric else 0, cols):
-            total = _dot(p, r, q, c)
-            out[r, c] = total
-            if symmetric:
-                out[c, r] = total
+def _counts(p: np.ndarray, q: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """out[r, c] = Σ_w popcount(p[r, w] & q[c, w]); p has a multiple of BLOCK rows."""
+    cols, words = q.shape[0], q.shape[1]
+    out = np.zeros((p.shape[0], cols), np.int32)
+    for block in prange(p.shape[0] // BLOCK):
+        r = BLOCK * block
+        for c in range(cols):
+            a0, a1, a2, a3 = 0, 0, 0, 0
+            for w in range(words):
+                word = q[c, w]
+                a0 += _popcount(p[r, w] & word)
+                a1 += _popcount(p[r + 1, w] & word)
+                a2 += _popcount(p[r + 2, w] & word)
+                a3 += _popcount(p[r + 3, w] & word)
+            out[r, c], out[r + 1, c], out[r + 2, c], out[r + 3, c] = a0, a1, a2, a3
     return out
 
 
 @njit(parallel=True, cache=True)
 def _covariance_signs(
-    counts: np.ndarray, ones: np.ndarray, n: int
+    p: np.ndarray, ones: np.ndarray, n: int, m: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    m = counts.shape[0]
+    """Per bit j < m (p: packed columns, a multiple of BLOCK rows): Σ_k |N_jk| and Σ_k sign(N_jk)·n_k
+    and the packed rows of [N > 0] and [N = 0], N_jk = n·G_jk − n_j·n_k (the diagonal included)."""
     words = (m + 63) // 64
-    abs_sum = np.zeros(m, np.int64)
-    ones_sign = np.zeros(m, np.int64)
-    positive = np.zeros((m, words), np.uint64)
-    zero = np.zeros((m, words), np.uint64)
-    for j in prange(m):
-        row_abs, row_sign, own = 0, 0, ones[j]
+    abs_sum = np.zeros(p.shape[0], np.int64)
+    ones_sign = np.zeros(p.shape[0], np.int64)
+    positive = np.zeros((p.shape[0], words), np.uint64)
+    zero = np.zeros((p.shape[0], words), np.uint64)
+    for block in prange(p.shape[0] // BLOCK):
+        first = BLOCK * block
         for w in range(words):
-            pos_word, zero_word = np.uint64(0), np.uint64(0)
             for t in range(min(64, m - 64 * w)):
-                numerator = n * np.int64(counts[j, 64 * w + t]) - own * ones[64 * w + t]
-                row_abs += abs(numerator)
-                row_sign += np.sign(numerator) * ones[64 * w + t]
-                pos_word |= np.uint64(numerator > 0) << np.uint64(t)
-                zero_word |= np.uint64(numerator == 0) << np.uint64(t)
-            positive[j, w], zero[j, w] = pos_word, zero_word
-        # the diagonal (a bit's variance) is no pair: its numerator own·(n − own) > 0 comes out
-        diagonal = n * np.int64(counts[j, j]) - own * own
-        abs_sum[j], ones_sign[j] = row_abs - diagonal, row_sign - np.sign(diagonal) * own
-        bit = np.uint64(1) << np.uint64(j % 64)
-        positive[j, j // 64] &= ~bit
-        zero[j, j // 64] |= bit
+                k = 64 * w + t
+                counts = np.zeros(BLOCK, np.int64)
+                for u in range(p.shape[1]):
+                    word = p[k, u]
+                    for r in range(BLOCK):
+                        counts[r] += _popcount(p[first + r, u] & word)
+                shift = np.uint64(t)
+                for r in range(BLOCK):
+                    numerator = n * counts[r] - ones[first + r] * ones[k]
+                    abs_sum[first + r] += abs(numerator)
+                    ones_sign[first + r] += np.sign(numerator) * ones[k]
+                    positive[first + r, w] |= np.uint64(numerator > 0) << shift
+                    zero[first + r, w] |= np.uint64(numerator == 0) << shift
     return abs_sum, ones_sign, positive, zero
 
 
@@ -96,12 +98,13 @@ def _set_bits(packed: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]: 
     return rows, cols
 
 
-def pack_columns(bits: torch.Tensor) -> np.ndarray:
-    """Each column of a 0/1 matrix [t, m] as a row of little-endian uint64 words [m, ⌈t/64⌉]."""
+def pack_columns(bits: torch.Tensor, row_multiple: int = 1) -> np.ndarray:
+    """Each column of a 0/1 matrix [t, m] as a row of little-endian uint64 words [m, ⌈t/64⌉]
+    (zero rows appended up to a multiple of ``row_multiple``)."""
     columns = bits.detach().to(torch.bool).T.contiguous().cpu().numpy()
-    pad = (-columns.shape[1]) % 64
-    if pad:
-        columns = np.concatenate([columns, np.zeros((columns.shape[0], pad), bool)], axis=1)
+    rows, pad = (-columns.shape[0]) % row_multiple, (-columns.shape[1]) % 64
+    if rows or pad:
+        columns = np.pad(columns, ((0, rows), (0, pad)))
     return np.ascontiguousarray(np.packbits(columns, axis=1, bitorder="little")).view(np.uint64)
 
 
@@ -110,12 +113,12 @@ def _use_torch_threads() -> None:
 
 
 def bit_counts(a: torch.Tensor, b: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
-    """aᵀb of 0/1 matrices a [t, m], b [t, k] as int32 [m, k] (b omitted: aᵀa, computed once per
-    pair; b may come packed, as ``pack_columns`` gives it)."""
+    """aᵀb of 0/1 matrices a [t, m], b [t, k] as int32 [m, k] (b omitted: aᵀa; b may come packed,
+    as ``pack_columns`` gives it)."""
     _use_torch_threads()
-    p = pack_columns(a)
-    q = p if b is None else b if isinstance(b, np.ndarray) else pack_columns(b)
-    return torch.from_numpy(_counts(p, q, b is None)).to(a.device)
+    p = pack_columns(a, BLOCK)
+    q = pack_columns(a) if b is None else b if isinstance(b, np.ndarray) else pack_columns(b)
+    return torch.from_numpy(_counts(p, q)[: a.shape[1]]).to(a.device)
 
 
 def set_bits(packed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,12 +153,19 @@ class PackedSigns:
 
 def packed_signs(bits: torch.Tensor) -> PackedSigns:
     """C's signs from integer co-occurrence counts: n·G_jk − n_j·n_k is exact, so is its sign."""
-    n = bits.shape[0]
-    ones = bits.sum(dim=0, dtype=torch.int64).cpu().numpy()
-    abs_sum, ones_sign, positive, zero = _covariance_signs(bit_counts(bits).numpy(), ones, n)
+    (n, m), ones = bits.shape, bits.sum(dim=0, dtype=torch.int64).cpu().numpy()
+    _use_torch_threads()
+    packed = pack_columns(bits, BLOCK)
+    padded = np.pad(ones, (0, len(packed) - m))
+    abs_sum, ones_sign, positive, zero = (a[:m] for a in _covariance_signs(packed, padded, n, m))
+    # the diagonal (a bit's own variance, numerator n_j·(n − n_j) > 0) is no pair: taken out
+    diagonal, own = np.arange(m), ones * (n - ones)
+    bit = np.left_shift(np.uint64(1), (diagonal % 64).astype(np.uint64))
+    positive[diagonal, diagonal // 64] &= ~bit
+    zero[diagonal, diagonal // 64] |= bit
     return PackedSigns(
-        abs_sum=float(abs_sum.sum()) / (n * (n - 1)),
-        p_sign=torch.from_numpy(ones_sign / n),
+        abs_sum=float((abs_sum - own).sum()) / (n * (n - 1)),
+        p_sign=torch.from_numpy((ones_sign - ones) / n),
         positive=positive,
         zero=zero,
         n_zero=int(np.bitwise_count(zero).sum()),
