@@ -217,36 +217,22 @@ def _output_dir(out: Path) -> Path:
     return check_output_dir(out)
 
 
-def export_dashboard(config: DashboardExportConfig, quiet: bool = False) -> Path:
-    """Write ``batch-<n>.json`` (and ``explanations.jsonl``) into ``config.out``, replacing it whole."""
-    src = Path(config.features)
-    data = read_json(src / CONTEXTS_JSON) if src.is_dir() else None
-    if data is None:
-        raise BaeError(f"{src}: no {CONTEXTS_JSON} there; run `bae features contexts --out {src}` first")
-    features_config = _features_config(config, data)
-    spec = scan_spec(features_config)
-    store, model = spec.open()
-    records = data["features"]
-    if model.n_bits != len(records) or model.architecture != data["architecture"]:
-        raise BaeError(
-            f"{spec.checkpoint}: a {model.architecture} with {model.n_bits} features, but "
-            f"{src / CONTEXTS_JSON} holds {len(records)} features of a {data['architecture']}"
-        )
-    text = TokenText(load_store_tokenizer(store, features_config.tokenizer))
-    reader = ContextReader(store, text, features_config.context_before, features_config.context_after)
+def feature_activations(
+    records: list[dict[str, Any]], reader: ContextReader, layer: int, model: Autoencoder
+) -> list[list[dict[str, Any]]]:
+    """Per feature, its top contexts as SAEDashboard activations: tokens, a value per token, the
+    context's token marked."""
     windows = {(j, c["row"]): reader.window(c["row"]) for j, r in enumerate(records) for c in r["contexts"]}
     sign = rarer_sign(np.array([r["frequency"] for r in records]))
     wanted = [(j, w[0]) for (j, _), w in windows.items()]
-    values = dict(zip(windows, token_values(store, spec.layer, model, wanted, sign)))
+    values = dict(zip(windows, token_values(reader.store, layer, model, wanted, sign)))
     pieces: dict[int, str] = {}
 
     def piece(token: int) -> str:
         if token not in pieces:
-            pieces[token] = text.decode([token])
+            pieces[token] = reader.text.decode([token])
         return pieces[token]
 
-    alignment = decoder_alignment(model)
-    logits = logit_effects(store, model, text) if config.logits else None
     features = []
     for j, record in enumerate(records):
         activations = []
@@ -263,8 +249,31 @@ def export_dashboard(config: DashboardExportConfig, quiet: bool = False) -> Path
                 }
             )
         features.append(activations)
-    model_id = _model_id(store, config.model_id)
+    return features
+
+
+def export_dashboard(config: DashboardExportConfig, quiet: bool = False) -> Path:
+    """Write ``batch-<n>.json`` (and ``explanations.jsonl``) into ``config.out``, replacing it whole."""
+    src = Path(config.features)
+    data = read_json(src / CONTEXTS_JSON) if src.is_dir() else None
+    if data is None:
+        raise BaeError(f"{src}: no {CONTEXTS_JSON} there; run `bae features contexts --out {src}` first")
     out = _output_dir(Path(config.out))
+    features_config = _features_config(config, data)
+    spec = scan_spec(features_config)
+    store, model = spec.open()
+    records = data["features"]
+    if model.n_bits != len(records) or model.architecture != data["architecture"]:
+        raise BaeError(
+            f"{spec.checkpoint}: a {model.architecture} with {model.n_bits} features, but "
+            f"{src / CONTEXTS_JSON} holds {len(records)} features of a {data['architecture']}"
+        )
+    text = TokenText(load_store_tokenizer(store, features_config.tokenizer))
+    reader = ContextReader(store, text, features_config.context_before, features_config.context_after)
+    features = feature_activations(records, reader, spec.layer, model)
+    alignment = decoder_alignment(model)
+    logits = logit_effects(store, model, text) if config.logits else None
+    model_id = _model_id(store, config.model_id)
     tmp = temporary_dir(out)
     try:
         step = config.batch_features
@@ -298,7 +307,7 @@ def export_dashboard(config: DashboardExportConfig, quiet: bool = False) -> Path
             {
                 "features": len(records),
                 "batches": -(-len(records) // step),
-                "contexts": len(windows),
+                "contexts": sum(len(a) for a in features),
                 "explanations": len(explained),
                 "logit effects": "yes" if logits else "no (--no-logits or no model recorded)",
                 "model_id / layer / sae_set": f"{model_id} / {spec.layer} / {config.sae_set}",
