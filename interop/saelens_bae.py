@@ -55,6 +55,12 @@ class BinarySAE(SAE[BinarySAEConfig]):
         return self.hook_sae_acts_post(above_threshold(hidden_pre, self.cfg.threshold).to(hidden_pre.dtype))
 
     @override
+    def fold_and_get_W_dec_norm(self) -> torch.Tensor:
+        """Refused: a 0/1 code has no scale to absorb the decoder norms (``fold_W_dec_norm`` would
+        change the reconstruction)."""
+        raise NotImplementedError("a binary SAE's 0/1 code cannot absorb its decoder norms")
+
+    @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         sae_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
         sae_out = self.run_time_activation_norm_fn_out(sae_out)

@@ -14,10 +14,11 @@ import pytest
 import torch
 from bae_testing.stores import synthetic_rows, write_units
 from bae_testing.tiny_models import tiny_config
-from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens import SAE, HookedSAETransformer, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from sae_lens.loading.pretrained_sae_loaders import sparsify_disk_loader
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file
+from transformer_lens import HookedTransformerConfig
 from transformers import AutoModelForCausalLM
 
 from bae.common.errors import BaeError
@@ -106,6 +107,24 @@ def test_export_saelens_loads_with_saelens_and_computes_the_same(env, arch):
     assert_same_function(model, sae, rows(data))
 
 
+def test_saelens_tools_splice_the_exported_bae_at_its_hook(env):
+    """SAELens' HookedSAETransformer takes the BinarySAE at blocks.2.hook_resid_pre of a (tiny,
+    random) TransformerLens model: its cached code is bae's bits of that hook's clean activations."""
+    tmp, _, _, checkpoints = env
+    sae = SAE.load_from_disk(export(export_saelens, checkpoints["bae"], tmp / "tl-bae"))
+    torch.manual_seed(0)
+    shape = HookedTransformerConfig(
+        n_layers=3, d_model=D, n_ctx=8, d_head=4, n_heads=4, d_vocab=50, act_fn="relu"
+    )
+    llm = HookedSAETransformer(shape)
+    tokens = torch.arange(8)[None]
+    _, clean = llm.run_with_cache(tokens)
+    _, spliced = llm.run_with_cache_with_saes(tokens, saes=[sae])
+    expected = load_autoencoder(checkpoints["bae"]).encode(clean["blocks.2.hook_resid_pre"][0])
+    assert expected.any() and not expected.all()
+    assert torch.equal(spliced["blocks.2.hook_resid_pre.hook_sae_acts_post"][0] > 0, expected)
+
+
 def test_bae_with_k_bits_per_dimension_std_and_no_decoder_bias(tmp_path):
     """The other folding path: b_dec carries the input mean (apply_b_dec_to_input), 2 bits per feature."""
     torch.manual_seed(0)
@@ -122,6 +141,8 @@ def test_bae_with_k_bits_per_dimension_std_and_no_decoder_bias(tmp_path):
     x = torch.randn(300, D) * 3
     assert_same_function(model.eval(), sae, x)
     torch.testing.assert_close(sae(x), model.decode(model.encode(x)), rtol=1e-4, atol=1e-4)
+    with pytest.raises(NotImplementedError, match="cannot absorb its decoder norms"):
+        sae.fold_W_dec_norm()  # a ReLU SAE's trick; on bits it would change the reconstruction
 
 
 def saelens_sae(kind: str, apply_b_dec: bool, d_sae: int = 40) -> SAE:
