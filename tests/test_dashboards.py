@@ -68,6 +68,20 @@ def test_bae_contexts_are_ranked_by_their_margin(env):
     assert distinct > 0.9 * len(result["features"])  # one score for all contexts no more
 
 
+def test_a_contexts_json_with_the_older_bae_score_is_recomputed(env, tmp_path):
+    tmp, _, out = env
+    ck, result = out["bae"]
+    old = json.loads((tmp / "f-bae" / "contexts.json").read_text())
+    old["score"] = "|h1 - p̄|"
+    for record in old["features"]:
+        for context in record["contexts"]:
+            context["score"] = 1.0
+    (tmp_path / "contexts.json").write_text(json.dumps(old))
+    config = FeaturesConfig(store=str(tmp / "store.zarr"), checkpoint=str(ck), out=str(tmp_path), top_k=6)
+    again = run_contexts(config, False, quiet=True)
+    assert again["score"] == BAE_MARGIN and again["features"] == result["features"]
+
+
 def _synthetic(n: int) -> tuple[dict, dict]:
     rng = np.random.default_rng(0)
     context = {"before": "a <b> & ", "token": "tok", "after": " c", "doc": 1, "position": 2, "bit": 1}
