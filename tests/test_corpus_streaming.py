@@ -253,3 +253,14 @@ def test_memory_url_directory_corpus_reads_like_the_local_directory(tmp_path):
     assert [d.text for d in remote.docs] == [d.text for d in local.docs] and len(local.docs) == 9
     assert [d.meta["source"] for d in remote.docs] == ["a.jsonl"] * 3 + ["b.jsonl"] * 3 + ["sub/c.jsonl"] * 3
     assert remote.fingerprint == local.fingerprint
+
+
+def test_read_to_end_gives_the_whole_corpus_fingerprint_of_earlier_stores(tmp_path):
+    """What `bae evaluate` compares with a store harvested (with a token budget) by an earlier bae."""
+    path = big_corpus(tmp_path / "c.jsonl.gz", 10_000)
+    stream = CorpusStream([str(path)])
+    texts = stream.texts()
+    assert next(texts).startswith("document 0 ")
+    whole = load_corpus([str(path)])
+    assert stream.fingerprint != whole.fingerprint and not stream.exhausted
+    assert stream.read_to_end() == whole.fingerprint and stream.n_read == 10_000

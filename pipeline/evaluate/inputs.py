@@ -258,8 +258,15 @@ def prepare(cfg: EvaluateConfig, device: torch.device | str) -> Prepared:
         cfg.positions,
         settings.token_budget,
     )
-    # the harvest read the same documents (same budget), so the fingerprints of what was read agree
-    if not cfg.corpus and corpus.fingerprint != store.meta.get("corpus_fingerprint", corpus.fingerprint):
+    # the harvest read the same documents (same budget), so the fingerprints of what was read agree;
+    # a store of an earlier bae, which read every document, recorded the whole corpus's
+    recorded = store.meta.get("corpus_fingerprint", corpus.fingerprint)
+    changed = (
+        not cfg.corpus
+        and recorded != corpus.fingerprint
+        and (corpus.exhausted or recorded != corpus.read_to_end())
+    )
+    if changed:
         raise BaeError(f"the corpus of store {store.url} has changed since the harvest; pass --corpus")
     if cfg.corpus:
         split: tuple[float, int] | None = None

@@ -432,6 +432,7 @@ class CorpusStream:
         self._metas: list[dict[str, Any]] = []
         self.n_empty = 0
         self.exhausted = False
+        self._documents: Iterator[Document] | None = None
 
     def _source_readers(
         self, source: str, text_field: str, line_docs: bool, storage_options: dict[str, Any] | None
@@ -470,7 +471,15 @@ class CorpusStream:
 
     def texts(self) -> Iterator[str]:
         """The documents' texts, read as they are asked for."""
-        return (doc.text for doc in self)
+        self._documents = iter(self)
+        return (doc.text for doc in self._documents)
+
+    def read_to_end(self) -> str:
+        """Read the documents that :meth:`texts` did not reach, for the fingerprint of the whole
+        corpus (what bae recorded before it read corpora lazily); returns that fingerprint."""
+        for _ in self._documents or self:
+            pass
+        return self.fingerprint
 
     @property
     def n_read(self) -> int:
