@@ -114,6 +114,15 @@ def export_saelens(config: ExportCheckpointConfig) -> Path:
     return out
 
 
+def check_architecture(path: Path, name: str) -> str:
+    if name not in FROM_SAELENS:
+        raise BaeError(
+            f"{path}: SAELens architecture {name!r} has no bae counterpart (bae imports "
+            f"{', '.join(FROM_SAELENS)})"
+        )
+    return name
+
+
 def read_saelens(path: Path) -> ReadSae:
     """Load a SAELens SAE directory with SAELens' own loader (``standard``, ``topk`` or ``bae``)."""
     try:
@@ -122,17 +131,15 @@ def read_saelens(path: Path) -> ReadSae:
         raise BaeError("reading a SAELens checkpoint needs sae-lens: pip install 'bae[saelens]'") from exc
     import bae.interop.saelens_bae  # noqa: F401  (registers the "bae" architecture)
 
-    name = json.loads((path / CFG_FILE).read_text()).get("architecture", "standard")
-    if name not in FROM_SAELENS:
-        raise BaeError(
-            f"{path}: SAELens architecture {name!r} has no bae counterpart (bae imports "
-            f"{', '.join(FROM_SAELENS)})"
-        )
-    try:
+    try:  # refused before SAELens builds a class bae cannot hold (older configs name none: standard)
+        check_architecture(path, json.loads((path / CFG_FILE).read_text()).get("architecture", "standard"))
         sae: Any = SAE.load_from_disk(path)
+    except BaeError:
+        raise
     except Exception as exc:  # SAELens reports a bad directory as KeyError, ValueError, OSError...
         raise BaeError(f"{path}: SAELens cannot load it: {first_line(exc)}") from exc
     cfg = sae.cfg
+    name = check_architecture(path, cfg.architecture())  # a pre-6.0 topk config loads as topk
     unsupported = {
         "normalize_activations": cfg.normalize_activations != "none",
         "reshape_activations": cfg.reshape_activations != "none",

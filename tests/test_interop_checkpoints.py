@@ -254,6 +254,9 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path):
     (tmp_path / "jr" / "sae_weights.safetensors").write_bytes(b"")
     with pytest.raises(BaeError, match="architecture 'jumprelu' has no bae counterpart"):
         import_sae(tmp_path / "jr", tmp_path / "o")
+    (tmp_path / "jr" / "cfg.json").write_text("{")
+    with pytest.raises(BaeError, match="SAELens cannot load it: Expecting property name"):
+        import_sae(tmp_path / "jr", tmp_path / "o")
     (tmp_path / "empty").mkdir()
     with pytest.raises(BaeError, match="not a SAELens or sparsify SAE directory"):
         import_sae(tmp_path / "empty", tmp_path / "o")
