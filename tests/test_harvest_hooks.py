@@ -22,11 +22,12 @@ from bae.common.errors import BaeError
 from bae.pipeline.entropy.run import EntropyConfig, run_entropy
 from bae.pipeline.evaluate.config import EvaluateConfig
 from bae.pipeline.evaluate.run import run_evaluate
+from bae.pipeline.evaluate.splice import SiteSplice, clean_forward, resume_site
 from bae.pipeline.harvest.config import HarvestConfig
 from bae.pipeline.harvest.run import run_harvest
 from bae.pipeline.llm.capture import LayerCapture
 from bae.pipeline.llm.load import load_model
-from bae.pipeline.llm.sites import resolve_sites
+from bae.pipeline.llm.sites import resolve_sites, site_block
 from bae.stores import ActivationStore
 from bae.stores.info import store_summary
 from bae.stores.sites import resolve_layer, store_sites
@@ -208,21 +209,62 @@ def test_resume_with_another_hook_is_refused(llama, corpus, tmp_path):
     assert "layout.layers: [1, 4, 5] -> [1, 4]" in str(err.value)
 
 
-def test_train_entropy_on_a_hook_store_and_evaluate_refuses(llama, corpus, tmp_path):
-    store = harvest(tmp_path / "s", llama, corpus, hooks=["blocks.1.hook_mlp_out", "model.layers.0"])
-    run = tmp_path / "bae"
-    train(
-        TrainConfig(store=store.url, layer="model.layers.1.mlp", out=str(run), steps=30, batch_size=64),
-        show_progress=False,
-    )
-    config = json.loads((run / "model" / "config.json").read_text())
+def test_train_entropy_evaluate_on_a_hook_store(llama, corpus, tmp_path):
+    hooks = ["blocks.1.hook_mlp_out", "blocks.1.hook_resid_pre", "model.layers.0"]
+    store = harvest(tmp_path / "s", llama, corpus, hooks=hooks, layers=[1])
+    runs = {"mlp": tmp_path / "mlp", "layer": tmp_path / "layer"}
+    for name, layer in (("mlp", "model.layers.1.mlp"), ("layer", "1")):
+        cfg = TrainConfig(store=store.url, layer=layer, out=str(runs[name]), steps=30, batch_size=64)
+        train(cfg, show_progress=False)
+    config = json.loads((runs["mlp"] / "model" / "config.json").read_text())
     assert config["source"]["layer"] == resolve_layer(store, "blocks.1.hook_mlp_out") == 4
-    result = run_entropy(EntropyConfig(store=store.url, checkpoints=[str(run)], out=str(tmp_path / "e")))
+    result = run_entropy(
+        EntropyConfig(store=store.url, checkpoints=[str(runs["mlp"])], out=str(tmp_path / "e"))
+    )
     assert result is not None and (tmp_path / "e" / "entropy.csv").exists()
-    with pytest.raises(BaeError, match=re.escape("no layer or hook site 'model.layers.2.mlp'; it holds 4 ")):
+    with pytest.raises(
+        BaeError, match=re.escape("no layer or hook site 'model.layers.2.mlp'; it holds 1, 4 ")
+    ):
         train(TrainConfig(store=store.url, layer="model.layers.2.mlp", out=str(tmp_path / "x")), False)
-    with pytest.raises(BaeError, match=re.escape("hook site blocks.1.hook_mlp_out, and evaluate splices")):
-        run_evaluate(EvaluateConfig(store=store.url, checkpoints=[str(run)], out=str(tmp_path / "ev")))
+
+    def evaluate(name: str, layer: str | None = None) -> dict:
+        cfg = EvaluateConfig(
+            store=store.url, checkpoints=[str(runs[name])], out=str(tmp_path / f"ev-{layer}")
+        )
+        rows = run_evaluate(cfg.model_copy(update={"layer": layer}), show_progress=False, quiet=True).rows
+        return {row["kind"]: row for row in rows}
+
+    # the layer-1 checkpoint spliced at the site blocks.1.hook_resid_pre (its block's input hooked)
+    # gives exactly what splicing hidden_states[1] gives
+    at_layer, at_site = evaluate("layer"), evaluate("layer", "blocks.1.hook_resid_pre")
+    for kind, row in at_layer.items():
+        for key in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl"):
+            assert at_site[kind][key] == row[key], (kind, key)
+    mlp = evaluate("mlp")  # spliced at model.layers.1.mlp's output: every variant changes the output
+    assert mlp["bae"]["ce_zero"] != mlp["bae"]["ce_clean"] and mlp["bae"]["kl"] > 0
+    assert mlp["zero ablation"]["kl"] > 0 and mlp["bae"]["ce_clean"] == at_layer["bae"]["ce_clean"]
+
+
+def test_resume_site_equals_an_independent_hooked_forward(llama):
+    """Splicing a value into model.layers.1.mlp's output equals a plain HF forward whose torch hook
+    returns that value; splicing the clean value reproduces the clean states bit for bit."""
+    loaded = load_model(str(llama), "float32")
+    model = loaded.model
+    (site,) = resolve_sites(model, ["model.layers.1.mlp"])
+    at = SiteSplice(site, site_block(model, site))
+    ids = torch.randint(3, 300, (2, 10))
+    clean = clean_forward(model, ids, None, at.block, [site])
+    assert at.block == 1 and torch.equal(resume_site(model, clean, at, clean.state(site.layer)), clean.final)
+    value = clean.state(site.layer).clone()
+    value[:, 4:] = 0.0
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *_: value)
+    with torch.no_grad():
+        expected = model.model(ids).last_hidden_state
+    handle.remove()
+    torch.testing.assert_close(resume_site(model, clean, at, value), expected, rtol=0, atol=1e-6)
+    (outside,) = resolve_sites(model, ["model.norm"])
+    with pytest.raises(BaeError, match=re.escape("model.norm:output is not inside a decoder block")):
+        site_block(model, outside)
 
 
 def test_torchrun_two_processes_equal_single(llama, corpus, tmp_path):

@@ -18,17 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import ValidationError
+from transformers import PreTrainedModel
 
 from bae.common.atomic_files import atomic_write_bytes
 from bae.common.errors import BaeError
 from bae.pipeline.analysis.checkpoint_match import load_for_store
 from bae.pipeline.evaluate.config import EvaluateConfig
+from bae.pipeline.evaluate.splice import SiteSplice
 from bae.pipeline.harvest.config import HarvestConfig
 from bae.pipeline.harvest.corpus import CorpusStream
 from bae.pipeline.harvest.plan import plan_units
 from bae.pipeline.harvest.windows import Window, tokenize_corpus
-from bae.pipeline.llm.capture import check_layers
+from bae.pipeline.llm.capture import Site, check_layers
 from bae.pipeline.llm.load import LoadedModel, file_sha256, load_model
+from bae.pipeline.llm.sites import site_block
 from bae.stores import ActivationStore, RowFilter, iter_unit_rows, split_mask
 from bae.stores.sites import store_sites
 from bae.trainer import Autoencoder, load_autoencoder
@@ -74,6 +77,7 @@ class Prepared:
     fingerprint: str  # everything that decides the windows, the model and the batches
     held_out: str  # how the documents were chosen, for the summary
     n_docs: int
+    sites: dict[int, SiteSplice] = field(default_factory=dict)  # the hook sites among the layers
 
     @property
     def layers(self) -> list[int]:
@@ -140,21 +144,14 @@ def same_model(recorded: Any, loaded: LoadedModel) -> bool:
     return recorded.get("id") in (None, loaded.model_id)
 
 
-def refuse_site(store: ActivationStore, checkpoint: str, layer: int) -> None:
-    """Splicing replaces ``hidden_states[L]``: a hook site is refused, naming the layer it equals."""
-    site = store_sites(store).get(layer)
-    if site is None:
-        return
-    equals = site.get("hidden_state")
-    hint = (
-        f"it equals hidden_states[{equals}]: harvest --layers {equals} to evaluate it"
-        if equals is not None
-        else "harvest a hidden_states layer (--layers) to evaluate"
-    )
-    raise BaeError(
-        f"checkpoint {checkpoint}: store layer {layer} is the hook site {site['name']}, and evaluate "
-        f"splices hidden_states layers only; {hint}"
-    )
+def splice_sites(
+    store: ActivationStore, model: PreTrainedModel, targets: list[Target]
+) -> dict[int, SiteSplice]:
+    """The hook sites among the checkpoints' layers, each with the block it is spliced in."""
+    records = store_sites(store)
+    layers = sorted({t.layer for t in targets} & set(records))
+    sites = [Site.of_record(records[layer]) for layer in layers]
+    return {site.layer: SiteSplice(site, site_block(model, site)) for site in sites}
 
 
 def load_targets(cfg: EvaluateConfig, store: ActivationStore, loaded: LoadedModel) -> list[Target]:
@@ -162,9 +159,9 @@ def load_targets(cfg: EvaluateConfig, store: ActivationStore, loaded: LoadedMode
     targets = []
     for name, path in zip(checkpoint_names(cfg.checkpoints), cfg.checkpoints):
         model, layer = load_for_store(store, path, cfg.layer)
-        refuse_site(store, path, layer)
         try:
-            check_layers([layer], loaded.n_layers)
+            if layer not in store_sites(store):
+                check_layers([layer], loaded.n_layers)
         except BaeError as exc:
             raise BaeError(f"checkpoint {path}: {exc}") from None
         if model.config.d_model != loaded.d_model:
@@ -248,6 +245,7 @@ def prepare(cfg: EvaluateConfig, device: torch.device | str) -> Prepared:
     settings = harvest_settings(cfg, store)
     loaded = load_model(settings.model, settings.model_dtype, device)
     targets = load_targets(cfg, store, loaded)
+    sites = splice_sites(store, loaded.model, targets)
     corpus = CorpusStream(settings.corpus, settings.text_field, settings.line_docs, settings.encoding_errors)
     tokens = tokenize_corpus(
         loaded.tokenizer,
@@ -305,4 +303,5 @@ def prepare(cfg: EvaluateConfig, device: torch.device | str) -> Prepared:
         for layer in sorted({t.layer for t in targets})
     }
     n_docs = len(np.unique(np.concatenate([w.doc_ids[w.measure] for w in windows])))
-    return Prepared(loaded, targets, windows, units, means, fingerprint(shaping), held_out_text, n_docs)
+    shaped = fingerprint(shaping)
+    return Prepared(loaded, targets, windows, units, means, shaped, held_out_text, n_docs, sites)

@@ -50,6 +50,7 @@ from bae.pipeline.evaluate.splice import (
     log_probs,
     next_token_terms,
     resume,
+    resume_site,
 )
 from bae.pipeline.harvest.plan import forward_batches
 from bae.pipeline.harvest.windows import Window
@@ -149,6 +150,14 @@ class UnitEvaluator:
         pad = prepared.loaded.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
 
+    def resume(self, clean: CleanPass, layer: int, value: torch.Tensor) -> torch.Tensor:
+        """Final hidden states with store layer ``layer`` (a ``hidden_states`` index or a hook site) set
+        to ``value``."""
+        at = self.prepared.sites.get(layer)
+        if at is None:
+            return resume(self.model, clean, layer, value)
+        return resume_site(self.model, clean, at, value)
+
     def finals(
         self, job: Job, clean: CleanPass, batch: Batch, fvu: dict[str, FvuSums]
     ) -> dict[str, torch.Tensor]:
@@ -157,9 +166,7 @@ class UnitEvaluator:
         if job.target is None:
             values = {"zero": 0.0, "mean": self.prepared.means[job.layer]}
             return {
-                name: resume(self.model, clean, job.layer, replaced(h, batch.splice, values[name]))[
-                    batch.measure
-                ]
+                name: self.resume(clean, job.layer, replaced(h, batch.splice, values[name]))[batch.measure]
                 for name in ABLATIONS
             }
         autoencoder = job.target.model
@@ -171,18 +178,18 @@ class UnitEvaluator:
         fvu[job.key].add(x[measured], recon[measured], None if typical is None else typical[measured])
         if self.cfg.keep_atypical and typical is not None:
             recon = torch.where(typical[:, None], recon, x)
-        return {
-            "spliced": resume(self.model, clean, job.layer, replaced(h, batch.splice, recon))[batch.measure]
-        }
+        return {"spliced": self.resume(clean, job.layer, replaced(h, batch.splice, recon))[batch.measure]}
 
     def run(self, unit: int, jobs: list[Job]) -> dict[Job, Partial]:
         rows = UnitRows()
         d = self.prepared.loaded.d_model
         fvu = {job.key: FvuSums(d) for job in jobs if job.target is not None}
-        first = min(job.layer for job in jobs)
+        sites = self.prepared.sites
+        first = min(sites[job.layer].block if job.layer in sites else job.layer for job in jobs)
+        hooked = [sites[layer].site for layer in {job.layer for job in jobs} if layer in sites]
         for windows in forward_batches(list[Window](self.prepared.unit_windows(unit)), self.cfg.batch_tokens):
             batch = Batch.of(cast(list[EvalWindow], windows), self.pad_id, self.model.device)
-            clean = clean_forward(self.model, batch.ids, batch.attention, first)
+            clean = clean_forward(self.model, batch.ids, batch.attention, first, hooked)
             finals = {
                 (job.key, name): f for job in jobs for name, f in self.finals(job, clean, batch, fvu).items()
             }

@@ -4,11 +4,13 @@ layer on was called, then, per replacement of ``hidden_states[L]``, a replay of 
 Layer numbering is harvest's (``bae.pipeline.llm.capture``): ``hidden_states[L]`` is the input of
 block L, and ``hidden_states[n_layers]`` the output of the final norm. The replay calls each block
 with the arguments it received in the clean pass (attention mask, rotary embeddings, positions), so
-a replacement equal to the clean state reproduces the clean logits bit for bit.
+a replacement equal to the clean state reproduces the clean logits bit for bit. A hook site
+(``bae harvest --hook``) is spliced by replaying its block with the site's module hooked.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,20 +19,32 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from bae.pipeline.llm.capture import decoder_blocks, final_norm
+from bae.pipeline.llm.capture import Site, decoder_blocks, final_norm, hook_site
 
 TINY = torch.finfo(torch.float32).tiny  # floor of the mixture, so that 0 · log 0 counts as 0
 
 
+@dataclass(frozen=True)
+class SiteSplice:
+    """A hook site (``bae harvest --hook``) to splice at, and the decoder block it runs in."""
+
+    site: Site
+    block: int
+
+
 @dataclass
 class CleanPass:
-    """The clean forward's final hidden states [B, T, d] and each replayable block's call."""
+    """The clean forward's final hidden states [B, T, d], each replayable block's call, and the
+    values of the hook sites spliced at (by store layer key)."""
 
     final: torch.Tensor
     calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    sites: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def state(self, layer: int) -> torch.Tensor:
-        """``hidden_states[layer]`` of the clean pass."""
+        """``hidden_states[layer]`` (or the hook site keyed ``layer``) of the clean pass."""
+        if layer in self.sites:
+            return self.sites[layer]
         if layer in self.calls:
             args, kwargs = self.calls[layer]
             return args[0] if args else kwargs["hidden_states"]
@@ -39,9 +53,14 @@ class CleanPass:
 
 @torch.inference_mode()
 def clean_forward(
-    model: PreTrainedModel, ids: torch.Tensor, attention: torch.Tensor | None, first: int
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    attention: torch.Tensor | None,
+    first: int,
+    sites: Sequence[Site] = (),
 ) -> CleanPass:
-    """The base model over ``ids``, recording the calls of blocks ``first``.. for :func:`resume`."""
+    """The base model over ``ids``, recording the calls of blocks ``first``.. for :func:`resume` and
+    the values of ``sites``."""
     blocks = decoder_blocks(model)
     run = CleanPass(final=torch.empty(0))
 
@@ -51,9 +70,17 @@ def clean_forward(
 
         return hook
 
+    def keep(site: Site) -> Any:
+        def visit(tensor: torch.Tensor | None, _raw: Any) -> None:
+            if tensor is not None:
+                run.sites[site.layer] = tensor
+
+        return visit
+
     handles = [
         blocks[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(first, len(blocks))
     ]
+    handles += [hook_site(model, site, keep(site)) for site in sites]
     try:
         run.final = model.base_model(
             input_ids=ids, attention_mask=attention, use_cache=False
@@ -79,6 +106,19 @@ def resume(model: PreTrainedModel, clean: CleanPass, layer: int, hidden: torch.T
         )
         hidden = out[0] if isinstance(out, (tuple, list)) else out
     return final_norm(model)(hidden)
+
+
+@torch.inference_mode()
+def resume_site(
+    model: PreTrainedModel, clean: CleanPass, at: SiteSplice, value: torch.Tensor
+) -> torch.Tensor:
+    """The final hidden states when the hook site is ``value``: its block and the rest replayed from
+    the clean state, with the site's module hooked to return (or receive) ``value``."""
+    handle = hook_site(model, at.site, lambda _tensor, _raw: value)
+    try:
+        return resume(model, clean, at.block, clean.state(at.block))
+    finally:
+        handle.remove()
 
 
 def log_probs(model: PreTrainedModel, final: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ the output of the final norm, as HF reports it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -39,6 +39,13 @@ class Site:
     def name(self) -> str:
         """How the site is shown and addressed: the TransformerLens name, else ``module:io``."""
         return self.tl or f"{self.module}:{self.io}"
+
+    @classmethod
+    def of_record(cls, record: dict[str, Any]) -> Site:
+        """A site from the store's record of it."""
+        return cls(
+            record["module"], record["io"], record.get("tl"), int(record["layer"]), record.get("hidden_state")
+        )
 
     def record(self, tuple_output: bool) -> dict[str, Any]:
         """What the store records about the site."""
@@ -109,6 +116,38 @@ def input_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     return found if found is not None else first_tensor(list(kwargs.values()))
 
 
+def _swap(values: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
+    return type(values)(new if item is old else item for item in values)
+
+
+def hook_site(
+    model: PreTrainedModel, site: Site, visit: Callable[[torch.Tensor | None, Any], torch.Tensor | None]
+) -> Any:
+    """Hook ``site``'s module: ``visit(tensor, raw)`` gets the site's tensor (None if there is none)
+    and the module's raw output or positional arguments; a tensor it returns replaces the site's
+    tensor in the forward. Returns the hook's handle."""
+    module = model.get_submodule(site.module)
+    if site.io == "input":
+
+        def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            tensor = input_tensor(args, kwargs)
+            new = visit(tensor, args)
+            if new is None or tensor is None:
+                return None
+            return _swap(args, tensor, new), {k: new if v is tensor else v for k, v in kwargs.items()}
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        tensor = first_tensor(output)
+        new = visit(tensor, output)
+        if new is None or tensor is None:
+            return None
+        return new if isinstance(output, torch.Tensor) else _swap(output, tensor, new)
+
+    return module.register_forward_hook(hook)
+
+
 class LayerCapture:
     """Hooks that record the requested layers and hook sites (``bae.pipeline.llm.sites``) and cut
     the forward short once all of them are captured.
@@ -137,9 +176,7 @@ class LayerCapture:
             raise _StopForward
 
     def _hook_site(self, site: Site) -> Any:
-        module = self.model.get_submodule(site.module)
-
-        def found(tensor: torch.Tensor | None, got: Any) -> None:
+        def visit(tensor: torch.Tensor | None, got: Any) -> None:
             if tensor is None:
                 raise BaeError(
                     f"hook {site.name}: its module's {site.io} has no tensor ({type(got).__name__})"
@@ -148,17 +185,7 @@ class LayerCapture:
                 self.tuple_outputs.add(site.layer)
             self._record(site.layer, tensor)
 
-        if site.io == "input":
-
-            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-                found(input_tensor(args, kwargs), args)
-
-            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            found(first_tensor(output), output)
-
-        return module.register_forward_hook(hook)
+        return hook_site(self.model, site, visit)
 
     def __enter__(self) -> LayerCapture:
         blocks = decoder_blocks(self.model)

@@ -124,3 +124,15 @@ def probe_sites(model: PreTrainedModel, sites: list[Site], d_model: int) -> list
                 f"[1, 2] input, but a store holds [batch, seq, {d_model}] states (the model's width)"
             )
     return [site.record(site.layer in capture.tuple_outputs) for site in sites]
+
+
+def site_block(model: PreTrainedModel, site: Site) -> int:
+    """The decoder block a site runs in (the block itself or one of its modules); a site outside the
+    blocks (the embeddings, the final norm) is refused in one line."""
+    blocks = decoder_blocks(model)
+    path = _module_names(model)[id(blocks)]
+    for index in range(len(blocks)):
+        block = f"{path}.{index}"
+        if site.module == block or site.module.startswith(f"{block}."):
+            return index
+    raise BaeError(f"hook site {site.name} is not inside a decoder block ({path}.N): it cannot be spliced")
