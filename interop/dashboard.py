@@ -61,10 +61,14 @@ def token_values(
     model: Autoencoder,
     wanted: list[tuple[int, list[int]]],
     sign: np.ndarray,
+    batch_rows: int = 1024,
 ) -> list[np.ndarray]:
     """For each (feature, store rows): the feature's value at each row, reading every unit once.
 
-    BAE: ``max(0, sign_j · pre_j)`` (its margin toward its rarer state); SAE: its activation."""
+    BAE: ``max(0, sign_j · pre_j)`` (its margin toward its rarer state); SAE: its activation.
+    Memory: ``batch_rows`` rows × features at a time."""
+    if not wanted:
+        return []
     feats = np.concatenate([np.full(len(rows), j) for j, rows in wanted]).astype(np.int64)
     rows = np.concatenate([np.asarray(rows, np.int64) for _, rows in wanted])
     values = np.zeros(len(rows))
@@ -72,13 +76,16 @@ def token_values(
     for unit in np.unique(units):
         pick = np.flatnonzero(units == unit)
         local, inverse = np.unique(rows[pick] - unit * store.unit_rows, return_inverse=True)
-        x = store.read_unit_layer(layer, int(unit))[local]
-        with torch.no_grad():
-            if model.architecture == "bae":
-                value = (model.pre_activations(x).double() * torch.from_numpy(sign)).clamp(min=0)
-            else:
-                value = model.analyse(x).code.double()
-        values[pick] = value.cpu().numpy()[inverse, feats[pick]]
+        x = store.read_unit_layer(layer, int(unit))
+        for a in range(0, len(local), batch_rows):
+            part = (inverse >= a) & (inverse < a + batch_rows)
+            with torch.no_grad():
+                chunk = x[local[a : a + batch_rows]]
+                if model.architecture == "bae":
+                    value = (model.pre_activations(chunk).double() * torch.from_numpy(sign)).clamp(min=0)
+                else:
+                    value = model.analyse(chunk).code.double()
+            values[pick[part]] = value.cpu().numpy()[inverse[part] - a, feats[pick[part]]]
     return np.split(values, np.cumsum([len(r) for _, r in wanted])[:-1])
 
 

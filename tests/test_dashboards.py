@@ -13,11 +13,12 @@ from bae_testing.stores import run_bae
 from bae_testing.tiny_models import save_tiny_model
 
 from bae.common.errors import BaeError
-from bae.interop.dashboard import export_dashboard
+from bae.interop.dashboard import export_dashboard, token_values
 from bae.interop.dashboard_config import DashboardExportConfig
 from bae.pipeline.features.config import FeaturesConfig
 from bae.pipeline.features.contexts import BAE_MARGIN, run_contexts
 from bae.pipeline.features.report import write_report
+from bae.stores import ActivationStore
 from bae.trainer import load_autoencoder
 
 
@@ -205,6 +206,24 @@ def test_export_loads_with_sae_dashboard_and_values_match(env, arch):
             np.testing.assert_allclose(
                 activation.values, expected_values[window, feature.feature_index], atol=1e-4
             )
+
+
+def test_token_values_do_not_depend_on_the_batch(env):
+    tmp, data, out = env
+    store = ActivationStore.open(str(tmp / "store.zarr"))
+    model = load_autoencoder(out["bae"][0])
+    rng = np.random.default_rng(0)
+    wanted = [
+        (int(j), sorted(rng.choice(len(data["doc_ids"]), 9, replace=False).tolist())) for j in range(64)
+    ]
+    sign = np.where(rng.random(64) < 0.5, 1.0, -1.0)
+    whole = token_values(store, 3, model, wanted, sign)
+    pre = _pre(out["bae"][0], data["states"])
+    for (j, rows), got, small in zip(
+        wanted, whole, token_values(store, 3, model, wanted, sign, batch_rows=5)
+    ):
+        np.testing.assert_allclose(got, np.maximum(sign[j] * pre[rows, j], 0), atol=1e-5)
+        np.testing.assert_allclose(got, small, rtol=1e-6, atol=1e-7)  # float32 matmuls of other shapes
 
 
 def test_export_writes_comsem_explanations(env, tmp_path):
