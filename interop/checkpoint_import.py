@@ -11,10 +11,10 @@ from pathlib import Path
 
 from bae.common.errors import BaeError
 from bae.interop.checkpoint_config import ImportCheckpointConfig
-from bae.interop.hook_names import layer_of_hook
 from bae.interop.sae_weights import ReadSae, to_autoencoder
 from bae.interop.saelens import CFG_FILE, WEIGHTS_FILE, read_saelens
 from bae.interop.sparsify import read_sparsify, sparsify_dir
+from bae.stores.sites import layer_of_hook
 from bae.trainer.provenance import Provenance
 
 

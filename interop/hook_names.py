@@ -18,7 +18,6 @@ hook keeps that name.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,15 +138,3 @@ def sparsify_hookpoint(source: Source) -> str:
     if index == 0:
         return embedding
     return norm if index == n_layers(config) else f"{blocks}.{index - 1}"
-
-
-def layer_of_hook(name: str) -> int | None:
-    """The ``hidden_states`` index a TransformerLens residual hook or sparsify hookpoint holds."""
-    if name in ("embed_tokens", "drop", "emb_dropout"):
-        return 0
-    for pattern, offset in ((r"blocks\.(\d+)\.hook_resid_pre", 0), (r"blocks\.(\d+)\.hook_resid_post", 1)):
-        match = re.fullmatch(pattern, name)
-        if match:
-            return int(match.group(1)) + offset
-    match = re.fullmatch(r"(?:model\.)?(?:layers|h)[._](\d+)", name)
-    return int(match.group(1)) + 1 if match else None

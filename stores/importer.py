@@ -221,7 +221,7 @@ def source_record(cfg: ImportConfig, items: Items, hook: str | None) -> dict[str
 def tensor_hook(tensor: str | None) -> str | None:
     """A tensor named as a TransformerLens or HF residual hook (a TransformerLens cache's keys) names
     its hook."""
-    from bae.interop.hook_names import layer_of_hook
+    from bae.stores.sites import layer_of_hook
 
     return tensor if tensor is not None and layer_of_hook(tensor) is not None else None
 
@@ -232,7 +232,7 @@ def resolve_layer(cfg: ImportConfig, hook: str | None) -> int:
         return cfg.layer
     if hook is None:
         return 0
-    from bae.interop.hook_names import layer_of_hook
+    from bae.stores.sites import layer_of_hook
 
     layer = layer_of_hook(hook)
     if layer is None:

@@ -3,6 +3,7 @@ its ``hidden_states`` index, its site key, or its site's name."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from bae.common.errors import BaeError
@@ -54,3 +55,15 @@ def resolve_layer(store: ActivationStore, value: int | str) -> int:
             return key
     held = ", ".join(layer_label(store, layer) for layer in store.layers)
     raise BaeError(f"store {store.url} has no layer or hook site {value!r}; it holds {held}")
+
+
+def layer_of_hook(name: str) -> int | None:
+    """The ``hidden_states`` index a TransformerLens residual hook or sparsify hookpoint holds."""
+    if name in ("embed_tokens", "drop", "emb_dropout"):
+        return 0
+    for pattern, offset in ((r"blocks\.(\d+)\.hook_resid_pre", 0), (r"blocks\.(\d+)\.hook_resid_post", 1)):
+        match = re.fullmatch(pattern, name)
+        if match:
+            return int(match.group(1)) + offset
+    match = re.fullmatch(r"(?:model\.)?(?:layers|h)[._](\d+)", name)
+    return int(match.group(1)) + 1 if match else None

@@ -24,13 +24,14 @@ from transformers import AutoModelForCausalLM
 from bae.common.errors import BaeError
 from bae.interop.checkpoint_config import ExportCheckpointConfig, ImportCheckpointConfig
 from bae.interop.checkpoint_import import import_checkpoint
-from bae.interop.hook_names import Source, layer_of_hook, sparsify_hookpoint
+from bae.interop.hook_names import Source, sparsify_hookpoint
 from bae.interop.saelens import export_saelens
 from bae.interop.saelens_bae import BinarySAE
 from bae.interop.sparsify import export_sparsify
 from bae.pipeline.features.compare import run_compare
 from bae.pipeline.features.config import FeaturesConfig
 from bae.stores import ActivationStore, StoreLayout
+from bae.stores.sites import layer_of_hook
 from bae.trainer import ModelConfig, build_autoencoder, load_autoencoder
 from bae.trainer.config import TrainConfig
 from bae.trainer.provenance import Provenance

@@ -1,8 +1,9 @@
 """The package's rooms import one way: common <- stores <- trainer <- pipeline/analysis <- entropy,
 features; pipeline/llm (loading causal LMs) imports only common and serves harvest, analysis and
 features; pipeline/harvest only common, stores and llm; evaluate also cuts harvest's windows, and
-features compare runs evaluate; no other stage imports another; ``cli`` and ``pipeline/run`` may
-import anything."""
+features compare runs evaluate; no other stage imports another; interop (other tools' formats)
+sits above the stages it reads and no stage imports it; ``cli`` and ``pipeline/run`` may import
+anything."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ ALLOWED = {
         "pipeline.analysis",
         "pipeline.evaluate",
         "pipeline.features",
+    },
+    "interop": {
+        "common",
+        "stores",
+        "trainer",
+        "pipeline.llm",
+        "pipeline.analysis",
+        "pipeline.features",
+        "interop",
     },
 }
 OPEN = {"cli", "pipeline.run", "__init__", "pipeline"}  # may import every room
