@@ -370,7 +370,7 @@ def test_changed_config_on_existing_store_is_refused(models, corpus, tmp_path):
     ("kw", "message"),
     [
         ({"corpus": ["{tmp}/missing.jsonl"]}, "no such file, directory or glob"),
-        ({"corpus": ["{tmp}/empty.txt"]}, "no non-empty documents"),
+        ({"corpus": ["{tmp}/empty.txt"], "context_length": 64}, "no non-empty documents"),
         ({"layers": [7]}, r"layers \[7\] out of range: this model has layers 0\.\.3"),
         ({"context_length": 4096}, "exceeds the model's maximum of 128 positions"),
         ({"model": "no-such-org/no-such-model"}, "cannot be found offline.*local model directory"),
