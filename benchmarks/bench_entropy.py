@@ -10,12 +10,15 @@ hashes and counts, pair counts of 64 bits for the Chow–Liu bound) followed by 
 themselves (NSB, Chow–Liu trees, verdicts), and again with 32 bootstrap replicates; and the Σ H_b
 reduction with every partial already on disk (a resumed run's cost). ``--pair-cost`` also
 times the Chow–Liu bound's parts at d' = 8192 with all bits paired: the BᵀB GEMM per batch of 4096
-rows and the tree per group.
+rows and the tree per group. ``--startup`` times the whole ``bae entropy`` command (a fresh process:
+imports, store and checkpoint, counting, estimates, table and plot) on a one-unit store and on a
+``--startup-units`` store: the fixed start-up (time to the first row) and the rows/s at the margin.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import tempfile
@@ -84,6 +87,34 @@ def rss_report(tmp: Path, rows: int, d: int, doc_len: int, checkpoint: Path) -> 
         print(f"  reduction over {store.n_rows:>9,} rows ({size:,.0f} MiB float16): peak RSS {rss:,.0f} MiB")
 
 
+def entropy_command(store: str, checkpoint: str, out: Path) -> tuple[float, float]:
+    """(wall s, CPU s) of ``bae entropy`` with default estimators in a fresh process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    command = ["-m", "bae.cli", "entropy", "-s", store, "-a", checkpoint, "-o", str(out), "--no-progress"]
+    subprocess.run([sys.executable, *command], capture_output=True, check=True)
+    wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def startup_report(tmp: Path, d: int, doc_len: int, checkpoint: Path, units: int, repeats: int) -> None:
+    """Start-up of ``bae entropy`` (intercept of time vs rows) and its marginal rate (slope)."""
+    small, _ = make_store(tmp / "startup-1.zarr", 4096, d, doc_len)
+    large, _ = make_store(tmp / f"startup-{units}.zarr", 4096 * units, d, doc_len)
+    runs = {
+        name: [entropy_command(s.url, str(checkpoint), tmp / f"startup-{name}-{r}") for r in range(repeats)]
+        for name, s in (("small", small), ("large", large))
+    }
+    for i, what in enumerate(("wall", "CPU")):
+        t1, tn = min(r[i] for r in runs["small"]), min(r[i] for r in runs["large"])
+        rate = (large.n_rows - small.n_rows) / max(tn - t1, 1e-9)
+        print(
+            f"  bae entropy {what:4s}: {t1:5.1f} s on {small.n_rows:,} rows, {tn:5.1f} s on "
+            f"{large.n_rows:,}: "
+            f"start-up {t1 - small.n_rows / rate:4.1f} s, then {rate:,.0f} rows/s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=65536)
@@ -93,6 +124,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rss", action="store_true", help="also peak memory vs store size")
     parser.add_argument("--pair-cost", action="store_true", help="also the Chow–Liu bound's cost at d'=8192")
+    parser.add_argument("--startup", action="store_true", help="also the whole command's start-up")
+    parser.add_argument("--startup-units", type=int, default=16, help="units of the larger --startup store")
+    parser.add_argument("--only-startup", action="store_true", help="--startup alone (no reduction timings)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-entropy-"))
     n = args.rows
@@ -100,6 +134,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_autoencoder(ModelConfig(d_model=args.d, expansion=args.expansion), Provenance(layer=0))
     model.save_pretrained(tmp / "bae")
+    if args.startup or args.only_startup:
+        startup_report(tmp, args.d, args.doc_len, tmp / "bae", args.startup_units, args.repeats)
+        if args.only_startup:
+            return
     w, b, xt = model.encoder.weight.detach(), model.encoder.bias.detach(), torch.from_numpy(x)
     units = tuple(range(store.n_units))
     results: dict[str, list[float]] = {

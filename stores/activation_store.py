@@ -10,7 +10,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import dask.array as da
 import numpy as np
 import torch
 import zarr
@@ -45,6 +44,7 @@ _WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="bae-store-write
 SPARSE_ARRAYS = ("units/clamped",)  # mostly zero: a zero chunk is not stored (read back as zero)
 
 if TYPE_CHECKING:
+    import dask.array as da
     from zarr.core.common import AccessModeLiteral
 
 
@@ -485,6 +485,8 @@ class ActivationStore:
 
     def dask_layer(self, layer: int) -> da.Array:
         """A float32 dask view of one layer, one block per unit."""
+        import dask.array as da  # dask.array imports sparse and numba: only when a view is asked for
+
         # dask leaves `chunks` unannotated, so pyright infers str from its default "auto"
         arr = da.from_array(self._layer_array(layer), chunks=(self.unit_rows, self.d_model), asarray=True)  # pyright: ignore[reportArgumentType]
         return arr.map_blocks(decode_values, self.layout.dtype, dtype=np.float32)
@@ -493,6 +495,8 @@ class ActivationStore:
         """A dask view of a per-row array, one block per unit."""
         if name not in ROW_ARRAYS:
             raise BaeError(f"unknown row array {name!r}; expected one of {', '.join(ROW_ARRAYS)}")
+        import dask.array as da
+
         # dask leaves `chunks` unannotated, so pyright infers str from its default "auto"
         return da.from_array(self._arrays[name], chunks=(self.unit_rows,), asarray=True)  # pyright: ignore[reportArgumentType]
 

@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import dask
 import dask.bag as db
-import dask.config
+import dask.threaded
 import numpy as np
 import torch
 from dask.callbacks import Callback
@@ -125,5 +124,6 @@ def map_reduce_units(
 
         with Client(scheduler) as client:
             return cast("Future", client.compute(folded)).result()  # one collection in: one future out
-    with _TaskProgress(desc, show_progress), dask.config.set(scheduler="threads"):
-        return folded.compute()
+    with _TaskProgress(desc, show_progress):
+        # dask's threaded scheduler passed as a function: named "threads", dask imports distributed
+        return folded.compute(scheduler=dask.threaded.get)

@@ -37,7 +37,6 @@ from bae.common.errors import BaeError
 from bae.common.outputs import LocalOutput, make_output_dir
 from bae.pipeline.entropy.synthetic import KINDS, SyntheticSpec
 from bae.trainer.config import TrainConfig
-from bae.trainer.loop import read_log
 from bae.trainer.run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -198,6 +197,8 @@ def write_set(
 
 def last_val_fvu(run: Path) -> float:
     """The run's last logged ``val_fvu`` (NaN when it never validated)."""
+    from bae.trainer.loop import read_log  # torch and accelerate: not at CLI start-up
+
     fvu = math.nan
     for record in read_log(RunFolder.at(run).log):
         fvu = record.get("val_fvu", fvu)
