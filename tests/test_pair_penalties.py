@@ -137,8 +137,8 @@ def test_objective_gradients_equal_the_plain_formulas_on_a_model(objective: str)
 
 @pytest.mark.parametrize(("n", "m"), [(64, 150), (4, 40), (509, 90)])
 def test_packed_and_dense_signs_agree_with_exact_integers(n: int, m: int) -> None:
-    """The CPU popcount path, the dense path (other devices, many ties) and numpy's integers agree;
-    (4, 40) has ties on most pairs, so abs_covariance takes the dense path there."""
+    """The CPU popcount path, the dense path (other devices) and numpy's integers agree; n = 64 and
+    n = 4 have many exact ties (sign 0)."""
     gen = torch.Generator().manual_seed(n + m)
     bits = (torch.rand(n, m, generator=gen) < 0.5).double()
     bits = bits[:, (bits.sum(0) > 0) & (bits.sum(0) < n)]

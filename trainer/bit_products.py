@@ -29,25 +29,30 @@ def _ctpop(typingctx: Any, word: Any) -> Any:
 
 _popcount: Any = intrinsic(_ctpop)  # the CPU's population count, inside compiled code
 
+# numba's OpenMP layer leaves its threads spinning beside torch's own OpenMP pool: measured, torch's
+# elementwise ops ran 4.5x slower after one popcount call; its plain thread pool does not interfere
+numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
+
 
 BLOCK = 4  # rows of the left operand per pass over the right one (each right word loaded once)
 
 
 @njit(parallel=True, cache=True)
-def _counts(p: np.ndarray, q: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """out[r, c] = Σ_w popcount(p[r, w] & q[c, w]); p has a multiple of BLOCK rows."""
-    cols, words = q.shape[0], q.shape[1]
+def _signed_counts(p: np.ndarray, plus: np.ndarray, minus: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """out[r, c] = Σ_w popcount(p[r, w] & plus[c, w]) − popcount(p[r, w] & minus[c, w]);
+    p has a multiple of BLOCK rows."""
+    cols, words = plus.shape[0], plus.shape[1]
     out = np.zeros((p.shape[0], cols), np.int32)
     for block in prange(p.shape[0] // BLOCK):
         r = BLOCK * block
         for c in range(cols):
             a0, a1, a2, a3 = 0, 0, 0, 0
             for w in range(words):
-                word = q[c, w]
-                a0 += _popcount(p[r, w] & word)
-                a1 += _popcount(p[r + 1, w] & word)
-                a2 += _popcount(p[r + 2, w] & word)
-                a3 += _popcount(p[r + 3, w] & word)
+                up, down = plus[c, w], minus[c, w]
+                a0 += _popcount(p[r, w] & up) - _popcount(p[r, w] & down)
+                a1 += _popcount(p[r + 1, w] & up) - _popcount(p[r + 1, w] & down)
+                a2 += _popcount(p[r + 2, w] & up) - _popcount(p[r + 2, w] & down)
+                a3 += _popcount(p[r + 3, w] & up) - _popcount(p[r + 3, w] & down)
             out[r, c], out[r + 1, c], out[r + 2, c], out[r + 3, c] = a0, a1, a2, a3
     return out
 
@@ -57,12 +62,12 @@ def _covariance_signs(
     p: np.ndarray, ones: np.ndarray, n: int, m: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """Per bit j < m (p: packed columns, a multiple of BLOCK rows): Σ_k |N_jk| and Σ_k sign(N_jk)·n_k
-    and the packed rows of [N > 0] and [N = 0], N_jk = n·G_jk − n_j·n_k (the diagonal included)."""
+    and the packed rows of [N > 0] and [N < 0], N_jk = n·G_jk − n_j·n_k (the diagonal included)."""
     words = (m + 63) // 64
     abs_sum = np.zeros(p.shape[0], np.int64)
     ones_sign = np.zeros(p.shape[0], np.int64)
     positive = np.zeros((p.shape[0], words), np.uint64)
-    zero = np.zeros((p.shape[0], words), np.uint64)
+    negative = np.zeros((p.shape[0], words), np.uint64)
     for block in prange(p.shape[0] // BLOCK):
         first = BLOCK * block
         for w in range(words):
@@ -79,23 +84,8 @@ def _covariance_signs(
                     abs_sum[first + r] += abs(numerator)
                     ones_sign[first + r] += np.sign(numerator) * ones[k]
                     positive[first + r, w] |= np.uint64(numerator > 0) << shift
-                    zero[first + r, w] |= np.uint64(numerator == 0) << shift
-    return abs_sum, ones_sign, positive, zero
-
-
-@njit(cache=True)
-def _set_bits(packed: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
-    rows, cols = np.empty(count, np.int64), np.empty(count, np.int64)
-    found = 0
-    for r in range(packed.shape[0]):
-        for w in range(packed.shape[1]):
-            word = packed[r, w]
-            while word:
-                low = word & (~word + np.uint64(1))
-                rows[found], cols[found] = r, 64 * w + _popcount(low - np.uint64(1))
-                found += 1
-                word ^= low
-    return rows, cols
+                    negative[first + r, w] |= np.uint64(numerator < 0) << shift
+    return abs_sum, ones_sign, positive, negative
 
 
 def pack_columns(bits: torch.Tensor, row_multiple: int = 1) -> np.ndarray:
@@ -112,43 +102,31 @@ def _use_torch_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
-def bit_counts(a: torch.Tensor, b: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
-    """aᵀb of 0/1 matrices a [t, m], b [t, k] as int32 [m, k] (b omitted: aᵀa; b may come packed,
-    as ``pack_columns`` gives it)."""
+def bit_counts(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """aᵀb of 0/1 matrices a [t, m], b [t, k] as int32 [m, k] (b omitted: aᵀa)."""
     _use_torch_threads()
-    p = pack_columns(a, BLOCK)
-    q = pack_columns(a) if b is None else b if isinstance(b, np.ndarray) else pack_columns(b)
-    return torch.from_numpy(_counts(p, q)[: a.shape[1]]).to(a.device)
-
-
-def set_bits(packed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of the set bits of a packed matrix, row-major."""
-    rows, cols = _set_bits(packed, int(np.bitwise_count(packed).sum()))
-    return torch.from_numpy(rows), torch.from_numpy(cols)
+    q = pack_columns(a if b is None else b)
+    return torch.from_numpy(_signed_counts(pack_columns(a, BLOCK), q, np.zeros_like(q))[: a.shape[1]])
 
 
 @dataclass(frozen=True)
 class PackedSigns:
     """The exact covariance of 0/1 bits [n, m], as the pairwise penalties need it:
     ``abs_sum`` = Σ_{j≠k} |C_jk|; ``p_sign`` = pᵀ·sign(C) (p the firing rates, sign 0 on the
-    diagonal and on exact zeros); ``positive``/``zero`` = rows of [C > 0] and [C = 0 or j = k],
-    packed as ``pack_columns`` packs (C is symmetric: row k is column k)."""
+    diagonal and on exact zeros); ``positive``/``negative`` = rows of [C > 0] and [C < 0], packed
+    as ``pack_columns`` packs (C is symmetric: row k is column k)."""
 
     abs_sum: float
     p_sign: torch.Tensor
     positive: np.ndarray
-    zero: np.ndarray
-    n_zero: int
+    negative: np.ndarray
 
     def times(self, b: torch.Tensor) -> torch.Tensor:
-        """B·S for the 0/1 bits B [n, m] these signs came from: S = 2·[C > 0] − 1 + [C = 0 or j = k],
-        so one popcount pass, the row sums, and the columns of the last term (the diagonal and
-        exact ties, few: ``pair_penalties`` goes dense when they are many)."""
-        product = 2 * bit_counts(b.T, self.positive).to(b.dtype) - b.sum(dim=1, keepdim=True)
-        if self.n_zero == b.shape[1]:  # the diagonal only
-            return product + b
-        rows, cols = set_bits(self.zero)
-        return product.index_add_(1, cols, b[:, rows])
+        """B·sign(C) for the 0/1 bits B [n, m] these signs came from: popcounts of each row of B
+        against [C > 0] minus against [C < 0], in one pass."""
+        _use_torch_threads()
+        counts = _signed_counts(pack_columns(b.T, BLOCK), self.positive, self.negative)
+        return torch.from_numpy(counts[: b.shape[0]]).to(b.dtype)
 
 
 def packed_signs(bits: torch.Tensor) -> PackedSigns:
@@ -157,16 +135,13 @@ def packed_signs(bits: torch.Tensor) -> PackedSigns:
     _use_torch_threads()
     packed = pack_columns(bits, BLOCK)
     padded = np.pad(ones, (0, len(packed) - m))
-    abs_sum, ones_sign, positive, zero = (a[:m] for a in _covariance_signs(packed, padded, n, m))
-    # the diagonal (a bit's own variance, numerator n_j·(n − n_j) > 0) is no pair: taken out
+    abs_sum, ones_sign, positive, negative = (a[:m] for a in _covariance_signs(packed, padded, n, m))
+    # the diagonal (a bit's own variance, numerator n_j·(n − n_j) ≥ 0) is no pair: taken out
     diagonal, own = np.arange(m), ones * (n - ones)
-    bit = np.left_shift(np.uint64(1), (diagonal % 64).astype(np.uint64))
-    positive[diagonal, diagonal // 64] &= ~bit
-    zero[diagonal, diagonal // 64] |= bit
+    positive[diagonal, diagonal // 64] &= ~np.left_shift(np.uint64(1), (diagonal % 64).astype(np.uint64))
     return PackedSigns(
         abs_sum=float((abs_sum - own).sum()) / (n * (n - 1)),
-        p_sign=torch.from_numpy((ones_sign - ones) / n),
+        p_sign=torch.from_numpy((ones_sign - np.sign(own) * ones) / n),
         positive=positive,
-        zero=zero,
-        n_zero=int(np.bitwise_count(zero).sum()),
+        negative=negative,
     )

@@ -3,7 +3,7 @@
 ``abs_covariance`` (the paper's D = Σ_{j≠k} |C_jk|): the covariance of 0/1 bits is an integer
 co-occurrence count, so C's numerator ``n·G_jk − n_j·n_k`` is computed exactly from popcounts
 (``bit_products``) and its sign is exact; the backward is the one product 2/(n−1)·Z·sign(C)
-(autograd does two d'-wide GEMMs for it), also from popcounts of the bits against sign(C) > 0.
+(autograd does two d'-wide GEMMs for it), also popcounts: the bits against [C > 0] and [C < 0].
 Constant bits contribute nothing to either and are left out.
 
 ``gram_norm`` (‖zᵀz‖²_F, the normalized objective's Σ ρ²): equal to ‖zzᵀ‖²_F, so it goes through
@@ -20,12 +20,10 @@ import torch
 
 from bae.trainer.bit_products import PackedSigns, packed_signs
 
-MAX_TIES_PER_BIT = 4  # exact-zero covariances handled sparsely up to this many per bit, else densely
-
 
 @dataclass(frozen=True)
 class DenseSigns:
-    """The covariance signs as a d'×d' matrix: off the CPU, or with many exact ties (tiny batches)."""
+    """The covariance signs as a d'×d' matrix (off the CPU)."""
 
     abs_sum: float
     p_sign: torch.Tensor
@@ -52,9 +50,7 @@ class _AbsCovariance(torch.autograd.Function):
         ones = bits.sum(dim=0, dtype=torch.float64)
         varying = ((ones > 0) & (ones < n)).nonzero().squeeze(1)
         b = bits[:, varying].to(torch.promote_types(bits.dtype, torch.float32))
-        signs: PackedSigns | DenseSigns = dense_signs(b) if b.device.type != "cpu" else packed_signs(b)
-        if isinstance(signs, PackedSigns) and signs.n_zero > MAX_TIES_PER_BIT * b.shape[1]:
-            signs = dense_signs(b)
+        signs: PackedSigns | DenseSigns = packed_signs(b) if b.device.type == "cpu" else dense_signs(b)
         ctx.signs = signs
         ctx.save_for_backward(b, varying)
         ctx.shape, ctx.dtype = bits.shape, bits.dtype
