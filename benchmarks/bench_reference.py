@@ -62,7 +62,8 @@ def child_reference(reference: Path, d: int, steps: int) -> dict:
 
 
 def child_bae(store: Path, d: int, steps: int, objective: str) -> dict:
-    """Rows/s of the real `bae train` loop (its own log's throughput over the whole run)."""
+    """Rows/s of the real `bae train` loop: its own log's throughput over the second half of the
+    run (past start-up: store open, model build, the first steps)."""
     from bae.trainer.run import train
     from bae.trainer.run_folder import LOG_FILE
 

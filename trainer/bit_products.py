@@ -63,28 +63,28 @@ def _covariance_signs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """Per bit j < m (p: packed columns, a multiple of BLOCK rows): Σ_k |N_jk| and Σ_k sign(N_jk)·n_k
     and the packed rows of [N > 0] and [N < 0], N_jk = n·G_jk − n_j·n_k (the diagonal included)."""
-    words = (m + 63) // 64
-    abs_sum = np.zeros(p.shape[0], np.int64)
-    ones_sign = np.zeros(p.shape[0], np.int64)
-    positive = np.zeros((p.shape[0], words), np.uint64)
-    negative = np.zeros((p.shape[0], words), np.uint64)
-    for block in prange(p.shape[0] // BLOCK):
-        first = BLOCK * block
-        for w in range(words):
-            for t in range(min(64, m - 64 * w)):
-                k = 64 * w + t
-                counts = np.zeros(BLOCK, np.int64)
-                for u in range(p.shape[1]):
-                    word = p[k, u]
-                    for r in range(BLOCK):
-                        counts[r] += _popcount(p[first + r, u] & word)
-                shift = np.uint64(t)
-                for r in range(BLOCK):
-                    numerator = n * counts[r] - ones[first + r] * ones[k]
-                    abs_sum[first + r] += abs(numerator)
-                    ones_sign[first + r] += np.sign(numerator) * ones[k]
-                    positive[first + r, w] |= np.uint64(numerator > 0) << shift
-                    negative[first + r, w] |= np.uint64(numerator < 0) << shift
+    words, rows = (m + 63) // 64, p.shape[0]
+    abs_sum, ones_sign = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+    positive, negative = np.zeros((rows, words), np.uint64), np.zeros((rows, words), np.uint64)
+    for block in prange(rows // BLOCK):
+        r = BLOCK * block
+        counts = np.zeros(BLOCK, np.int64)  # one block's co-occurrence counts with bit k
+        for k in range(m):
+            a0, a1, a2, a3 = 0, 0, 0, 0
+            for u in range(p.shape[1]):
+                word = p[k, u]
+                a0 += _popcount(p[r, u] & word)
+                a1 += _popcount(p[r + 1, u] & word)
+                a2 += _popcount(p[r + 2, u] & word)
+                a3 += _popcount(p[r + 3, u] & word)
+            counts[0], counts[1], counts[2], counts[3] = a0, a1, a2, a3
+            shift = np.uint64(k % 64)
+            for i in range(BLOCK):
+                numerator = n * counts[i] - ones[r + i] * ones[k]
+                abs_sum[r + i] += abs(numerator)
+                ones_sign[r + i] += np.sign(numerator) * ones[k]
+                positive[r + i, k // 64] |= np.uint64(numerator > 0) << shift
+                negative[r + i, k // 64] |= np.uint64(numerator < 0) << shift
     return abs_sum, ones_sign, positive, negative
 
 
