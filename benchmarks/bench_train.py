@@ -117,7 +117,7 @@ def child_memory(store: Path, steps: int) -> dict:
 def machine_gemm_rate(size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a square float32 matmul on this machine and thread count (best of ``repeats``)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
+    _ = a @ b  # warm-up
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best
 
