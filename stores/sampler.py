@@ -5,8 +5,13 @@ taken ``units_per_window`` at a time; each window's eligible rows are shuffled w
 seeded by ``(seed, e, window)``; batches are cut from the concatenation of windows and epochs, so
 every eligible row appears exactly once per epoch. The cursor (epoch, window, offset, batch
 index) names the first row of the next batch, which is all it takes to resume the identical
-sequence. Memory is bounded by ``(prefetch + 1)`` float32 windows of at most ``buffer_rows`` rows,
-plus one window of raw chunks in the storage dtype that every window is read into.
+sequence.
+
+Memory is sized by the store: a window holds at most ``buffer_rows`` rows and never more units than
+the store (or a rank's share of it) has; the float32 windows read ahead are at most ``prefetch`` and
+at most ``READ_AHEAD_BYTES`` (always at least one), so ``1 + ahead`` float32 windows are resident,
+plus one window of raw chunks in the storage dtype that every window is read into and a
+``DECODE_ROWS`` slice being cast. Neither bound changes which rows come in which order.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from bae.common.hashing import splitmix64, unit_interval
 from bae.common.selection import RowSelection
 from bae.stores.activation_store import ActivationStore
 from bae.stores.layout import any_nonfinite, decode_tensor
+
+READ_AHEAD_BYTES = 64 << 20  # float32 windows read ahead: at most this many bytes, or one window
+DECODE_ROWS = 4096  # rows gathered and cast to float32 at a time when a window is loaded
 
 
 def split_mask(doc_ids: np.ndarray, split: str, val_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
@@ -146,7 +154,7 @@ class StoreSampler:
         if not 0 <= rank < world_size:
             raise BaeError(f"rank {rank} out of range for world size {world_size}")
         self.store, self.layer, self.batch_size, self.seed = store, layer, batch_size, seed
-        self.rank, self.world_size, self.prefetch = rank, world_size, max(1, prefetch)
+        self.rank, self.world_size = rank, world_size
         self.filter = RowFilter(
             valid_only,
             None if positions is None else frozenset(int(p) for p in positions),
@@ -157,8 +165,11 @@ class StoreSampler:
         self.units = np.flatnonzero(store.done_mask()) if units is None else np.asarray(list(units))
         if len(self.units) == 0:
             raise BaeError(f"store {store.url} has no completed units to read")
-        self.units_per_window = max(1, buffer_rows // store.unit_rows)
+        # a window never holds more units than the store has: the same windows, sized by the store
+        self.units_per_window = max(1, min(buffer_rows // store.unit_rows, len(self.units)))
         self.n_windows = -(-len(self.units) // self.units_per_window)
+        window_bytes = self.units_per_window * store.unit_rows * store.d_model * 4
+        self.prefetch = max(1, min(prefetch, READ_AHEAD_BYTES // window_bytes))
         self._cursor = {"epoch": 0, "window": 0, "offset": 0, "batch": 0}
         self._n_rows: int | None = None
 
@@ -201,9 +212,10 @@ class StoreSampler:
         units = self.share_units(epoch, share, shares)
         return np.sort(units[window * self.units_per_window : (window + 1) * self.units_per_window])
 
-    def _window_buffer(self) -> np.ndarray:
-        """Room for one window of raw chunks: [units_per_window, unit_rows, d], storage dtype."""
-        slots = min(self.units_per_window, len(self.units))
+    def _window_buffer(self, shares: int = 1) -> np.ndarray:
+        """Room for one window of raw chunks of one of ``shares`` shares of the units:
+        [units_per_window (at most the share's units), unit_rows, d], storage dtype."""
+        slots = min(self.units_per_window, -(-len(self.units) // shares))
         shape = (slots, self.store.unit_rows, self.store.d_model)
         return np.empty(shape, dtype=self.store.layout.physical_dtype)
 
@@ -213,7 +225,8 @@ class StoreSampler:
         """A window's eligible rows, shuffled, as float32.
 
         Each unit is read straight into its slot of ``buffer`` ([units_per_window, unit_rows, d],
-        storage dtype); one gather then applies the filter and the shuffle, and the cast follows.
+        storage dtype); a gather then applies the filter and the shuffle and the cast follows,
+        ``DECODE_ROWS`` rows at a time into the float32 window (no raw copy of the whole window).
         """
         unit_rows = self.store.unit_rows
         slots, row_index = [], []
@@ -228,8 +241,11 @@ class StoreSampler:
         gather = np.concatenate(slots)
         order = np.random.default_rng([self.seed, epoch, window]).permutation(len(gather))
         flat = torch.from_numpy(buffer.reshape(-1, self.store.d_model))
-        raw = flat.index_select(0, torch.from_numpy(gather[order])).numpy()
-        x = decode_tensor(raw, self.store.layout.dtype)
+        index = torch.from_numpy(gather[order])
+        x = torch.empty(len(index), self.store.d_model)
+        for a in range(0, len(index), DECODE_ROWS):
+            raw = flat.index_select(0, index[a : a + DECODE_ROWS]).numpy()
+            x[a : a + DECODE_ROWS] = decode_tensor(raw, self.store.layout.dtype)
         check_finite(self.store, self.layer, x, np.concatenate(row_index)[order])
         return x
 
@@ -238,7 +254,7 @@ class StoreSampler:
     ) -> Iterator[torch.Tensor]:
         """One epoch's windows of one share, from window ``first`` on, until ``stop`` is set."""
         n_windows = -(-len(self.share_units(epoch, share, shares)) // self.units_per_window)
-        buffer = self._window_buffer()  # reused by every window
+        buffer = self._window_buffer(shares)  # reused by every window
         for window in range(first, n_windows):
             if stop.is_set():
                 return
@@ -336,24 +352,35 @@ def rebatch(chunks: Iterable[torch.Tensor], batch_size: int, drop_last: bool) ->
 
 
 class _Prefetcher:
-    """Runs a generator in a background thread, ``depth`` items ahead; re-raises its errors."""
+    """Runs a generator in a background thread, ``depth`` items ahead; re-raises its errors.
+
+    At most ``depth`` items exist besides the one the consumer took last: the thread starts an item
+    only when fewer than ``depth`` are made and not yet taken (queued, or being made)."""
 
     _END = object()
 
     def __init__(self, source: Iterator[Any], depth: int, stop: threading.Event):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._room = threading.Semaphore(depth)  # items that may be made before the consumer takes one
         self._stop = stop
         self._thread = threading.Thread(target=self._run, args=(source,), daemon=True)
         self._thread.start()
 
     def _run(self, source: Iterator[Any]) -> None:
         try:
-            for item in source:
-                if not self._put(item):
+            while self._wait_for_room():
+                item = next(source, self._END)
+                if not self._put(item) or item is self._END:
                     return
-            self._put(self._END)
         except BaseException as exc:  # handed to the consumer
             self._put(exc)
+
+    def _wait_for_room(self) -> bool:
+        """Block until another item may be made; False if the consumer stopped first."""
+        while not self._stop.is_set():
+            if self._room.acquire(timeout=0.1):
+                return True
+        return False
 
     def _put(self, item: Any) -> bool:
         """Queue ``item`` once there is room; False if the consumer stopped first."""
@@ -368,6 +395,7 @@ class _Prefetcher:
     def __iter__(self) -> Iterator[Any]:
         while True:
             item = self._queue.get()
+            self._room.release()
             if item is self._END:
                 return
             if isinstance(item, BaseException):

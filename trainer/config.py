@@ -102,9 +102,13 @@ class TrainConfig(RowSelection):
         default=65_536, ge=16, description="rows the scale is estimated on (held in memory)"
     )
     buffer_rows: int = Field(
-        default=1 << 16, ge=1, description="rows shuffled together; memory ~ 3 x rows x d x 4 B"
+        default=1 << 16,
+        ge=1,
+        description="rows shuffled together (at most the store's); memory ~ 2-3 x rows x d x 4 B",
     )
-    prefetch: int = Field(default=2, ge=1, description="shuffle windows read ahead by a background thread")
+    prefetch: int = Field(
+        default=2, ge=1, description="shuffle windows read ahead by a thread (at most 64 MiB of them, or one)"
+    )
     # model
     architecture: Architecture = Field(default="bae", description="the model: bae, or a baseline SAE")
     expansion: int = Field(default=4, ge=1, description="d' / d")

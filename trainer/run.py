@@ -88,13 +88,20 @@ def estimate_data_scale(config: TrainConfig, sampler: StoreSampler, d: int) -> D
     needs_data = config.standardize != "none" or config.typical_ratio or config.encoder_scale
     if config.objective == "paper" and not needs_data:
         return identity_scale(d)
+    sample = first_rows(sampler, config.standardize_rows)
+    return estimate_scale(sample, str(config.standardize), float(config.typical_ratio or 0.0))
+
+
+def first_rows(sampler: StoreSampler, limit: int) -> torch.Tensor:
+    """The first ``limit`` eligible rows in store order, as one tensor; the units they were read
+    from are freed on return (held through the scale estimate, they doubled its memory)."""
     rows, n = [], 0
     for x, _ in sampler.iter_epoch_once():
-        rows.append(x[: config.standardize_rows - n])
+        rows.append(x[: limit - n])
         n += len(rows[-1])
-        if n >= config.standardize_rows:
+        if n >= limit:
             break
-    return estimate_scale(torch.cat(rows), str(config.standardize), float(config.typical_ratio or 0.0))
+    return torch.cat(rows)
 
 
 def provenance(config: TrainConfig, store: ActivationStore, units: np.ndarray) -> Provenance:
