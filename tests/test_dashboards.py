@@ -223,7 +223,8 @@ def test_token_values_do_not_depend_on_the_batch(env):
         wanted, whole, token_values(store, 3, model, wanted, sign, batch_rows=5)
     ):
         np.testing.assert_allclose(got, np.maximum(sign[j] * pre[rows, j], 0), atol=1e-5)
-        np.testing.assert_allclose(got, small, rtol=1e-6, atol=1e-7)  # float32 matmuls of other shapes
+        # float32 matmuls of other shapes: a margin near 0 keeps the absolute rounding of its O(1) terms
+        np.testing.assert_allclose(got, small, rtol=1e-6, atol=1e-6)
 
 
 def test_export_writes_comsem_explanations(env, tmp_path):
