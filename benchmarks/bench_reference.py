@@ -78,8 +78,12 @@ def child_bae(store: Path, d: int, steps: int, objective: str) -> dict:
 
 
 def run_child(args: list[str], threads: int) -> dict:
+    """One measurement in a fresh process on ``threads`` threads. bae's children get the OpenMP wait
+    policy `import bae` sets before torch loads (here torch loads first); the reference its own."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env["NUMBA_NUM_THREADS"] = str(threads)
+    if "reference" not in args:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     proc = subprocess.run(
         [sys.executable, __file__, *args], capture_output=True, text=True, check=True, env=env
     )
