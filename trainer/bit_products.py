@@ -35,25 +35,28 @@ numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
 
 
 BLOCK = 4  # rows of the left operand per pass over the right one (each right word loaded once)
+TILE = 64  # columns of the right operand a thread keeps in cache while all rows pass
 
 
 @njit(parallel=True, cache=True)
 def _signed_counts(p: np.ndarray, plus: np.ndarray, minus: np.ndarray) -> np.ndarray:  # pragma: no cover
     """out[r, c] = Σ_w popcount(p[r, w] & plus[c, w]) − popcount(p[r, w] & minus[c, w]);
-    p has a multiple of BLOCK rows."""
+    p has a multiple of BLOCK rows. Threads take tiles of TILE columns, whose words stay in cache
+    while every row of p passes them (streaming all of plus/minus per row block was bandwidth-bound)."""
     cols, words = plus.shape[0], plus.shape[1]
     out = np.zeros((p.shape[0], cols), np.int32)
-    for block in prange(p.shape[0] // BLOCK):
-        r = BLOCK * block
-        for c in range(cols):
-            a0, a1, a2, a3 = 0, 0, 0, 0
-            for w in range(words):
-                up, down = plus[c, w], minus[c, w]
-                a0 += _popcount(p[r, w] & up) - _popcount(p[r, w] & down)
-                a1 += _popcount(p[r + 1, w] & up) - _popcount(p[r + 1, w] & down)
-                a2 += _popcount(p[r + 2, w] & up) - _popcount(p[r + 2, w] & down)
-                a3 += _popcount(p[r + 3, w] & up) - _popcount(p[r + 3, w] & down)
-            out[r, c], out[r + 1, c], out[r + 2, c], out[r + 3, c] = a0, a1, a2, a3
+    for tile in prange((cols + TILE - 1) // TILE):
+        for block in range(p.shape[0] // BLOCK):
+            r = BLOCK * block
+            for c in range(TILE * tile, min(cols, TILE * (tile + 1))):
+                a0, a1, a2, a3 = 0, 0, 0, 0
+                for w in range(words):
+                    up, down = plus[c, w], minus[c, w]
+                    a0 += _popcount(p[r, w] & up) - _popcount(p[r, w] & down)
+                    a1 += _popcount(p[r + 1, w] & up) - _popcount(p[r + 1, w] & down)
+                    a2 += _popcount(p[r + 2, w] & up) - _popcount(p[r + 2, w] & down)
+                    a3 += _popcount(p[r + 3, w] & up) - _popcount(p[r + 3, w] & down)
+                out[r, c], out[r + 1, c], out[r + 2, c], out[r + 3, c] = a0, a1, a2, a3
     return out
 
 
@@ -62,29 +65,31 @@ def _covariance_signs(
     p: np.ndarray, ones: np.ndarray, n: int, m: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """Per bit j < m (p: packed columns, a multiple of BLOCK rows): Σ_k |N_jk| and Σ_k sign(N_jk)·n_k
-    and the packed rows of [N > 0] and [N < 0], N_jk = n·G_jk − n_j·n_k (the diagonal included)."""
+    and the packed rows of [N > 0] and [N < 0], N_jk = n·G_jk − n_j·n_k (the diagonal included).
+    Threads take TILE rows at a time and pass each tile of TILE columns k over all of them."""
     words, rows = (m + 63) // 64, p.shape[0]
     abs_sum, ones_sign = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
     positive, negative = np.zeros((rows, words), np.uint64), np.zeros((rows, words), np.uint64)
-    for block in prange(rows // BLOCK):
-        r = BLOCK * block
+    for group in prange((rows + TILE - 1) // TILE):
         counts = np.zeros(BLOCK, np.int64)  # one block's co-occurrence counts with bit k
-        for k in range(m):
-            a0, a1, a2, a3 = 0, 0, 0, 0
-            for u in range(p.shape[1]):
-                word = p[k, u]
-                a0 += _popcount(p[r, u] & word)
-                a1 += _popcount(p[r + 1, u] & word)
-                a2 += _popcount(p[r + 2, u] & word)
-                a3 += _popcount(p[r + 3, u] & word)
-            counts[0], counts[1], counts[2], counts[3] = a0, a1, a2, a3
-            shift = np.uint64(k % 64)
-            for i in range(BLOCK):
-                numerator = n * counts[i] - ones[r + i] * ones[k]
-                abs_sum[r + i] += abs(numerator)
-                ones_sign[r + i] += np.sign(numerator) * ones[k]
-                positive[r + i, k // 64] |= np.uint64(numerator > 0) << shift
-                negative[r + i, k // 64] |= np.uint64(numerator < 0) << shift
+        for start in range(0, m, TILE):
+            for r in range(TILE * group, min(rows, TILE * (group + 1)), BLOCK):
+                for k in range(start, min(m, start + TILE)):
+                    a0, a1, a2, a3 = 0, 0, 0, 0
+                    for u in range(p.shape[1]):
+                        word = p[k, u]
+                        a0 += _popcount(p[r, u] & word)
+                        a1 += _popcount(p[r + 1, u] & word)
+                        a2 += _popcount(p[r + 2, u] & word)
+                        a3 += _popcount(p[r + 3, u] & word)
+                    counts[0], counts[1], counts[2], counts[3] = a0, a1, a2, a3
+                    shift = np.uint64(k % 64)
+                    for i in range(BLOCK):
+                        numerator = n * counts[i] - ones[r + i] * ones[k]
+                        abs_sum[r + i] += abs(numerator)
+                        ones_sign[r + i] += np.sign(numerator) * ones[k]
+                        positive[r + i, k // 64] |= np.uint64(numerator > 0) << shift
+                        negative[r + i, k // 64] |= np.uint64(numerator < 0) << shift
     return abs_sum, ones_sign, positive, negative
 
 
