@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bae.trainer.bit_products import PackedSigns, packed_signs
+from bae.trainer.bit_products import PackedSigns, bit_counts, packed_signs
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,10 @@ class DenseSigns:
 
 
 def dense_signs(b: torch.Tensor) -> DenseSigns:
-    """C's numerator n·G − n_j·n_k from a float64 product (exact integers), its signs and Σ|C|."""
+    """C's numerator n·G − n_j·n_k (exact integers), its signs and Σ|C|."""
     n = b.shape[0]
     ones = b.sum(dim=0, dtype=torch.float64)
-    numerator = n * (b.T.double() @ b.double()) - ones[:, None] * ones[None, :]
+    numerator = n * bit_counts(b).double() - ones[:, None] * ones[None, :]
     numerator.fill_diagonal_(0)
     sign = numerator.sign()
     return DenseSigns(float(numerator.abs().sum()) / (n * (n - 1)), (ones / n) @ sign, sign)
