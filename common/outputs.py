@@ -114,7 +114,9 @@ UNLOCKABLE = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # no 
 def exclusive_output(path: Path, command: str) -> Iterator[Path]:
     """Hold ``path`` (an output directory, made if needed) for one process of ``command``: a second
     process on the same output is refused in one line; the lock dies with its process (kill -9
-    included), and the temporaries an earlier killed run left are swept once it is held."""
+    included), and the temporaries an earlier killed run left are swept once it is held. A directory
+    made here that a failing run left holding only the lock is removed again (no empty output)."""
+    created = not path.exists()
     path = make_output_dir(path)
     with open(path / LOCK_FILE, "a+") as handle:
         try:
@@ -131,6 +133,11 @@ def exclusive_output(path: Path, command: str) -> Iterator[Path]:
             locked = False  # a file system without locks (some network mounts): run unguarded
         try:
             yield path
+        except BaseException:
+            if created and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+                (path / LOCK_FILE).unlink()
+                path.rmdir()
+            raise
         finally:
             if locked:
                 fcntl.flock(handle, fcntl.LOCK_UN)

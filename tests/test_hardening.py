@@ -124,6 +124,18 @@ def test_a_second_process_on_one_output_is_refused(bae, store, tmp_path):
     assert code == 0, err
 
 
+def test_a_run_that_fails_before_writing_leaves_no_output(bae, tmp_path):
+    """A bad store is one line and leaves no directory behind; an existing output keeps its files."""
+    out, missing = tmp_path / "run", str(tmp_path / "missing.zarr")
+    one_line_error(bae("train", "-s", missing, *TRAIN, "--out", str(out)), "not found")
+    assert not out.exists()
+    one_line_error(bae("entropy", "-s", missing, "-a", str(tmp_path), "-o", str(out)))
+    assert not out.exists()
+    out.mkdir()
+    one_line_error(bae("train", "-s", missing, *TRAIN, "--out", str(out)), "not found")
+    assert out.is_dir()
+
+
 # ---------------------------------------------------------------- unfinished stores
 
 
