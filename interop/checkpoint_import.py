@@ -14,7 +14,7 @@ from bae.interop.checkpoint_config import ImportCheckpointConfig
 from bae.interop.sae_weights import ReadSae, to_autoencoder
 from bae.interop.saelens import CFG_FILE, WEIGHTS_FILE, read_saelens
 from bae.interop.sparsify import read_sparsify, sparsify_dir
-from bae.stores.sites import layer_of_hook
+from bae.stores.sites import layer_of_hook, site_names, store_sites
 from bae.trainer.provenance import Provenance
 
 
@@ -37,9 +37,9 @@ def import_provenance(config: ImportCheckpointConfig, sae: ReadSae) -> Provenanc
     if config.store is None:
         return Provenance(model=model, layer=layer, d_model=d)
     store = ActivationStore.open(config.store)
-    sites = {site["name"]: int(site["layer"]) for site in store.meta.get("sites") or []}
-    if config.layer is None and sae.hook_name in sites:  # a hook site of `bae harvest --hook`
-        layer = sites[sae.hook_name]
+    if config.layer is None and sae.hook_name:  # a hook site of `bae harvest --hook`
+        named = [key for key, site in store_sites(store).items() if sae.hook_name in site_names(site)]
+        layer = named[0] if named else layer
     if layer is None and len(store.layers) == 1:
         layer = store.layers[0]
     if layer is None:

@@ -29,6 +29,7 @@ from bae.stores.import_sources import (
     side_array,
 )
 from bae.stores.layout import LogicalDtype, StoreLayout
+from bae.stores.sites import layer_of_hook
 
 
 class StoreRef(StrictModel):
@@ -221,8 +222,6 @@ def source_record(cfg: ImportConfig, items: Items, hook: str | None) -> dict[str
 def tensor_hook(tensor: str | None) -> str | None:
     """A tensor named as a TransformerLens or HF residual hook (a TransformerLens cache's keys) names
     its hook."""
-    from bae.stores.sites import layer_of_hook
-
     return tensor if tensor is not None and layer_of_hook(tensor) is not None else None
 
 
@@ -232,8 +231,6 @@ def resolve_layer(cfg: ImportConfig, hook: str | None) -> int:
         return cfg.layer
     if hook is None:
         return 0
-    from bae.stores.sites import layer_of_hook
-
     layer = layer_of_hook(hook)
     if layer is None:
         raise BaeError(f"hook {hook!r}: not a residual-stream hook bae knows the layer of; pass --layer")
@@ -296,7 +293,7 @@ def import_activations(cfg: ImportConfig, show_progress: bool = True) -> Activat
                 "rows": f"{n} of {n_items * seq} positions ({n_items * seq - n} padding dropped)",
                 "d": d,
                 "layer": layer,
-                "token ids": "recorded" if items.tokens(0, 1) is not None else "none (-1)",
+                "token ids": "recorded" if attrs["source"]["token_ids"] else "none (-1)",
                 "dtype": f"{cfg.dtype} (source {items.dtype})",
                 "units written": f"{len(todo)} of {store.n_units}",
                 "clamped values": clamped,
