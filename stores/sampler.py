@@ -253,7 +253,7 @@ class StoreSampler:
         self, epoch: int, stop: threading.Event, first: int = 0, share: int = 0, shares: int = 1
     ) -> Iterator[torch.Tensor]:
         """One epoch's windows of one share, from window ``first`` on, until ``stop`` is set."""
-        n_windows = -(-len(self.share_units(epoch, share, shares)) // self.units_per_window)
+        n_windows = -(-len(self.units[share::shares]) // self.units_per_window)  # no permutation needed
         buffer = self._window_buffer(shares)  # reused by every window
         for window in range(first, n_windows):
             if stop.is_set():

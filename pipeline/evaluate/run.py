@@ -359,7 +359,7 @@ def compute_pending(
         unit="tok",
         disable=not show_progress or not state.is_main_process,
     )
-    claims = UnitClaims(out / "partials", LEASE_SECONDS) if state.num_processes == 1 else None
+    claims = UnitClaims(out / "partials", LEASE_SECONDS) if pending and state.num_processes == 1 else None
     evaluator = UnitEvaluator(prepared, cfg)
     done, tokens, began = 0, 0, time.perf_counter()
     with StopRequest() as stop, bar:
