@@ -14,7 +14,7 @@ import errno
 import fcntl
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +38,21 @@ def local_output(value: str) -> str:
 
 
 LocalOutput = Annotated[str, AfterValidator(local_output)]
+
+
+def check_replaceable(out: Path, written: Callable[[str], bool]) -> Path:
+    """An output directory a command replaces whole: refused in one line if it holds an entry the
+    command does not write (``written(name)`` false: it is not an earlier output of that command and
+    would be lost), or cannot be made; its parent is made."""
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not written(p.name))
+        if foreign:
+            raise BaeError(
+                f"output {out}: holds {foreign[0]!r}, not an export; it would be replaced: name a new "
+                "directory or an earlier output of this command"
+            )
+    make_output_dir(out.parent)
+    return check_output_dir(out)
 
 
 def check_output_dir(path: str | Path) -> Path:

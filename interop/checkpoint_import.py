@@ -10,11 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from bae.common.errors import BaeError
+from bae.common.outputs import check_replaceable
 from bae.interop.checkpoint_config import ImportCheckpointConfig
 from bae.interop.sae_weights import ReadSae, to_autoencoder
 from bae.interop.saelens import CFG_FILE, WEIGHTS_FILE, read_saelens
 from bae.interop.sparsify import read_sparsify, sparsify_dir
 from bae.stores.sites import layer_of_hook, site_names, store_sites
+from bae.trainer.models import CONFIG_FILE as MODEL_CONFIG
+from bae.trainer.models import WEIGHTS_FILE as MODEL_WEIGHTS
 from bae.trainer.provenance import Provenance
 
 
@@ -66,6 +69,7 @@ def import_checkpoint(config: ImportCheckpointConfig) -> Path:
     from bae.common.console import print_summary
 
     kind, sae = read_sae(Path(config.src))
+    check_replaceable(Path(config.out), {MODEL_CONFIG, MODEL_WEIGHTS}.__contains__)
     provenance = import_provenance(config, sae)
     model = to_autoencoder(sae.weights, sae.architecture, provenance, **sae.options)  # type: ignore[arg-type]
     out = model.save_pretrained(config.out)

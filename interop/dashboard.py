@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from bae.common.atomic_files import read_json, temporary_dir
 from bae.common.console import print_summary
 from bae.common.errors import BaeError, first_line
-from bae.common.outputs import check_output_dir, make_output_dir
+from bae.common.outputs import check_replaceable
 from bae.interop.dashboard_config import DashboardExportConfig
 from bae.pipeline.analysis.token_text import TokenText, load_store_tokenizer
 from bae.pipeline.features.config import FeaturesConfig
@@ -210,18 +210,9 @@ def _explanations(interpretation: dict[str, Any], model_id: str, source: str) ->
     ]
 
 
-def _output_dir(out: Path) -> Path:
-    """``out``'s parent made; ``out`` refused if it holds anything but an earlier export (it is replaced)."""
-    if out.is_dir():
-        foreign = [
-            p.name for p in out.iterdir() if not (_BATCH.fullmatch(p.name) or p.name == EXPLANATIONS_JSONL)
-        ]
-        if foreign:
-            raise BaeError(
-                f"output {out}: holds {foreign[0]!r}, not an export; name a new or export directory"
-            )
-    make_output_dir(out.parent)
-    return check_output_dir(out)
+def _exported(name: str) -> bool:
+    """Whether a file name is one an export writes (a batch or the explanations)."""
+    return bool(_BATCH.fullmatch(name)) or name == EXPLANATIONS_JSONL
 
 
 def feature_activations(
@@ -265,7 +256,7 @@ def export_dashboard(config: DashboardExportConfig, quiet: bool = False) -> Path
     data = read_json(src / CONTEXTS_JSON) if src.is_dir() else None
     if data is None:
         raise BaeError(f"{src}: no {CONTEXTS_JSON} there; run `bae features contexts --out {src}` first")
-    out = _output_dir(Path(config.out))
+    out = check_replaceable(Path(config.out), _exported)
     features_config = _features_config(config, data)
     spec = scan_spec(features_config)
     store, model = spec.open()

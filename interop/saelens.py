@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from bae.common.atomic_files import shareable, temporary_dir
 from bae.common.errors import BaeError, first_line
-from bae.common.outputs import check_output_dir, make_output_dir
+from bae.common.outputs import check_replaceable
 from bae.interop.checkpoint_config import ExportCheckpointConfig
 from bae.interop.hook_names import Source, saelens_hook
 from bae.interop.sae_weights import ReadSae, SaeWeights, from_autoencoder
@@ -76,8 +76,7 @@ def saelens_config(model: Autoencoder, weights: SaeWeights, source: Source, hook
 def write_sae_dir(out: Path, files: dict[str, Any], tensors: dict[str, Any], weights_file: str) -> Path:
     """JSON ``files`` and one safetensors file of ``tensors`` (paths relative to ``out``) into
     ``out``, complete or not at all (a file at ``out`` or an unwritable parent refused in one line)."""
-    make_output_dir(out.parent)
-    check_output_dir(out)
+    check_replaceable(out, {Path(name).parts[0] for name in [*files, weights_file]}.__contains__)
     tmp = temporary_dir(out)
     try:
         for name, data in files.items():

@@ -278,6 +278,19 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path):
     with pytest.raises(BaeError, match=r"d_in=16 states, but store .* d_model=8"):
         import_sae(tmp_path / "sl", tmp_path / "o2", store=other.url)
     assert not (tmp_path / "o2").exists()
+    # an output directory holding anything these commands do not write is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    for run in (
+        lambda: export(export_saelens, checkpoints["relu_sae"], tmp_path / "mine"),
+        lambda: export(export_sparsify, checkpoints["topk_sae"], tmp_path / "mine"),
+        lambda: import_sae(tmp_path / "sl", tmp_path / "mine"),
+    ):
+        with pytest.raises(BaeError, match=r"holds 'notes\.txt', not an export"):
+            run()
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    again = export(export_saelens, checkpoints["relu_sae"], named)  # an earlier export is replaced
+    assert SAE.load_from_disk(again).cfg.metadata.hook_name != "ln_final.hook_normalized"
 
 
 CLI = """
