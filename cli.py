@@ -170,7 +170,7 @@ entropy_app.command("calibrate")(
 )
 app.add_typer(entropy_app, name="entropy")
 
-SCAN = [*SCAN_FIELDS, "out", "batch_rows", "scheduler"]
+SCAN = [*SCAN_FIELDS, "out", "batch_rows", "scheduler", "device"]
 LLM = ["interpret.backend", "interpret.model", "interpret.base_url", "interpret.threshold"]
 LLM += ["interpret.max_features"]
 

@@ -1,9 +1,11 @@
 """Rows/s of the `bae entropy` reduction vs the bare encode matmul over the same rows in memory.
 
     python benchmarks/bench_entropy.py [--rows 65536] [--d 576] [--expansion 4] [--doc-len 128]
+        [--device auto]
 
-Baseline (same run, same process): the float32 rows already in memory, the encoder matmul
-``x @ W_encᵀ + b`` in batches of 4096, nothing else (not even the threshold). Measured: the
+Baseline (same run, same process): the float32 rows already in memory on ``--device``, the encoder
+matmul ``x @ W_encᵀ + b`` in batches of 4096 there, nothing else (not even the threshold); the
+reduction encodes and counts on ``--device`` too (``bae entropy --device``). Measured: the
 reduction with Σ H_b only (read the Zarr store, decode float16, encode, per-position counts, write
 each unit's partial counts) on local dask threads; the same with the default estimators (whole-code
 hashes and counts, pair counts of 64 bits for the Chow–Liu bound) followed by the estimates
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bae.common.devices import DEVICE_HELP, resolve_device
 from bae.pipeline.entropy.bounds import chow_liu_bound
 from bae.pipeline.entropy.counts import CountSpec, RowKey, count_groups
 from bae.pipeline.entropy.estimates import estimate_columns
@@ -56,10 +59,12 @@ def make_store(path: Path, n: int, d: int, doc_len: int) -> tuple[ActivationStor
 
 @torch.no_grad()
 def bare_encode(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, batch: int = 4096) -> float:
-    """Seconds for ``x @ wᵀ + b`` over all rows."""
+    """Seconds for ``x @ wᵀ + b`` over all rows (on their device, waited for)."""
     t = time.perf_counter()
     for a in range(0, len(x), batch):
         torch.addmm(b, x[a : a + batch], w.T)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
     return time.perf_counter() - t
 
 
@@ -127,7 +132,9 @@ def main() -> None:
     parser.add_argument("--startup", action="store_true", help="also the whole command's start-up")
     parser.add_argument("--startup-units", type=int, default=16, help="units of the larger --startup store")
     parser.add_argument("--only-startup", action="store_true", help="--startup alone (no reduction timings)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args()
+    device = resolve_device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="bench-entropy-"))
     n = args.rows
     store, x = make_store(tmp / "s.zarr", n, args.d, args.doc_len)
@@ -138,7 +145,8 @@ def main() -> None:
         startup_report(tmp, args.d, args.doc_len, tmp / "bae", args.startup_units, args.repeats)
         if args.only_startup:
             return
-    w, b, xt = model.encoder.weight.detach(), model.encoder.bias.detach(), torch.from_numpy(x)
+    w, b = model.encoder.weight.detach().to(device), model.encoder.bias.detach().to(device)
+    xt = torch.from_numpy(x).to(device)
     units = tuple(range(store.n_units))
     results: dict[str, list[float]] = {
         "bare encode matmul": [],
@@ -151,7 +159,8 @@ def main() -> None:
     full = {"default estimators": {}, "defaults + bootstrap 32": {"bootstrap": 32}}
     for r in range(args.repeats):
         results["bare encode matmul"].append(bare_encode(xt, w, b))
-        spec = CountSpec(store.url, str(tmp / "bae"), 0, RowFilter(), RowKey("positions"), units, joint=False)
+        key, ckpt = RowKey("positions"), str(tmp / "bae")
+        spec = CountSpec(store.url, ckpt, 0, RowFilter(), key, units, joint=False, device=args.device)
         spec = spec.with_partials(tmp / f"partials-{r}")
         t = time.perf_counter()
         counts = count_groups(spec, show_progress=False)
@@ -168,6 +177,7 @@ def main() -> None:
                 RowKey("positions"),
                 units,
                 pair_bits=pair_bits,
+                device=args.device,
                 **extra,
             ).with_partials(tmp / f"partials-{name[:8]}-{r}")
             t = time.perf_counter()
@@ -176,7 +186,7 @@ def main() -> None:
     assert int(counts.rows.sum()) == n
     base = min(results["bare encode matmul"])
     print(
-        f"{n} rows, d={args.d}, d'={model.n_bits} bits, {len(counts.keys)} positions, "
+        f"{n} rows, d={args.d}, d'={model.n_bits} bits, {len(counts.keys)} positions, on {device}, "
         f"{torch.get_num_threads()} torch threads, best of {args.repeats}"
     )
     for name, times in results.items():

@@ -4,6 +4,9 @@ and checkpoint it reads, and a dask map-reduce over store units.
 A pass is ``unit -> partial result`` (run by dask on local threads or a distributed cluster, with the
 store and model opened once per worker) folded with an associative ``merge``; partial results are
 small (per-group or per-feature arrays), so memory is bounded by one batch of ``batch_rows`` rows.
+
+The model computes on the device a pass names (``--device``, resolved where the pass runs: a dask
+worker started with one GPU resolves ``auto`` to its own); rows go there one batch at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from dask.callbacks import Callback
 
 from bae.common.console import progress
+from bae.common.devices import resolve_device
 from bae.common.errors import BaeError
 from bae.stores import ActivationStore, RowFilter, iter_unit_rows
 from bae.trainer import Autoencoder, load_autoencoder
@@ -57,9 +61,23 @@ def dask_worker_address() -> str | None:
 
 
 @functools.lru_cache(maxsize=4)
-def cached_model(path: str) -> Autoencoder:
-    """An autoencoder loaded once per process, on CPU, in eval mode."""
-    return load_autoencoder(path)
+def _loaded_model(path: str, device: torch.device) -> Autoencoder:
+    return load_autoencoder(path, device)
+
+
+def cached_model(path: str, device: str = "cpu") -> Autoencoder:
+    """An autoencoder loaded once per process and device (``--device`` spelling, resolved here), in
+    eval mode."""
+    return _loaded_model(path, resolve_device(device))
+
+
+def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host rows as a tensor on ``device``; to a GPU through pinned memory, without blocking the host
+    (torch's pinned-memory cache keeps a buffer until its copy has run)."""
+    rows = torch.from_numpy(x)
+    if device.type == "cuda":
+        return rows.pin_memory().to(device, non_blocking=True)
+    return rows.to(device)
 
 
 @dataclass(frozen=True)
@@ -72,16 +90,20 @@ class ScanSpec:
     row_filter: RowFilter
     units: tuple[int, ...]
     batch_rows: int
+    device: str = "auto"  # how the user spelled it: each process resolves it for itself
 
     def open(self) -> tuple[ActivationStore, Autoencoder]:
-        return cached_store(self.store), cached_model(self.checkpoint)
+        """The store, and the checkpoint on this process's device."""
+        return cached_store(self.store), cached_model(self.checkpoint, self.device)
 
     def batches(self, unit: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-        """Float32 rows of one unit passing the filter, ``batch_rows`` at a time, with their row indices."""
-        store, _ = self.open()
+        """Float32 rows of one unit passing the filter, ``batch_rows`` at a time on the model's device,
+        with their row indices (host)."""
+        store, model = self.open()
+        device = model.encoder.weight.device
         for _, x, rows in iter_unit_rows(store, self.layer, self.row_filter, [unit]):
             for a in range(0, len(x), self.batch_rows):
-                yield torch.from_numpy(x[a : a + self.batch_rows]), rows["row"][a : a + self.batch_rows]
+                yield to_device(x[a : a + self.batch_rows], device), rows["row"][a : a + self.batch_rows]
 
 
 class _TaskProgress(Callback):

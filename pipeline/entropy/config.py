@@ -7,11 +7,12 @@ from typing import Any
 from pydantic import Field
 
 from bae.common.command import cli
+from bae.common.devices import DEVICE_HELP
 from bae.common.outputs import LocalOutput
 from bae.common.selection import SplitSelection
 
 CONFIG_JSON = "entropy_config.json"
-OPERATIONAL = ("out", "scheduler", "batch_rows", "confidence")
+OPERATIONAL = ("out", "scheduler", "batch_rows", "confidence", "device")
 
 
 class EntropyConfig(SplitSelection):
@@ -49,6 +50,9 @@ class EntropyConfig(SplitSelection):
     sample_seed: int = Field(default=0, ge=0, description="seed of --equal-n and the null groups")
     batch_rows: int = Field(default=4096, ge=1, description="rows encoded at once (bounds memory)")
     scheduler: str | None = Field(default=None, description="dask scheduler address [local threads]")
+    device: str = Field(
+        default="auto", description=f"{DEVICE_HELP}; with --scheduler each worker resolves auto itself"
+    )
 
     def shaping(self) -> dict[str, Any]:
         """The fields a re-run into the same output directory must repeat."""

@@ -34,7 +34,7 @@ from numcodecs import Zstd
 from bae.common.atomic_files import atomic_write_bytes
 from bae.common.errors import BaeError
 from bae.common.hashing import salt, splitmix64, unit_interval
-from bae.pipeline.analysis.scan import cached_model, cached_store, map_reduce_units
+from bae.pipeline.analysis.scan import cached_model, cached_store, map_reduce_units, to_device
 from bae.pipeline.entropy.codes import CodeTable, code_hashes
 from bae.pipeline.entropy.sampling import RowSample
 from bae.stores import RowFilter, iter_unit_rows
@@ -194,6 +194,7 @@ class CountSpec:
     joint: bool = True  # count whole codes per group
     pair_bits: tuple[int, ...] = ()  # bits whose pairwise co-occurrences are counted
     sample: RowSample | None = None  # equal-size and null groups
+    device: str = "auto"  # where to encode and count (resolved per process); not in the fingerprint
 
     def fingerprint(self) -> str:
         """A hash of everything that shapes the counts (the partials directory's name)."""
@@ -233,7 +234,8 @@ def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
     path = spec.partial_path(unit)
     if path is not None and path.is_file():
         return GroupCounts.load(path)
-    store, model = cached_store(spec.store), cached_model(spec.checkpoint)
+    store, model = cached_store(spec.store), cached_model(spec.checkpoint, spec.device)
+    device = model.encoder.weight.device
     parts = [GroupCounts.empty(model.n_bits, spec.bootstrap, len(spec.pair_bits), spec.joint)]
     for _, x, rows in iter_unit_rows(store, spec.layer, spec.row_filter, [unit]):
         row_keys, doc_ids = spec.group_key(rows), rows["doc_ids"]
@@ -243,7 +245,7 @@ def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
         keys, inverse = np.unique(row_keys, return_inverse=True)
         for a in range(0, len(x), spec.batch_rows):
             part = slice(a, a + spec.batch_rows)
-            bits = model.encode_bits(x[part])
+            bits = model.encode(to_device(np.ascontiguousarray(x[part]), device))
             parts.append(
                 batch_counts(
                     keys,
@@ -272,56 +274,108 @@ def merge_all(parts: list[GroupCounts]) -> GroupCounts:
 def batch_counts(
     keys: np.ndarray,
     inverse: np.ndarray,
-    bits: np.ndarray,
+    bits: np.ndarray | torch.Tensor,
     doc_ids: np.ndarray,
     *,
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
     pair_bits: tuple[int, ...] = (),
     joint: bool = True,
+    on_device: bool | None = None,
 ) -> GroupCounts:
-    """Counts of one encoded batch (bool [n, bits]) whose rows fall in groups ``keys[inverse]``, with
-    the extras a ``CountSpec`` names (bootstrap replicates over ``doc_ids``, pairs, whole codes)."""
+    """Counts of one encoded batch (bool [n, bits], numpy or a tensor on any device) whose rows fall
+    in groups ``keys[inverse]``, with the extras a ``CountSpec`` names (bootstrap replicates over
+    ``doc_ids``, pairs, whole codes).
+
+    The sums run where the bits are (``on_device``, default: a tensor off the CPU) as torch ops, and
+    only per-group counts (plus d'/8 bytes per row of packed codes for the whole-code hashes) come
+    back; CPU bits are summed in NumPy, which is faster there (docs/entropy.md)."""
     present, local = np.unique(inverse, return_inverse=True)
     order = np.argsort(local, kind="stable")
     bounds = np.searchsorted(local[order], np.arange(len(present) + 1))
-    sorted_bits = bits[order].view(np.uint8)
-    spans = list(itertools.pairwise(bounds))
-    ones = np.stack([sorted_bits[lo:hi].sum(0, dtype=np.int32) for lo, hi in spans]).astype(np.int64)
-    counts = GroupCounts(keys[present], np.diff(bounds).astype(np.int64), ones)
+    sizes = np.diff(bounds).astype(np.int64)
+    if on_device is None:
+        on_device = torch.is_tensor(bits) and bits.device.type != "cpu"
+    if on_device:
+        device_bits = torch.as_tensor(bits)
+        sorted_bits = device_bits[torch.from_numpy(order).to(device_bits.device)].view(torch.uint8)
+        group = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(sorted_bits.device)
+        ones = segment_sums(sorted_bits, group, len(sizes))
+        packed = pack_bits(sorted_bits) if joint else None
+    else:
+        host_bits = bits.numpy() if torch.is_tensor(bits) else np.asarray(bits)
+        host_sorted = host_bits[order].view(np.uint8)
+        spans = itertools.pairwise(bounds)
+        ones = np.stack([host_sorted[lo:hi].sum(0, dtype=np.int32) for lo, hi in spans]).astype(np.int64)
+        packed = np.packbits(host_sorted, axis=1) if joint else None
+        sorted_bits = torch.from_numpy(host_sorted)
+    counts = GroupCounts(keys[present], sizes, ones)
     weights = poisson_weights(doc_ids[order], bootstrap, bootstrap_seed) if bootstrap else None
     if weights is not None:
         counts.boot_rows = np.add.reduceat(weights, bounds[:-1], axis=1)
-        counts.boot_ones = grouped_products(weights.T, sorted_bits, bounds).transpose(1, 0, 2)
+        replicate = torch.from_numpy(weights.T.astype(np.uint8)).to(sorted_bits.device)  # Poisson(1) ≤ 20
+        counts.boot_ones = grouped_products(replicate, sorted_bits, bounds).transpose(1, 0, 2)
     if pair_bits:
-        chosen = sorted_bits[:, list(pair_bits)]
+        chosen = sorted_bits[:, torch.tensor(pair_bits, device=sorted_bits.device)]
         counts.pairs = grouped_products(chosen, chosen, bounds)
-    if joint:
-        group = np.repeat(counts.keys, counts.rows)
-        counts.codes = CodeTable.of_rows(group, code_hashes(np.packbits(sorted_bits, axis=1)), weights)
+    if packed is not None:
+        group_keys = np.repeat(counts.keys, counts.rows)
+        counts.codes = CodeTable.of_rows(group_keys, code_hashes(packed), weights)
     return counts
 
 
-def padded_groups(values: np.ndarray, bounds: np.ndarray) -> torch.Tensor:
-    """float32 [G, n_max, k]: each group's rows (``bounds[g]:bounds[g+1]`` of ``values``), zero-padded."""
+def exact_float(largest: int) -> torch.dtype:
+    """A float dtype whose sums of small non-negative integers stay exact up to ``largest``."""
+    return torch.float32 if largest < 2**24 else torch.float64
+
+
+def segment_sums(values: torch.Tensor, group: torch.Tensor, groups: int) -> np.ndarray:
+    """int64 [groups, k]: Σ of the 0/1 rows of ``values`` [n, k] per ``group`` [n], summed where they are."""
+    dtype = exact_float(len(values))
+    sums = torch.zeros(groups, values.shape[1], dtype=dtype, device=values.device)
+    return sums.index_add_(0, group, values.to(dtype)).to(torch.int64).cpu().numpy()
+
+
+_BIT_WEIGHTS = 2 ** torch.arange(7, -1, -1, dtype=torch.uint8)
+
+
+def pack_bits(bits: torch.Tensor) -> np.ndarray:
+    """``np.packbits(bits, axis=1)`` of 0/1 ``bits`` [n, k] computed where they are: uint8 [n, ⌈k/8⌉]."""
+    n, k = bits.shape
+    padded = torch.zeros(n, -(-k // 8) * 8, dtype=torch.uint8, device=bits.device)
+    padded[:, :k] = bits
+    octets = padded.view(n, -1, 8) * _BIT_WEIGHTS.to(bits.device)
+    return octets.sum(2, dtype=torch.uint8).cpu().numpy()
+
+
+def padded_groups(values: torch.Tensor, bounds: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """[G, n_max, k] of ``dtype``: each group's rows (``bounds[g]:bounds[g+1]`` of ``values``),
+    zero-padded, on the device of ``values``."""
     sizes = np.diff(bounds)
-    padded = np.zeros((len(sizes), int(sizes.max(initial=0)), values.shape[1]), np.float32)
+    shape = (len(sizes), int(sizes.max(initial=0)), values.shape[1])
+    padded = torch.zeros(shape, dtype=dtype, device=values.device)
     slot = np.arange(len(values)) - np.repeat(bounds[:-1], sizes)
-    padded[np.repeat(np.arange(len(sizes)), sizes), slot] = values
-    return torch.from_numpy(padded)
+    index = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)), torch.from_numpy(slot)
+    padded[tuple(i.to(values.device) for i in index)] = values.to(dtype)
+    return padded
 
 
-def grouped_products(left: np.ndarray, right: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """int64 [G, a, b]: Σ over each group's rows of leftᵀ·right ([n, a] and [n, b], small integers),
-    as one batched product. float32 sums stay exact integers below 2**24 (at most batch_rows rows
-    of 0/1 bits times Poisson weights ≤ 20)."""
+def grouped_products(
+    left: np.ndarray | torch.Tensor, right: np.ndarray | torch.Tensor, bounds: np.ndarray
+) -> np.ndarray:
+    """int64 [G, a, b]: Σ over each group's rows of leftᵀ·right ([n, a] and [n, b], small non-negative
+    integers: 0/1 bits, Poisson weights ≤ 20), as one batched product where the operands are, in a
+    float dtype exact for these sums (float32 below 2**24)."""
+    lt, rt = torch.as_tensor(left), torch.as_tensor(right)
+    dtype = exact_float(20 * len(lt))
     sizes = np.diff(bounds)
-    if len(sizes) * int(sizes.max(initial=0)) > 4 * len(left):  # skewed groups: padding would cost more
-        lt, rt = torch.from_numpy(left).to(torch.float32), torch.from_numpy(right).to(torch.float32)
-        products = [lt[lo:hi].T @ rt[lo:hi] for lo, hi in itertools.pairwise(bounds)]
-        return torch.stack(products).round().to(torch.int64).numpy()
-    x, y = padded_groups(left, bounds), padded_groups(right, bounds)
-    return torch.bmm(x.transpose(1, 2), y).round().to(torch.int64).numpy()
+    if len(sizes) * int(sizes.max(initial=0)) > 4 * len(lt):  # skewed groups: padding would cost more
+        lt, rt = lt.to(dtype), rt.to(dtype)
+        products = torch.stack([lt[lo:hi].T @ rt[lo:hi] for lo, hi in itertools.pairwise(bounds.tolist())])
+    else:
+        x, y = padded_groups(lt, bounds, dtype), padded_groups(rt, bounds, dtype)
+        products = torch.bmm(x.transpose(1, 2), y)
+    return products.round().to(torch.int64).cpu().numpy()
 
 
 def count_groups(

@@ -21,13 +21,14 @@ import numpy as np
 from bae.common.atomic_files import atomic_write_bytes, atomic_write_json, read_json
 from bae.common.configs import require_same_config
 from bae.common.console import print_summary
+from bae.common.devices import resolve_device
 from bae.common.errors import BaeError
 from bae.common.outputs import exclusive_output, sweep_temporaries
 from bae.common.selection import format_ranges
 from bae.common.stats import FVU_DEFINITION
 from bae.common.urls import with_resolved_paths
 from bae.pipeline.analysis.checkpoint_match import load_for_store
-from bae.pipeline.analysis.scan import cached_model
+from bae.pipeline.analysis.scan import cached_model, to_device
 from bae.pipeline.entropy.bounds import pair_bits_for
 from bae.pipeline.entropy.config import CONFIG_JSON, EntropyConfig
 from bae.pipeline.entropy.counts import (
@@ -93,18 +94,24 @@ PAIR_SAMPLE_ROWS = 16384
 
 
 def choose_pair_bits(
-    store: ActivationStore, model: EntropyModel, row_filter: RowFilter, units: tuple[int, ...], m: int
+    store: ActivationStore,
+    model: EntropyModel,
+    row_filter: RowFilter,
+    units: tuple[int, ...],
+    m: int,
+    device: str = "cpu",
 ) -> tuple[int, ...]:
     """The bits whose pairwise statistics the Chow–Liu bound uses (``pair_bits_for``), ranked when
-    there are more than ``m`` on rows read from units spread over the store."""
+    there are more than ``m`` on rows read from units spread over the store (encoded on ``device``)."""
 
     def sample() -> tuple[np.ndarray, int]:
-        autoencoder = cached_model(model.checkpoint)
+        autoencoder = cached_model(model.checkpoint, device)
+        on = autoencoder.encoder.weight.device
         step = max(1, len(units) // 8)
         ones, n = np.zeros(model.n_bits), 0
         for _, x, _ in iter_unit_rows(store, model.layer, row_filter, units[::step]):
-            bits = autoencoder.encode_bits(x[: PAIR_SAMPLE_ROWS - n])
-            ones, n = ones + bits.sum(0), n + len(bits)
+            bits = autoencoder.encode(to_device(x[: PAIR_SAMPLE_ROWS - n], on))
+            ones, n = ones + bits.sum(0).cpu().numpy(), n + len(bits)
             if n >= PAIR_SAMPLE_ROWS:
                 break
         return ones, n
@@ -313,6 +320,7 @@ def run_entropy(config: EntropyConfig, show_progress: bool = True) -> EntropyRes
         raise BaeError("no store given: pass --store or set `store` in --config")
     if not config.checkpoints:
         raise BaeError("no checkpoint given: pass --checkpoint (repeatable) or set `checkpoints` in --config")
+    resolve_device(config.device)  # a device this machine lacks is refused before anything is written
     with exclusive_output(Path(config.out), "bae entropy") as out:
         partials = out / "partials"
         sweep_temporaries([out, partials, *(partials.iterdir() if partials.is_dir() else [])])
@@ -348,8 +356,9 @@ def measure_entropy(config: EntropyConfig, out: Path, show_progress: bool) -> En
             bootstrap=config.bootstrap,
             bootstrap_seed=config.bootstrap_seed,
             joint=config.joint,
-            pair_bits=choose_pair_bits(store, model, row_filter, units, config.pair_bits),
+            pair_bits=choose_pair_bits(store, model, row_filter, units, config.pair_bits, config.device),
             sample=sample,
+            device=config.device,
         ).with_partials(out / "partials")
         counts = count_groups(spec, config.scheduler, show_progress, f"entropy: layer {model.layer}")
         if len(counts.keys) == 0:

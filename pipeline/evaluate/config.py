@@ -8,10 +8,11 @@ from pydantic import Field
 
 from bae.common.command import cli
 from bae.common.configs import LayerRef, StrictModel
+from bae.common.devices import DEVICE_HELP
 
 EVALUATE_JSON = "evaluate.json"
 # options that change how fast a run goes, not what it measures
-OPERATIONAL = ("out", "bootstrap", "bootstrap_seed", "confidence")
+OPERATIONAL = ("out", "bootstrap", "bootstrap_seed", "confidence", "device")
 
 
 class EvaluateConfig(StrictModel):
@@ -76,6 +77,10 @@ class EvaluateConfig(StrictModel):
     bootstrap_seed: int = Field(default=0, ge=0, description="seed of the bootstrap replicates")
     confidence: float = Field(default=0.95, gt=0, lt=1, description="bootstrap interval coverage")
     out: str = Field(default="evaluate", description="output directory", json_schema_extra=cli("-o"))
+    device: str = Field(
+        default="auto",
+        description=f"{DEVICE_HELP}; auto under torchrun/accelerate: each process its own GPU",
+    )
 
     def shaping(self) -> dict[str, Any]:
         """The fields that decide what is measured (recorded in ``evaluate.json``)."""

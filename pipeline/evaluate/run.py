@@ -28,6 +28,7 @@ from accelerate import PartialState
 
 from bae.common.atomic_files import atomic_write_bytes, atomic_write_json
 from bae.common.console import format_table, human_count, print_summary, progress
+from bae.common.devices import resolve_device
 from bae.common.signals import StopRequest
 from bae.common.stats import FVU_DEFINITION
 from bae.pipeline.evaluate.config import EVALUATE_JSON, EvaluateConfig
@@ -377,13 +378,23 @@ def compute_pending(
     return done, tokens, time.perf_counter() - began, bool(stop.signum) and any(missing(u) for u in pending)
 
 
+def process_device(spec: str) -> tuple[PartialState, torch.device]:
+    """This process's accelerate state and the device it computes on: ``auto`` takes accelerate's
+    (under torchrun each process its own GPU), any other spelling is resolved and used as given."""
+    if spec.strip().lower() == "auto":
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return state, cast(torch.device, state.device)
+    device = resolve_device(spec)
+    return PartialState(cpu=device.type != "cuda"), device
+
+
 def run_evaluate(cfg: EvaluateConfig, show_progress: bool = True, quiet: bool = False) -> EvaluateResult:
     """Compute this rank's missing units; on rank 0 merge every unit and write the outputs."""
     began = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.utils.logging.disable_progress_bar()
-    state = PartialState(cpu=not torch.cuda.is_available())
-    prepared = prepare(cfg, cast(torch.device, state.device))
+    state, device = process_device(cfg.device)
+    prepared = prepare(cfg, device)
     jobs = plan_jobs(prepared, cfg)
     done, tokens, seconds, interrupted = compute_pending(prepared, cfg, jobs, state, show_progress)
     rate = tokens / seconds if done else math.nan

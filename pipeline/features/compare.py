@@ -98,7 +98,11 @@ def evaluate_columns(
         print(f"evaluate: skipped, store {store} records no harvest (no LLM and documents to splice into)")
         return [{} for _ in checkpoints]
     cfg = EvaluateConfig(
-        store=store, checkpoints=checkpoints, layer=config.layer, out=str(Path(config.out) / "evaluate")
+        store=store,
+        checkpoints=checkpoints,
+        layer=config.layer,
+        out=str(Path(config.out) / "evaluate"),
+        device=config.device,
     )
     rows = {r["checkpoint"]: r for r in run_evaluate(cfg, show_progress, quiet=True).rows if r["checkpoint"]}
     return [{new: rows[c][old] for old, new in EVALUATE_COLUMNS.items()} for c in checkpoints]

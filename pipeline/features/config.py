@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 
 from bae.common.command import cli
 from bae.common.configs import LayerRef, StrictModel, require_same_config
+from bae.common.devices import DEVICE_HELP
 from bae.common.errors import BaeError
 from bae.common.outputs import LocalOutput
 from bae.common.selection import SplitSelection
@@ -97,6 +98,9 @@ class FeaturesConfig(SplitSelection):
     )
     batch_rows: int = Field(default=1024, ge=1, description="rows encoded at once (bounds memory)")
     scheduler: str | None = Field(default=None, description="dask scheduler address [local threads]")
+    device: str = Field(
+        default="auto", description=f"{DEVICE_HELP}; with --scheduler each worker resolves auto itself"
+    )
     dense_thresholds: list[float] = Field(
         default_factory=lambda: [0.1, 0.2, 0.5],
         description="firing frequencies that count as dense, e.g. 0.1,0.5",
@@ -129,7 +133,7 @@ class FeaturesConfig(SplitSelection):
 
     def stage_config(self, stage: str) -> dict[str, Any]:
         """The fields that shape one stage's output (what a re-run must match); operational ones
-        (output path, scheduler, batch size, retries, concurrency, cache) are left out."""
+        (output path, scheduler, device, batch size, retries, concurrency, cache) are left out."""
         data = self.model_dump(mode="json")
         scan = list(SCAN_FIELDS)
         contexts = ["top_k", "z_score", "seed", "tokenizer", "context_before", "context_after"]

@@ -31,13 +31,12 @@ import torch
 from bae.common.atomic_files import atomic_write_json, read_json
 from bae.common.console import print_summary
 from bae.common.errors import BaeError
-from bae.common.outputs import make_output_dir
 from bae.pipeline.analysis.scan import ScanSpec, map_reduce_units
 from bae.pipeline.analysis.token_text import TokenText, load_store_tokenizer
 from bae.pipeline.features.config import FeaturesConfig, check_recorded
 from bae.pipeline.features.frequency import FrequencyResult, run_frequency
 from bae.pipeline.features.report import write_report
-from bae.pipeline.features.spec import scan_spec
+from bae.pipeline.features.spec import output_dir, scan_spec
 from bae.pipeline.features.topk import TopK, random_keys, select_top
 from bae.stores import ActivationStore
 from bae.trainer.models import Autoencoder
@@ -64,13 +63,14 @@ class ScoreParams:
 
     def scores(self, bits: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Scores [n, F] float64, -inf where the pair is not eligible."""
+        center = torch.from_numpy(self.center).to(code.device)
         if self.architecture == "bae":
-            score = (code.double() - torch.from_numpy(self.center)).abs()
+            score = (code.double() - center).abs()
             eligible = score > 0
         else:
             score = code.double()
             if self.scale is not None:
-                score = (score - torch.from_numpy(self.center)) / torch.from_numpy(self.scale)
+                score = (score - center) / torch.from_numpy(self.scale).to(code.device)
             eligible = bits
         return torch.where(eligible, score, -torch.inf)
 
@@ -80,7 +80,8 @@ class ScoreParams:
         if self.architecture != "bae":
             return score
         with torch.no_grad():
-            margin = model.pre_activations(x).double() * torch.from_numpy(rarer_sign(self.center))
+            sign = torch.from_numpy(rarer_sign(self.center)).to(x.device)
+            margin = model.pre_activations(x).double() * sign
         return torch.where(score > -torch.inf, margin, -torch.inf)
 
 
@@ -130,7 +131,8 @@ def assign(score: torch.Tensor, ties: torch.Tensor, per_token: int) -> tuple[tor
 
 
 def contexts_partial(spec: ScanSpec, p: ScoreParams, unit: int) -> ContextsPartial:
-    """The heaps and assignment counts of one store unit."""
+    """The heaps and assignment counts of one store unit: codes, scores and ranks computed on the
+    model's device, the heaps kept on the host."""
     _, model = spec.open()
     n_features = model.n_bits
     part = ContextsPartial.empty(n_features, p)
@@ -140,6 +142,7 @@ def contexts_partial(spec: ScanSpec, p: ScoreParams, unit: int) -> ContextsParti
         bits, code = seen.bits, seen.code
         score = p.scores(bits, code)
         rank = p.ranks(score, model, x)
+        score, rank, bits = score.cpu(), rank.cpu(), bits.cpu()  # [n, F] each: the heaps are on the host
         row = torch.from_numpy(rows)
         ties = random_keys(row[:, None], features[None, :], p.seed, KEY_TIES)
         mask, top = assign(score, ties, p.features_per_token)
@@ -291,7 +294,7 @@ def score_params(config: FeaturesConfig, architecture: str, freq: FrequencyResul
 
 def run_contexts(config: FeaturesConfig, show_progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """``bae features contexts``: ``<out>/contexts.json`` and ``<out>/report.html`` (reused if up to date)."""
-    out = make_output_dir(config.out)
+    out = output_dir(config)
     path = out / CONTEXTS_JSON
     recorded = read_json(path)
     if check_recorded(f"contexts output {path}", recorded and recorded["config"], config, "contexts") and (

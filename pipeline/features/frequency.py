@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from bae.common.atomic_files import atomic_savefig, atomic_write_json, atomic_write_text, read_json
 from bae.common.console import human_count, print_summary
 from bae.common.errors import BaeError
-from bae.common.outputs import make_output_dir
 from bae.common.selection import format_ranges
 from bae.common.stats import fvu_from_sums
 from bae.pipeline.analysis.scan import ScanSpec, cached_store, map_reduce_units
 from bae.pipeline.features.config import FeaturesConfig, check_recorded
-from bae.pipeline.features.spec import scan_spec
+from bae.pipeline.features.spec import output_dir, scan_spec
 
 FREQUENCY_JSON = "frequency.json"
 DEAD_MIN_ROWS = 1_000_000
@@ -78,31 +78,27 @@ class FeatureStats:
 
 
 def stats_partial(spec: ScanSpec, unit: int) -> FeatureStats:
-    """FeatureStats of one store unit."""
+    """FeatureStats of one store unit, summed on the model's device; only the sums leave it."""
     _, model = spec.open()
     f, d = model.n_bits, model.config.d_model
     stats = FeatureStats(0, np.zeros(f, np.int64), np.zeros(f), np.zeros(f), 0.0, np.zeros(d), np.zeros(d), 0)
+    sums: list[torch.Tensor] = []
     for x, _ in spec.batches(unit):
         seen = model.analyse(x)
-        bits, code = seen.bits, seen.code
+        code = seen.code.double()
         err = (x - model.reconstruct(seen.decoder_input)).double()
         xd = x.double()
         keep = model.typical_raw(x)
         if keep is not None:
-            keep = keep.cpu()
             err, xd = err[keep], xd[keep]
-        stats = stats.merge(
-            FeatureStats(
-                len(x),
-                bits.sum(0).numpy().astype(np.int64),
-                code.double().sum(0).numpy(),
-                code.double().pow(2).sum(0).numpy(),
-                float(err.pow(2).sum()),
-                xd.sum(0).numpy(),
-                xd.pow(2).sum(0).numpy(),
-                len(xd),
-            )
-        )
+        batch = [seen.bits.sum(0), code.sum(0), code.pow(2).sum(0), err.pow(2).sum()]
+        batch += [xd.sum(0), xd.pow(2).sum(0)]
+        sums = batch if not sums else [a + b for a, b in zip(sums, batch)]
+        stats.rows, stats.typical_rows = stats.rows + len(x), stats.typical_rows + len(xd)
+    if sums:
+        counts, code_sum, code_sq, sse, x_sum, x_sq = (t.cpu().numpy() for t in sums)
+        typical = stats.typical_rows
+        stats = FeatureStats(stats.rows, counts, code_sum, code_sq, float(sse), x_sum, x_sq, typical)
     return stats
 
 
@@ -197,7 +193,7 @@ def run_frequency(
     config: FeaturesConfig, show_progress: bool = True, spec: ScanSpec | None = None, quiet: bool = False
 ) -> FrequencyResult:
     """``bae features frequency``: reuse ``<out>/frequency.json`` if made with these options, else compute."""
-    out = make_output_dir(config.out)
+    out = output_dir(config)
     path = out / FREQUENCY_JSON
     recorded = read_json(path)
     spec = spec or scan_spec(config)

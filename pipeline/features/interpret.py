@@ -17,7 +17,6 @@ import numpy as np
 
 from bae.common.atomic_files import atomic_write_json, read_json
 from bae.common.console import print_summary, progress
-from bae.common.outputs import make_output_dir
 from bae.pipeline.features.config import FeaturesConfig, InterpretConfig, check_recorded
 from bae.pipeline.features.contexts import run_contexts
 from bae.pipeline.features.llm_client import (
@@ -28,6 +27,7 @@ from bae.pipeline.features.llm_client import (
     parse_yes_no,
 )
 from bae.pipeline.features.report import write_report
+from bae.pipeline.features.spec import output_dir
 
 INTERPRETATION_JSON = "interpretation.json"
 
@@ -113,7 +113,7 @@ def choose_features(records: list[dict[str, Any]], config: InterpretConfig, seed
 
 def run_interpret(config: FeaturesConfig, show_progress: bool = True, quiet: bool = False) -> dict[str, Any]:
     """``bae features interpret``: ``<out>/interpretation.json`` and the report with explanations."""
-    out = make_output_dir(config.out)
+    out = output_dir(config)
     path = out / INTERPRETATION_JSON
     recorded = read_json(path)
     data = run_contexts(config, show_progress, quiet=True)

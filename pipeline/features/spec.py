@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import cast
 
+from bae.common.devices import resolve_device
+from bae.common.outputs import make_output_dir
 from bae.pipeline.analysis.checkpoint_match import load_for_store
 from bae.pipeline.analysis.scan import ScanSpec
 from bae.pipeline.features.config import FeaturesConfig
 from bae.stores import ActivationStore, RowFilter
+
+
+def output_dir(config: FeaturesConfig) -> Path:
+    """The output directory of a pass, created once ``--device`` is known to exist here (a device this
+    machine lacks is refused before anything is written)."""
+    resolve_device(config.device)
+    return make_output_dir(config.out)
 
 
 def scan_spec(config: FeaturesConfig, checkpoint: str | None = None) -> ScanSpec:
@@ -20,4 +30,4 @@ def scan_spec(config: FeaturesConfig, checkpoint: str | None = None) -> ScanSpec
     if config.max_rows is not None:
         units = [u for u in units if store.unit_range(u)[0] < config.max_rows] or units[:1]
     row_filter = RowFilter.of(config, config.split)
-    return ScanSpec(url, checkpoint, int(layer), row_filter, tuple(units), config.batch_rows)
+    return ScanSpec(url, checkpoint, int(layer), row_filter, tuple(units), config.batch_rows, config.device)
