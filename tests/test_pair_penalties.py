@@ -155,3 +155,65 @@ def test_packed_and_dense_signs_agree_with_exact_integers(n: int, m: int) -> Non
     bits.requires_grad_()
     (grad,) = torch.autograd.grad(abs_covariance(bits), bits)
     assert np.allclose(grad.numpy(), 2 / (n - 1) * (b - b.mean(0)) @ sign, rtol=1e-12, atol=1e-12)
+
+
+def exact_numerators(b: np.ndarray) -> np.ndarray:
+    """n·G_jk − n_j·n_k in numpy integers, 0 on the diagonal: (n−1)·n·C_jk, exactly."""
+    numerator = len(b) * (b.T @ b) - np.outer(b.sum(0), b.sum(0))
+    np.fill_diagonal(numerator, 0)
+    return numerator
+
+
+# widths around the 64-bit words and 64-bit tiles (one tile, an odd and an even number of them),
+# batches of 2-3 rows (nearly every pair tied), all-zero and all-one bits
+@pytest.mark.parametrize(
+    ("n", "m", "rate"),
+    [
+        (2, 1, 0.5),
+        (2, 70, 0.5),
+        (3, 64, 0.5),
+        (65, 63, 0.3),
+        (64, 129, 0.5),
+        (130, 191, 0.1),
+        (509, 200, 0.7),
+    ],
+)
+def test_packed_signs_on_odd_shapes_equal_numpy_integers(n: int, m: int, rate: float) -> None:
+    gen = torch.Generator().manual_seed(n * m)
+    bits = (torch.rand(n, m, generator=gen) < rate).double()
+    bits[:, 0] = 0.0
+    bits[:, -1] = 1.0
+    b = bits.numpy().astype(np.int64)
+    numerator = exact_numerators(b)
+    signs = packed_signs(bits)
+    assert signs.abs_sum == pytest.approx(np.abs(numerator).sum() / (n * (n - 1)), rel=1e-12, abs=0)
+    assert np.allclose(signs.p_sign.numpy(), b.mean(0) @ np.sign(numerator), rtol=1e-12, atol=1e-12)
+    assert np.array_equal(signs.times(bits).numpy(), b @ np.sign(numerator))
+
+
+def test_packed_signs_with_listed_ties_and_dense_ties() -> None:
+    """Bits with a few exact-zero covariances have them listed; bits with many (more than words in a
+    mask row: a bit that never fires ties with every other) count against both masks. Both kinds
+    here, against numpy's integers."""
+    gen = torch.Generator().manual_seed(5)
+    bits = (torch.rand(200, 300, generator=gen) < torch.rand(300, generator=gen)).float()
+    signs = packed_signs(bits)
+    assert len(signs.dense) > 0 and len(signs.tie) > 0
+    b = bits.numpy().astype(np.int64)
+    assert np.array_equal(signs.times(bits).numpy(), b @ np.sign(exact_numerators(b)))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_abs_covariance_on_batches_of_one_and_two_rows(n: int) -> None:
+    """One row: every bit constant, no pair varies: D = 0, gradient 0. Two rows: the plain formula."""
+    bits = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0, 1.0]])[:n].requires_grad_()
+    value = abs_covariance(bits)
+    (grad,) = torch.autograd.grad(value, bits)
+    if n == 1:
+        assert value.item() == 0.0 and torch.count_nonzero(grad) == 0
+        return
+    plain_bits = bits.detach().clone().requires_grad_()
+    plain = plain_covariance(plain_bits)
+    (g_plain,) = torch.autograd.grad(plain, plain_bits)
+    assert value.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert torch.allclose(grad, g_plain - g_plain.mean(dim=0), atol=1e-6)

@@ -35,62 +35,166 @@ numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
 
 
 BLOCK = 4  # rows of the left operand per pass over the right one (each right word loaded once)
-TILE = 64  # columns of the right operand a thread keeps in cache while all rows pass
+TILE = 64  # columns of the right operand a thread keeps in cache while all rows pass; bits per word
+# the covariance's float64 sums hold integers below 2**53 (exact in any order): reassociation only
+# lets LLVM vectorize them
+_EXACT_REORDER = {"reassoc", "nsz"}
 
 
 @njit(parallel=True, cache=True)
-def _signed_counts(p: np.ndarray, plus: np.ndarray, minus: np.ndarray) -> np.ndarray:  # pragma: no cover
-    """out[r, c] = Σ_w popcount(p[r, w] & plus[c, w]) − popcount(p[r, w] & minus[c, w]);
-    p has a multiple of BLOCK rows. Threads take tiles of TILE columns, whose words stay in cache
-    while every row of p passes them (streaming all of plus/minus per row block was bandwidth-bound)."""
-    cols, words = plus.shape[0], plus.shape[1]
+def _counts(p: np.ndarray, q: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """out[r, c] = Σ_w popcount(p[r, w] & q[c, w]); p has a multiple of BLOCK rows. Threads take
+    tiles of TILE columns, whose words stay in cache while every row of p passes them (streaming
+    all of q per row block was bandwidth-bound)."""
+    cols, words = q.shape[0], q.shape[1]
     out = np.zeros((p.shape[0], cols), np.int32)
     for tile in prange((cols + TILE - 1) // TILE):
-        for block in range(p.shape[0] // BLOCK):
-            r = BLOCK * block
+        for r in range(0, p.shape[0], BLOCK):
             for c in range(TILE * tile, min(cols, TILE * (tile + 1))):
                 a0, a1, a2, a3 = 0, 0, 0, 0
                 for w in range(words):
-                    up, down = plus[c, w], minus[c, w]
-                    a0 += _popcount(p[r, w] & up) - _popcount(p[r, w] & down)
-                    a1 += _popcount(p[r + 1, w] & up) - _popcount(p[r + 1, w] & down)
-                    a2 += _popcount(p[r + 2, w] & up) - _popcount(p[r + 2, w] & down)
-                    a3 += _popcount(p[r + 3, w] & up) - _popcount(p[r + 3, w] & down)
+                    word = q[c, w]
+                    a0 += _popcount(p[r, w] & word)
+                    a1 += _popcount(p[r + 1, w] & word)
+                    a2 += _popcount(p[r + 2, w] & word)
+                    a3 += _popcount(p[r + 3, w] & word)
                 out[r, c], out[r + 1, c], out[r + 2, c], out[r + 3, c] = a0, a1, a2, a3
     return out
 
 
-@njit(parallel=True, cache=True)
+@njit(inline="always")
+def _count_tile(p: np.ndarray, j0: Any, k0: Any, counts: np.ndarray) -> None:  # pragma: no cover
+    """counts[a, b] = co-occurrences of bits j0 + a and k0 + b (a, b < TILE)."""
+    for a in range(0, TILE, BLOCK):
+        j = j0 + a
+        for b in range(TILE):
+            k = k0 + b
+            a0, a1, a2, a3 = 0, 0, 0, 0
+            for u in range(p.shape[1]):
+                word = p[k, u]
+                a0 += _popcount(p[j, u] & word)
+                a1 += _popcount(p[j + 1, u] & word)
+                a2 += _popcount(p[j + 2, u] & word)
+                a3 += _popcount(p[j + 3, u] & word)
+            counts[a, b], counts[a + 1, b], counts[a + 2, b], counts[a + 3, b] = a0, a1, a2, a3
+
+
+@njit(parallel=True, cache=True, fastmath=_EXACT_REORDER)
 def _covariance_signs(
-    p: np.ndarray, ones: np.ndarray, n: int, m: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """Per bit j < m (p: packed columns, a multiple of BLOCK rows): Σ_k |N_jk| and Σ_k sign(N_jk)·n_k
-    and the packed rows of [N > 0] and [N < 0], N_jk = n·G_jk − n_j·n_k (the diagonal included).
-    Threads take TILE rows at a time and pass each tile of TILE columns k over all of them."""
-    words, rows = (m + 63) // 64, p.shape[0]
-    abs_sum, ones_sign = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
-    positive, negative = np.zeros((rows, words), np.uint64), np.zeros((rows, words), np.uint64)
-    for group in prange((rows + TILE - 1) // TILE):
-        counts = np.zeros(BLOCK, np.int64)  # one block's co-occurrence counts with bit k
-        for start in range(0, m, TILE):
-            for r in range(TILE * group, min(rows, TILE * (group + 1)), BLOCK):
-                for k in range(start, min(m, start + TILE)):
-                    a0, a1, a2, a3 = 0, 0, 0, 0
-                    for u in range(p.shape[1]):
-                        word = p[k, u]
-                        a0 += _popcount(p[r, u] & word)
-                        a1 += _popcount(p[r + 1, u] & word)
-                        a2 += _popcount(p[r + 2, u] & word)
-                        a3 += _popcount(p[r + 3, u] & word)
-                    counts[0], counts[1], counts[2], counts[3] = a0, a1, a2, a3
-                    shift = np.uint64(k % 64)
-                    for i in range(BLOCK):
-                        numerator = n * counts[i] - ones[r + i] * ones[k]
-                        abs_sum[r + i] += abs(numerator)
-                        ones_sign[r + i] += np.sign(numerator) * ones[k]
-                        positive[r + i, k // 64] |= np.uint64(numerator > 0) << shift
-                        negative[r + i, k // 64] |= np.uint64(numerator < 0) << shift
-    return abs_sum, ones_sign, positive, negative
+    p: np.ndarray, ones: np.ndarray, n: int
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Σ_jk |N_jk|, Σ_k sign(N_jk)·n_k per bit j, and the packed rows of [N > 0] and [N < 0], for
+    N_jk = n·G_jk − n_j·n_k (the diagonal included); p: packed columns, a multiple of TILE rows;
+    ``ones`` (float64) the n_j. C is symmetric: only tiles k ≥ j are counted, each tile's signs
+    written for both (j, k) and (k, j). A thread takes row tile t and its mirror (tiles − 1 − t),
+    the same number of tile pairs for every thread."""
+    tiles = p.shape[0] // TILE
+    abs_sum, signed = np.zeros(tiles, np.int64), np.zeros((tiles, p.shape[0]))
+    positive, negative = np.zeros((p.shape[0], tiles), np.uint64), np.zeros((p.shape[0], tiles), np.uint64)
+    for unit in prange((tiles + 1) // 2):
+        counts, mirrored = np.zeros((TILE, TILE)), np.zeros(TILE)
+        positive_t, negative_t = np.zeros(TILE, np.uint64), np.zeros(TILE, np.uint64)
+        first = np.int64(unit)
+        for half in range(2 if 2 * first + 1 < tiles else 1):
+            jt = first if half == 0 else tiles - 1 - first
+            j0 = TILE * jt
+            for kt in range(jt, tiles):
+                k0, ones_k = TILE * kt, ones[TILE * kt : TILE * (kt + 1)]
+                _count_tile(p, j0, k0, counts)
+                mirrored[:], positive_t[:], negative_t[:] = 0.0, 0, 0
+                tile_abs = 0.0
+                for a in range(TILE):
+                    up, down, row_signed, nj = np.uint64(0), np.uint64(0), 0.0, ones[j0 + a]
+                    bit = np.uint64(a)
+                    for b in range(TILE):
+                        numerator = n * counts[a, b] - nj * ones_k[b]
+                        tile_abs += abs(numerator)
+                        above, below = numerator > 0, numerator < 0
+                        sign = np.float64(above) - np.float64(below)
+                        row_signed += sign * ones_k[b]
+                        mirrored[b] += sign * nj
+                        up |= np.uint64(above) << np.uint64(b)
+                        down |= np.uint64(below) << np.uint64(b)
+                        positive_t[b] |= np.uint64(above) << bit
+                        negative_t[b] |= np.uint64(below) << bit
+                    positive[j0 + a, kt], negative[j0 + a, kt] = up, down
+                    signed[jt, j0 + a] += row_signed
+                if kt == jt:
+                    abs_sum[jt] += np.int64(tile_abs)
+                    continue
+                abs_sum[jt] += 2 * np.int64(tile_abs)
+                for b in range(TILE):
+                    positive[k0 + b, jt], negative[k0 + b, jt] = positive_t[b], negative_t[b]
+                    signed[jt, k0 + b] += mirrored[b]
+    return abs_sum.sum(), signed.sum(axis=0), positive, negative
+
+
+@njit(inline="always")
+def _bit(words: np.ndarray, k: Any) -> Any:  # pragma: no cover - compiled
+    """Bit k of a packed row, as an int64."""
+    return np.int64((words[k >> 6] >> np.uint64(k & 63)) & np.uint64(1))
+
+
+@njit(inline="always")
+def _tie_word(positive: np.ndarray, negative: np.ndarray, c: int, w: int, m: int) -> Any:  # pragma: no cover
+    """Word w of bit c's ties: the bits k < m, k ≠ c, with N_ck = 0."""
+    word = ~(positive[c, w] | negative[c, w])
+    if 64 * (w + 1) > m:
+        word &= (np.uint64(1) << np.uint64(m - 64 * w)) - np.uint64(1)
+    if w == c // 64:
+        word &= ~(np.uint64(1) << np.uint64(c % 64))
+    return word
+
+
+@njit(cache=True)
+def _tie_lists(
+    positive: np.ndarray, negative: np.ndarray, m: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """The pairs (c, k) with C exactly 0 (ties), as two index arrays, for each bit c with at most one
+    tie per word of a mask row (listing costs about a row's worth of popcounts per tie); the bits
+    with more are returned as ``dense`` and listed with no tie."""
+    words = positive.shape[1]
+    count = np.zeros(m, np.int64)
+    for c in range(m):
+        for w in range(words):
+            count[c] += _popcount(_tie_word(positive, negative, c, w, m))
+    dense = count > words
+    total = np.where(dense, 0, count).sum()
+    bit, tie = np.empty(total, np.int64), np.empty(total, np.int64)
+    e = 0
+    for c in range(m):
+        for w in range(words if not dense[c] else 0):
+            word = _tie_word(positive, negative, c, w, m)
+            while word:
+                low = word & (~word + np.uint64(1))
+                bit[e], tie[e] = c, 64 * w + _popcount(low - np.uint64(1))
+                e += 1
+                word ^= low
+    return bit, tie, np.nonzero(dense)[0]
+
+
+@njit(parallel=True, cache=True)
+def _signs_times(
+    counts: np.ndarray, rows: np.ndarray, m: int, bit: np.ndarray, tie: np.ndarray, dense: np.ndarray
+) -> np.ndarray:  # pragma: no cover - compiled
+    """B·sign(C) from counts[i, c] = B_i·[C_c > 0] (and counts[i, m + s] = B_i·[C_c < 0] for the
+    s-th dense bit c): for the others [C_c > 0], [C_c < 0], bit c itself and its ties partition the
+    m bits, so B_i·[C_c < 0] = Σ_k B_ik − counts[i, c] − B_ic − Σ_{ties k} B_ik."""
+    n = counts.shape[0]
+    out = np.empty((n, m), np.int32)
+    for i in prange(n):
+        x, total = rows[i], 0
+        for w in range(rows.shape[1]):
+            total += _popcount(x[w])
+        for w in range(rows.shape[1]):
+            for c in range(64 * w, min(m, 64 * w + 64)):  # vectorized: the word's bits at once
+                own = np.int64((x[w] >> np.uint64(c - 64 * w)) & np.uint64(1))
+                out[i, c] = 2 * counts[i, c] - total + own
+        for e in range(len(bit)):
+            out[i, bit[e]] += _bit(x, tie[e])
+        for s in range(len(dense)):
+            out[i, dense[s]] = counts[i, dense[s]] - counts[i, m + s]
+    return out
 
 
 def pack_columns(bits: torch.Tensor, row_multiple: int = 1) -> np.ndarray:
@@ -115,47 +219,54 @@ def float_counts(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor
 def bit_counts(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """aᵀb of 0/1 matrices a [t, m], b [t, k] as int32 [m, k] (b omitted: aᵀa), on a's device: popcounts
     on the CPU, ``float_counts`` elsewhere."""
-    other = a if b is None else b
     if a.device.type != "cpu":
         return float_counts(a, b)
     _use_torch_threads()
-    q = pack_columns(other)
-    return torch.from_numpy(_signed_counts(pack_columns(a, BLOCK), q, np.zeros_like(q))[: a.shape[1]])
+    q = pack_columns(a if b is None else b)
+    return torch.from_numpy(_counts(pack_columns(a, BLOCK), q)[: a.shape[1]])
 
 
 @dataclass(frozen=True)
 class PackedSigns:
     """The exact covariance of 0/1 bits [n, m], as the pairwise penalties need it:
     ``abs_sum`` = Σ_{j≠k} |C_jk|; ``p_sign`` = pᵀ·sign(C) (p the firing rates, sign 0 on the
-    diagonal and on exact zeros); ``positive``/``negative`` = rows of [C > 0] and [C < 0], packed
-    as ``pack_columns`` packs (C is symmetric: row k is column k)."""
+    diagonal and on exact zeros); ``masks`` = the rows of [C > 0] packed as ``pack_columns`` packs
+    (C is symmetric: row k is column k), then the rows of [C < 0] of the ``dense`` bits, those with
+    more ties (C_jk exactly 0) than words in a row; the other bits' ties listed as pairs
+    (``tie_bit``, ``tie``)."""
 
     abs_sum: float
     p_sign: torch.Tensor
-    positive: np.ndarray
-    negative: np.ndarray
+    masks: np.ndarray
+    dense: np.ndarray
+    tie_bit: np.ndarray
+    tie: np.ndarray
 
     def times(self, b: torch.Tensor) -> torch.Tensor:
-        """B·sign(C) for the 0/1 bits B [n, m] these signs came from: popcounts of each row of B
-        against [C > 0] minus against [C < 0], in one pass."""
+        """B·sign(C) for the 0/1 bits B [n, m] these signs came from: one popcount pass of each row
+        of B against [C > 0] (and [C < 0] for the dense bits), the rest from row sums and ties."""
+        (n, m), rows = b.shape, pack_columns(b.T, BLOCK)
         _use_torch_threads()
-        counts = _signed_counts(pack_columns(b.T, BLOCK), self.positive, self.negative)
-        return torch.from_numpy(counts[: b.shape[0]]).to(b.dtype)
+        counts = _counts(rows, self.masks)[:n]
+        return torch.from_numpy(_signs_times(counts, rows, m, self.tie_bit, self.tie, self.dense)).to(b.dtype)
 
 
 def packed_signs(bits: torch.Tensor) -> PackedSigns:
     """C's signs from integer co-occurrence counts: n·G_jk − n_j·n_k is exact, so is its sign."""
     (n, m), ones = bits.shape, bits.sum(dim=0, dtype=torch.int64).cpu().numpy()
     _use_torch_threads()
-    packed = pack_columns(bits, BLOCK)
-    padded = np.pad(ones, (0, len(packed) - m))
-    abs_sum, ones_sign, positive, negative = (a[:m] for a in _covariance_signs(packed, padded, n, m))
+    packed = pack_columns(bits, TILE)
+    padded = np.pad(ones, (0, len(packed) - m)).astype(np.float64)
+    abs_total, signed, positive, negative = _covariance_signs(packed, padded, n)
     # the diagonal (a bit's own variance, numerator n_j·(n − n_j) ≥ 0) is no pair: taken out
     diagonal, own = np.arange(m), ones * (n - ones)
     positive[diagonal, diagonal // 64] &= ~np.left_shift(np.uint64(1), (diagonal % 64).astype(np.uint64))
+    tie_bit, tie, dense = _tie_lists(positive, negative, m)
     return PackedSigns(
-        abs_sum=float((abs_sum - own).sum()) / (n * (n - 1)),
-        p_sign=torch.from_numpy((ones_sign - np.sign(own) * ones) / n),
-        positive=positive,
-        negative=negative,
+        abs_sum=float(abs_total - own.sum()) / max(1, n * (n - 1)),  # one row: no pair varies, 0
+        p_sign=torch.from_numpy((signed[:m] - np.sign(own) * ones) / n),
+        masks=np.concatenate([positive[:m], negative[dense]]),
+        dense=dense,
+        tie_bit=tie_bit,
+        tie=tie,
     )
