@@ -183,6 +183,11 @@ class TrainConfig(RowSelection):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         default="no", description="accelerate mixed precision"
     )
+    tf32: bool = Field(
+        default=False,
+        description="float32 matrix products on CUDA's TF32 tensor cores (inputs rounded to 10 mantissa "
+        "bits, float32 sums): faster, not exact; no effect off CUDA",
+    )
     cpu: bool = Field(default=False, description="train on CPU even where a GPU is present")
     # bookkeeping
     log_every: int = Field(default=100, ge=1, description="steps between metric logs")
@@ -261,6 +266,7 @@ class TrainConfig(RowSelection):
         trained the paper objective with a boolean ``standardize`` and recorded None for defaults."""
         new = {**old}
         new.setdefault("encoder_scale", False)  # runs recorded before the option had none
+        new.setdefault("tf32", False)  # likewise
         for key in ("positions", "steps"):
             if key in new and new[key] is None:
                 new[key] = cls.model_fields[key].default

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -22,11 +23,11 @@ from bae.common.errors import BaeError
 from bae.common.signals import StopRequest
 from bae.common.stats import binary_entropy, fvu_from_sums
 from bae.stores import StoreSampler
-from bae.trainer.bit_products import bit_counts
 from bae.trainer.config import TrainConfig
 from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import NormalizedObjective, Objective, covariance_term, entropy_term
+from bae.trainer.pair_penalties import exact_counts
 from bae.trainer.target import FVUTarget
 
 DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
@@ -34,7 +35,8 @@ DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
 
 @dataclass
 class FiringWindow:
-    """Per-bit firing counts over the last ``steps`` steps (a ring buffer), for dense/dead counts."""
+    """Per-bit firing counts over the last ``steps`` steps (a ring buffer), for dense/dead counts;
+    held on the training device (``to``), so adding a step reads nothing back to the host."""
 
     steps: int
     n_bits: int
@@ -48,7 +50,7 @@ class FiringWindow:
 
     def add(self, step: int, bits: torch.Tensor) -> None:
         slot = step % self.steps
-        self.counts[slot] = bits.detach().sum(dim=0).to("cpu", torch.int64)
+        self.counts[slot] = bits.detach().sum(dim=0).to(self.counts.device, torch.int64)
         self.rows[slot] = bits.shape[0]
         self.filled = min(self.filled + 1, self.steps)
 
@@ -61,11 +63,16 @@ class FiringWindow:
         out["dead"] = int((rate == 0).sum())
         return out
 
+    def to(self, device: torch.device) -> None:
+        self.counts, self.rows = self.counts.to(device), self.rows.to(device)
+
     def state(self) -> dict[str, Any]:
-        return {"counts": self.counts, "rows": self.rows, "filled": self.filled}
+        return {"counts": self.counts.cpu(), "rows": self.rows.cpu(), "filled": self.filled}
 
     def load(self, state: dict[str, Any]) -> None:
-        self.counts, self.rows, self.filled = state["counts"], state["rows"], int(state["filled"])
+        device = self.counts.device
+        self.counts, self.rows = state["counts"].to(device), state["rows"].to(device)
+        self.filled = int(state["filled"])
 
 
 def lr_lambda(config: TrainConfig, total_steps: int):
@@ -221,10 +228,32 @@ class TrainState:
         self.target = FVUTarget.from_state(state["target"]) if state["target"] is not None else None
 
 
+@contextmanager
+def float32_matmuls(device: torch.device, tf32: bool) -> Iterator[None]:
+    """Float32 matrix products on CUDA's TF32 tensor cores while inside (``--tf32``; the setting is
+    restored on exit); nothing changes off CUDA or without ``tf32``."""
+    if device.type != "cuda" or not tf32:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 class Trainer:
     """Fits ``state.model`` on batches of raw rows until ``total_steps``; logs every ``log_every``
     steps, validates with ``validate_fn`` every ``val_every``, checkpoints with ``save_fn``, and on
-    SIGINT/SIGTERM checkpoints and exits 128 + signal (agreed across processes)."""
+    SIGINT/SIGTERM checkpoints and exits 128 + signal (agreed across processes).
+
+    A non-finite loss or gradient stops the run in one line naming its step. ``check_every_step``
+    (default: on the CPU) reads that check back at every step, before the optimizer touches the
+    weights; otherwise (a GPU, where each read stalls the pipeline) the step is recorded on the
+    device and read before anything is logged, validated, merged or written — the same error, the
+    same step named, no file with non-finite values, at most ``log_every`` steps later."""
 
     def __init__(
         self,
@@ -234,14 +263,21 @@ class Trainer:
         log: JsonlLog | None,
         save_fn: Callable[[TrainState], None],
         validate_fn: Callable[[Autoencoder], dict[str, float]] | None = None,
+        check_every_step: bool | None = None,
     ):
         self.config, self.accelerator, self.state, self.log = config, accelerator, state, log
+        device = accelerator.device
+        self.check_every_step = device.type == "cpu" if check_every_step is None else check_every_step
+        # the first non-finite step and its loss, when not checked at every step (-1: none yet)
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
         self.save_fn, self.validate_fn = save_fn, validate_fn
         self.world = accelerator.num_processes
         self.total_steps = config.total_steps(self.world)
         self.entropy_start = config.entropy_start_step(self.world)
         self.objective = make_objective(config, state.variance)
-        state.model.to(accelerator.device)
+        state.model.to(device)
+        state.window.to(device)
         self.ddp_model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
         self.last_train: dict[str, Any] = {}
         self.last_val: dict[str, float] = {}
@@ -259,6 +295,7 @@ class Trainer:
                 self.accelerator.log(metrics, step=self.state.step)
 
     def checkpoint(self) -> None:
+        self.require_finite_so_far()
         if self.main:
             self.save_fn(self.state)
         self.accelerator.wait_for_everyone()
@@ -279,14 +316,16 @@ class Trainer:
         forward pass and the loss terms)."""
         st = self.state
         keep = st.model.typical(x)
-        if keep is not None and int(keep.sum()) >= 2:
-            x = x[keep]
+        if keep is not None:
+            rows = keep.nonzero().squeeze(1)  # the step's one read back to the host (a shape)
+            if 2 <= len(rows) < len(x):
+                x = x.index_select(0, rows)
         st.optimizer.zero_grad(set_to_none=True)
         with self.accelerator.autocast():
             out = self.ddp_model(x)
             loss, terms = self.objective(x, out, self.entropy_weight())
         self.accelerator.backward(loss)
-        self.require_finite(loss)
+        self.note_finite(loss)
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(st.model.parameters(), self.config.grad_clip)
         st.optimizer.step()
@@ -295,26 +334,39 @@ class Trainer:
         if st.target is not None and st.step >= self.entropy_start:
             st.target.update(self.mean_over_ranks(terms["fvu_term"]))
         if self.merge_due():
+            self.require_finite_so_far()
             st.merged += self.merge(out.bits.detach())
         st.step += 1
         st.tokens += self.config.batch_size * self.world
         return x, out, terms
 
-    def require_finite(self, loss: torch.Tensor) -> None:
-        """Stop in one line, before the weights are touched, when the loss or a gradient is not
-        finite (gradients are reduced over processes, so every rank stops at the same step)."""
+    def note_finite(self, loss: torch.Tensor) -> None:
+        """Whether the loss and every gradient are finite (gradients are reduced over processes, so
+        every rank agrees): checked now (``check_every_step``), else recorded on the device."""
         grads = [p.grad.sum() for p in self.state.model.parameters() if p.grad is not None]
-        total = torch.stack(grads).sum() if grads else torch.zeros(())
+        total = torch.stack(grads).sum() if grads else torch.zeros((), device=loss.device)
         loss = loss.detach()
-        if not (math.isfinite(float(total)) and (self.world > 1 or math.isfinite(float(loss)))):
-            kept = (
-                f"checkpoint step {self.last_checkpoint} is kept" if self.last_checkpoint else "no checkpoint"
-            )
-            raise BaeError(
-                f"training diverged at step {self.state.step}: the loss or its gradient is not finite "
-                f"(loss {float(loss):.4g}); {kept}, no model/ was written; lower --lr, or check the store "
-                "for non-finite rows"
-            )
+        finite = torch.isfinite(total) & (torch.isfinite(loss) if self.world == 1 else True)
+        if self.check_every_step:
+            if not bool(finite):
+                self.diverged(self.state.step, float(loss))
+            return
+        first = ~finite & (self.bad_step < 0)
+        self.bad_step = torch.where(first, self.state.step, self.bad_step)
+        self.bad_loss = torch.where(first, loss.double(), self.bad_loss)
+
+    def require_finite_so_far(self) -> None:
+        """Stop if a step since the start was recorded non-finite (not checked at every step)."""
+        if not self.check_every_step and int(self.bad_step) >= 0:
+            self.diverged(int(self.bad_step), float(self.bad_loss))
+
+    def diverged(self, step: int, loss: float) -> None:
+        kept = f"checkpoint step {self.last_checkpoint} is kept" if self.last_checkpoint else "no checkpoint"
+        raise BaeError(
+            f"training diverged at step {step}: the loss or its gradient is not finite "
+            f"(loss {loss:.4g}); {kept}, no model/ was written; lower --lr, or check the store "
+            "for non-finite rows"
+        )
 
     def mean_over_ranks(self, value: torch.Tensor) -> float:
         """A scalar averaged over the processes (every rank then takes the same dual step)."""
@@ -338,7 +390,7 @@ class Trainer:
         """Fold duplicate bits, judged on this step's bits of all processes (same on every rank)."""
         b = bits.float()
         n = torch.tensor([len(b)], dtype=b.dtype, device=b.device)
-        stats = torch.cat([n, b.sum(0), bit_counts(b).to(b.dtype).flatten()])
+        stats = torch.cat([n, b.sum(0), exact_counts(b).to(b.dtype).flatten()])
         if self.world > 1:
             stats = cast(torch.Tensor, self.accelerator.reduce(stats, reduction="sum"))
         d = b.shape[1]
@@ -373,6 +425,8 @@ class Trainer:
     def after_step(self, x: torch.Tensor, out: Any, terms: dict[str, Any], bar: Any) -> None:
         """Log, validate and checkpoint when their intervals come round (and at the last step)."""
         step, last, cfg = self.state.step, self.state.step == self.total_steps, self.config
+        if step % cfg.log_every == 0 or step % cfg.val_every == 0 or last:
+            self.require_finite_so_far()
         if step % cfg.log_every == 0 or last:
             self.log_step(x, out, terms, bar)
         if self.validate_fn is not None and (step % cfg.val_every == 0 or last):
@@ -389,7 +443,7 @@ class Trainer:
         bar = progress(
             self.total_steps, "train", unit="step", initial=st.step, disable=not (self.main and show_progress)
         )
-        with StopRequest() as stop, bar:
+        with StopRequest() as stop, bar, float32_matmuls(device, self.config.tf32):
             while st.step < self.total_steps:
                 x = st.model.normalize(next(batches).to(device, non_blocking=True))
                 x, out, terms = self.step(x)

@@ -1,10 +1,14 @@
 """The objectives' pairwise penalties, exact, without the d'×d' float GEMMs autograd would do.
 
 ``abs_covariance`` (the paper's D = Σ_{j≠k} |C_jk|): the covariance of 0/1 bits is an integer
-co-occurrence count, so C's numerator ``n·G_jk − n_j·n_k`` is computed exactly from popcounts
-(``bit_products``) and its sign is exact; the backward is the one product 2/(n−1)·Z·sign(C)
-(autograd does two d'-wide GEMMs for it), also popcounts: the bits against [C > 0] and [C < 0].
-Constant bits contribute nothing to either and are left out.
+co-occurrence count, so C's numerator ``n·G_jk − n_j·n_k`` is computed exactly and its sign is
+exact; the backward is the one product 2/(n−1)·Z·sign(C) (autograd does two d'-wide GEMMs for it).
+On the CPU both are popcounts (``bit_products``), constant bits left out. Elsewhere (a GPU) both are
+float16 GEMMs on the tensor cores, exact by construction (``exact_product``): every entry of either
+operand is −1, 0 or 1, and the contraction is cut into slices of at most 2048 terms, so every
+partial sum is an integer of magnitude ≤ 2048 — representable in float16 — whatever order or
+precision (float16 or float32) the backend accumulates in; the slices are summed in int32. Nothing
+there reads a value back to the host (no sync per step).
 
 ``gram_norm`` (‖zᵀz‖²_F, the normalized objective's Σ ρ²): equal to ‖zzᵀ‖²_F, so it goes through
 whichever Gram matrix is smaller — n×n for a batch narrower than the code — and its gradient is
@@ -20,50 +24,101 @@ import torch
 
 from bae.trainer.bit_products import PackedSigns, bit_counts, packed_signs
 
+EXACT_SLICE = 2048  # float16 holds every integer of magnitude ≤ 2048 exactly (11-bit significand)
+SIGN_BLOCK = 2048  # rows of the d'×d' numerator formed at a time (int64 [block, d'] at once)
+
+
+def exact_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as int32 for a [r, t], b [t, c] whose entries are −1, 0 or 1 (magnitudes < 2**31): float16
+    GEMMs over slices of at most ``EXACT_SLICE`` terms of t, each exact under any accumulation."""
+    a, b = a.to(torch.float16), b.to(torch.float16)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    for start in range(0, a.shape[1], EXACT_SLICE):
+        out += (a[:, start : start + EXACT_SLICE] @ b[start : start + EXACT_SLICE]).to(torch.int32)
+    return out
+
+
+def exact_counts(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """aᵀb of 0/1 matrices a [t, m], b [t, k] as int32 [m, k] (b omitted: aᵀa) on a's device:
+    popcounts on the CPU (``bit_counts``), ``exact_product`` elsewhere."""
+    if a.device.type == "cpu":
+        return bit_counts(a, b)
+    return exact_product(a.T, a if b is None else b)
+
 
 @dataclass(frozen=True)
 class DenseSigns:
-    """The covariance signs as a d'×d' matrix (off the CPU)."""
+    """The covariance of 0/1 bits [n, m] as ``PackedSigns`` gives it, held on their device:
+    ``abs_total`` = Σ_{j≠k} |C_jk| (a 0-dim float64 tensor: NaN when the bits were not all 0/1),
+    ``p_sign`` = pᵀ·sign(C) (float64 [m]), ``sign`` = sign(C) (float16 [m, m], 0 on the diagonal)."""
 
-    abs_sum: float
+    abs_total: torch.Tensor
     p_sign: torch.Tensor
     sign: torch.Tensor
 
+    @property
+    def abs_sum(self) -> float:
+        """``abs_total`` as a float (reads it back to the host)."""
+        return float(self.abs_total)
+
     def times(self, b: torch.Tensor) -> torch.Tensor:
-        return b @ self.sign.to(b.dtype)
+        """B·sign(C) for the 0/1 bits B these signs came from, exact, in b's dtype."""
+        return exact_product(b, self.sign).to(b.dtype)
 
 
 def dense_signs(b: torch.Tensor) -> DenseSigns:
-    """C's numerator n·G − n_j·n_k (exact integers), its signs and Σ|C|."""
-    n = b.shape[0]
-    ones = b.sum(dim=0, dtype=torch.float64)
-    numerator = n * bit_counts(b).double() - ones[:, None] * ones[None, :]
-    numerator.fill_diagonal_(0)
-    sign = numerator.sign()
-    return DenseSigns(float(numerator.abs().sum()) / (n * (n - 1)), (ones / n) @ sign, sign)
+    """C's numerator n·G − n_j·n_k (exact: G from ``exact_product``, the rest in int64), its signs,
+    Σ|C| and pᵀ·sign(C), ``SIGN_BLOCK`` rows at a time, all on b's device (no host sync). Constant
+    bits need no special case: their numerators are exactly 0."""
+    n, m = b.shape
+    ones = b.sum(dim=0, dtype=torch.int64)
+    binary = ((b == 0) | (b == 1)).all()
+    sign = torch.empty(m, m, dtype=torch.float16, device=b.device)
+    abs_total = torch.zeros((), dtype=torch.int64, device=b.device)
+    ones_sign = torch.zeros(m, dtype=torch.float64, device=b.device)
+    for start in range(0, m, SIGN_BLOCK):
+        rows = torch.arange(start, min(m, start + SIGN_BLOCK), device=b.device)
+        numerator = n * exact_product(b[:, rows].T, b).long() - ones[rows, None] * ones[None, :]
+        numerator[rows - start, rows] = 0  # a bit's own variance is no pair
+        abs_total += numerator.abs().sum()
+        block = numerator.sign()
+        sign[rows] = block.to(torch.float16)
+        ones_sign += ones[rows].double() @ block.double()  # integers: exact in float64
+    abs_sum = abs_total.double() / (n * (n - 1))
+    return DenseSigns(torch.where(binary, abs_sum, torch.nan), ones_sign / n, sign)
 
 
 class _AbsCovariance(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, bits: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, bits: torch.Tensor, dense: bool) -> torch.Tensor:
         n = bits.shape[0]
-        ones = bits.sum(dim=0, dtype=torch.float64)
-        varying = ((ones > 0) & (ones < n)).nonzero().squeeze(1)
-        b = bits[:, varying].to(torch.promote_types(bits.dtype, torch.float32))
-        signs: PackedSigns | DenseSigns = packed_signs(b) if b.device.type == "cpu" else dense_signs(b)
-        ctx.signs = signs
-        ctx.save_for_backward(b, varying)
+        work = torch.promote_types(bits.dtype, torch.float32)
+        if dense:  # every column: a constant bit's numerators are 0 (no data-dependent selection)
+            b, varying = bits.to(work), None
+            signs: PackedSigns | DenseSigns = dense_signs(b)
+            value = signs.abs_total.to(bits.dtype)
+        else:
+            ones = bits.sum(dim=0, dtype=torch.float64)
+            varying = ((ones > 0) & (ones < n)).nonzero().squeeze(1)
+            b = bits[:, varying].to(work)
+            signs = packed_signs(b)
+            value = torch.tensor(signs.abs_sum, dtype=bits.dtype, device=bits.device)
+        ctx.signs, ctx.varying = signs, varying
+        ctx.save_for_backward(b)
         ctx.shape, ctx.dtype = bits.shape, bits.dtype
-        return torch.tensor(signs.abs_sum, dtype=bits.dtype, device=bits.device)
+        return value
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        b, varying = ctx.saved_tensors
-        signs = ctx.signs
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (b,) = ctx.saved_tensors
+        signs, varying = ctx.signs, ctx.varying
         z_sign = signs.times(b) - signs.p_sign.to(b)  # Z·S = B·S − 1·pᵀS
+        scaled = (z_sign * (grad * 2 / (ctx.shape[0] - 1))).to(ctx.dtype)
+        if varying is None:
+            return scaled, None
         out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=b.device)
-        out[:, varying] = (z_sign * (grad * 2 / (ctx.shape[0] - 1))).to(ctx.dtype)
-        return out
+        out[:, varying] = scaled
+        return out, None
 
 
 class _GramNorm(torch.autograd.Function):
@@ -80,11 +135,15 @@ class _GramNorm(torch.autograd.Function):
         return product * (4 * grad)
 
 
-def abs_covariance(bits: torch.Tensor) -> torch.Tensor:
-    """Σ_{j≠k} |C_jk|, C the unbiased covariance over the batch of 0/1 ``bits`` [n, m]."""
-    if not bool(((bits == 0) | (bits == 1)).all()):
+def abs_covariance(bits: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+    """Σ_{j≠k} |C_jk|, C the unbiased covariance over the batch of 0/1 ``bits`` [n, m]. ``dense``:
+    the float16 products (default off the CPU) rather than popcounts (default on it; the tests
+    compare both on one machine). Bits that are not all 0/1 raise on the popcount path and give
+    NaN on the dense one (checked on the device: the NaN stops training as any non-finite loss)."""
+    dense = bits.device.type != "cpu" if dense is None else dense
+    if not dense and not bool(((bits == 0) | (bits == 1)).all()):
         raise ValueError("abs_covariance needs 0/1 bits")
-    return _AbsCovariance.apply(bits)
+    return _AbsCovariance.apply(bits, dense)
 
 
 def gram_norm(z: torch.Tensor) -> torch.Tensor:
