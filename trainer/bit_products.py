@@ -2,8 +2,10 @@
 
 ``bit_counts(a, b)[r, c] = Σ_t a[t, r]·b[t, c]`` for 0/1 matrices: each column packed into words
 along ``t``, each product a popcount of an AND. Same integers a float GEMM gives on 0/1 inputs, at
-~1/64 of the memory and about a fifth of the time on a CPU (docs/benchmarks.md). Compiled with numba
-on first use (cached on disk) and run on ``torch.get_num_threads()`` threads.
+~1/64 of the memory and about a fifth of the time on a CPU (docs/benchmarks.md). The paper
+objective's covariance penalty (``packed_signs``, ``PackedSigns.times``) is built on the same
+popcounts: C's exact signs from the pairs k ≥ j, then B·sign(C) in one pass (docs/method.md §3).
+Compiled with numba on first use (cached on disk) and run on ``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
@@ -197,14 +199,38 @@ def _signs_times(
     return out
 
 
+@njit(cache=True)
+def _pack_columns(bits: np.ndarray, rows: int) -> np.ndarray:  # pragma: no cover - compiled
+    """``pack_columns`` of a C-contiguous bool array: 64 rows at a time, each OR-ed into every
+    column's word in one contiguous (vectorized) pass."""
+    t, m = bits.shape
+    out = np.zeros((rows, (t + 63) // 64), np.uint64)
+    word = np.zeros(m, np.uint64)
+    for w in range(out.shape[1]):
+        word[:] = 0
+        for r in range(64 * w, min(t, 64 * w + 64)):
+            shift, row = np.uint64(r - 64 * w), bits[r]
+            for j in range(m):
+                word[j] |= np.uint64(row[j]) << shift
+        out[:m, w] = word
+    return out
+
+
 def pack_columns(bits: torch.Tensor, row_multiple: int = 1) -> np.ndarray:
     """Each column of a 0/1 matrix [t, m] as a row of little-endian uint64 words [m, ⌈t/64⌉]
     (zero rows appended up to a multiple of ``row_multiple``)."""
-    columns = bits.detach().to(torch.bool).T.contiguous().cpu().numpy()
-    rows, pad = (-columns.shape[0]) % row_multiple, (-columns.shape[1]) % 64
-    if rows or pad:
-        columns = np.pad(columns, ((0, rows), (0, pad)))
-    return np.ascontiguousarray(np.packbits(columns, axis=1, bitorder="little")).view(np.uint64)
+    m = bits.shape[1]
+    return _pack_columns(bits.detach().to(torch.bool).cpu().contiguous().numpy(), m + (-m) % row_multiple)
+
+
+def pack_rows(bits: torch.Tensor, row_multiple: int = 1) -> np.ndarray:
+    """``pack_columns`` of bitsᵀ: each row as little-endian uint64 words [t, ⌈m/64⌉] (zero rows
+    appended up to a multiple of ``row_multiple``)."""
+    rows = bits.detach().to(torch.bool).cpu().numpy()
+    extra, pad = (-rows.shape[0]) % row_multiple, (-rows.shape[1]) % 64
+    if extra or pad:
+        rows = np.pad(rows, ((0, extra), (0, pad)))
+    return np.ascontiguousarray(np.packbits(rows, axis=1, bitorder="little")).view(np.uint64)
 
 
 def _use_torch_threads() -> None:
@@ -245,7 +271,7 @@ class PackedSigns:
     def times(self, b: torch.Tensor) -> torch.Tensor:
         """B·sign(C) for the 0/1 bits B [n, m] these signs came from: one popcount pass of each row
         of B against [C > 0] (and [C < 0] for the dense bits), the rest from row sums and ties."""
-        (n, m), rows = b.shape, pack_columns(b.T, BLOCK)
+        (n, m), rows = b.shape, pack_rows(b, BLOCK)
         _use_torch_threads()
         counts = _counts(rows, self.masks)[:n]
         return torch.from_numpy(_signs_times(counts, rows, m, self.tie_bit, self.tie, self.dense)).to(b.dtype)
