@@ -453,15 +453,12 @@ def entropy_line(store: Path, sizes: Sizes, device: torch.device, tmp: Path) -> 
     )
     model.save_pretrained(tmp / "bae")
     source = ActivationStore.open(str(store))
-    # the reduction's device, where this bae's entropy takes one
-    on: dict[str, Any] = (
-        {"device": str(device)} if "device" in {f.name for f in dataclasses.fields(CountSpec)} else {}
-    )
-    units = tuple(range(source.n_units))
+    units, checkpoint = tuple(range(source.n_units)), str(tmp / "bae")
 
-    def spec(which: tuple[int, ...]) -> Any:
+    def spec(which: tuple[int, ...]) -> CountSpec:
+        every_row = RowFilter()
         return CountSpec(
-            source.url, str(tmp / "bae"), 1, RowFilter(), RowKey("positions"), which, joint=False, **on
+            source.url, checkpoint, 1, every_row, RowKey("positions"), which, joint=False, device=str(device)
         )
 
     count_groups(spec(units[:1]), show_progress=False)  # warm-up: imports, compilation, the device
@@ -482,8 +479,7 @@ def entropy_line(store: Path, sizes: Sizes, device: torch.device, tmp: Path) -> 
     bare = len(x) / timed(device, encode)
     return Line(
         "entropy",
-        f"Σ H_b reduction, d={sizes.d} d'={sizes.features}, {rows} rows"
-        + ("" if on else " (on the CPU: this bae's entropy takes no device)"),
+        f"Σ H_b reduction, d={sizes.d} d'={sizes.features}, {rows} rows",
         rows / seconds,
         "rows/s",
         bare,
