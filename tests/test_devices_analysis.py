@@ -243,3 +243,26 @@ def test_specs_carry_the_spelling_so_each_worker_resolves_auto_itself(tmp_path):
     assert pickle.loads(pickle.dumps(spec)).device == "auto"
     other = replace(spec, device="cpu")
     assert spec.fingerprint() == other.fingerprint()  # the device shapes no partial count
+
+
+def test_tie_keys_and_top_selection_as_torch_ops_equal_the_numpy_hash_and_lexsort():
+    from bae.common.hashing import mix64, unit_interval
+    from bae.pipeline.features.topk import random_keys, select_top
+
+    rows = np.array([0, 1, 7, 2**40 + 3, 2**62 + 11], np.int64)
+    cols = np.arange(6, dtype=np.int64)
+    keys = random_keys(torch.from_numpy(rows)[:, None], torch.from_numpy(cols)[None, :], 5, 2)
+    base = mix64(np.array([5 * 1_000_003 + 2], np.uint64))
+    with np.errstate(over="ignore"):
+        z = mix64(mix64(rows.astype(np.uint64)[:, None] ^ base) + cols.astype(np.uint64)[None, :])
+    np.testing.assert_array_equal(keys.numpy(), unit_interval(z))  # bit for bit
+    rng = np.random.default_rng(0)
+    primary = torch.from_numpy(rng.integers(0, 4, (9, 40)).astype(np.float64))
+    primary[primary == 0] = -torch.inf
+    key = torch.from_numpy(rng.integers(0, 3, (9, 40)) / 3)  # ties in both
+    got = select_top(primary, key, 12).numpy()
+    for g in range(9):
+        p, q = primary[g].numpy(), key[g].numpy()
+        order = np.lexsort((-q, -p))[:12]
+        np.testing.assert_array_equal(p[got[g]], p[order])
+        np.testing.assert_array_equal(q[got[g]], q[order])

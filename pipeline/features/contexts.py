@@ -93,22 +93,27 @@ def rarer_sign(frequency: np.ndarray) -> np.ndarray:
 @dataclass
 class ContextsPartial:
     rows: int
-    assigned: np.ndarray  # int64 [F]: tokens assigned to each feature
+    assigned: np.ndarray | torch.Tensor  # int64 [F]: tokens assigned to each feature (a tensor on a device)
     contexts: TopK  # extra: [bit]
     explain: TopK
     test: TopK
     negatives: TopK  # one group; extra: the row's assigned features (-1 padded)
 
     @classmethod
-    def empty(cls, n_features: int, p: ScoreParams) -> ContextsPartial:
+    def empty(cls, n_features: int, p: ScoreParams, device: torch.device | None = None) -> ContextsPartial:
         return cls(
             0,
-            np.zeros(n_features, np.int64),
-            TopK.empty(n_features, p.top_k, extra=1),
-            TopK.empty(n_features, p.n_explain),
-            TopK.empty(n_features, p.n_explain + p.n_test),
-            TopK.empty(1, p.negative_pool, extra=p.features_per_token),
+            torch.zeros(n_features, dtype=torch.int64, device=device),
+            TopK.empty(n_features, p.top_k, extra=1, device=device),
+            TopK.empty(n_features, p.n_explain, device=device),
+            TopK.empty(n_features, p.n_explain + p.n_test, device=device),
+            TopK.empty(1, p.negative_pool, extra=p.features_per_token, device=device),
         )
+
+    def cpu(self) -> ContextsPartial:
+        """This partial in host memory (what dask ships and merges)."""
+        heaps = (self.contexts.cpu(), self.explain.cpu(), self.test.cpu(), self.negatives.cpu())
+        return ContextsPartial(self.rows, torch.as_tensor(self.assigned).cpu().numpy(), *heaps)
 
     def merge(self, other: ContextsPartial) -> ContextsPartial:
         return ContextsPartial(
@@ -131,34 +136,35 @@ def assign(score: torch.Tensor, ties: torch.Tensor, per_token: int) -> tuple[tor
 
 
 def contexts_partial(spec: ScanSpec, p: ScoreParams, unit: int) -> ContextsPartial:
-    """The heaps and assignment counts of one store unit: codes, scores and ranks computed on the
-    model's device, the heaps kept on the host."""
+    """The heaps and assignment counts of one store unit, computed on the model's device; only the
+    heaps (k entries per feature) leave it, once per unit."""
     _, model = spec.open()
+    device = model.encoder.weight.device
     n_features = model.n_bits
-    part = ContextsPartial.empty(n_features, p)
-    features = torch.arange(n_features)
+    part = ContextsPartial.empty(n_features, p, device)
+    features = torch.arange(n_features, device=device)
     for x, rows in spec.batches(unit):
         seen = model.analyse(x)
         bits, code = seen.bits, seen.code
         score = p.scores(bits, code)
         rank = p.ranks(score, model, x)
-        score, rank, bits = score.cpu(), rank.cpu(), bits.cpu()  # [n, F] each: the heaps are on the host
-        row = torch.from_numpy(rows)
+        row = torch.from_numpy(rows).to(device)
         ties = random_keys(row[:, None], features[None, :], p.seed, KEY_TIES)
         mask, top = assign(score, ties, p.features_per_token)
         sample = random_keys(row[:, None], features[None, :], p.seed, KEY_SAMPLE)
-        neg_key = random_keys(row[None, :], torch.zeros(1, 1, dtype=torch.int64), p.seed, KEY_NEGATIVE)
+        negative = torch.zeros(1, 1, dtype=torch.int64, device=device)
+        neg_key = random_keys(row[None, :], negative, p.seed, KEY_NEGATIVE)
         part = part.merge(
             ContextsPartial(
                 len(x),
-                mask.sum(0).numpy().astype(np.int64),
+                mask.sum(0),
                 TopK(rank.T, ties.T, row.expand(n_features, -1), bits.T.long()[..., None]),
                 TopK(torch.where(mask, rank, -torch.inf).T, ties.T, row.expand(n_features, -1)),
                 TopK(torch.where(mask, sample, -torch.inf).T, sample.T, row.expand(n_features, -1)),
                 TopK(neg_key, neg_key, row[None, :], top[None]),
             )
         )
-    return part
+    return part.cpu()
 
 
 class ContextReader:

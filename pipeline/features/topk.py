@@ -1,7 +1,8 @@
 """Bounded top-k selection with seeded tie-breaking: the core of the top-contexts pass.
 
 Ties between equal scores are broken by a key drawn per (row, column) from a fixed hash, so the
-selection does not depend on batching, unit order or which worker saw a row.
+selection does not depend on batching, unit order, which worker saw a row or its device: every
+operation here is a torch op that runs where its tensors are.
 """
 
 from __future__ import annotations
@@ -11,18 +12,38 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bae.common.hashing import mix64, unit_interval
+from bae.common.hashing import mix64
+
+
+def _to_int64(value: np.uint64) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return int(np.array(value, np.uint64).view(np.int64))
+
+
+_MIX = tuple(_to_int64(np.uint64(m)) for m in (0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 ``z`` read as uint64."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64_torch(z: torch.Tensor) -> torch.Tensor:
+    """``bae.common.hashing.mix64`` on int64 tensors (wrapping arithmetic, the same bits), on any device."""
+    z = (z ^ _shift_right(z, 30)) * _MIX[0]
+    z = (z ^ _shift_right(z, 27)) * _MIX[1]
+    return z ^ _shift_right(z, 31)
 
 
 def random_keys(rows: torch.Tensor, cols: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
-    """A uniform [0, 1) float64 per (row, col) pair, fixed by (seed, stream) and independent of batching.
+    """A uniform [0, 1) float64 per (row, col) pair, fixed by (seed, stream) and independent of batching
+    and of the device the tensors are on.
 
     ``rows`` and ``cols`` broadcast against each other (e.g. ``rows[:, None]`` and ``cols[None, :]``).
     """
-    base = mix64(np.array([seed * 1_000_003 + stream], dtype=np.uint64))
-    with np.errstate(over="ignore"):
-        z = mix64(mix64(rows.numpy().astype(np.uint64) ^ base) + cols.numpy().astype(np.uint64))
-    return torch.from_numpy(unit_interval(z))
+    base = _to_int64(mix64(np.array([seed * 1_000_003 + stream], dtype=np.uint64))[0])
+    z = mix64_torch(mix64_torch(rows.long() ^ base) + cols.long())
+    return _shift_right(z, 11).double() / float(1 << 53)  # the top 53 bits, as ``unit_interval``
 
 
 def select_top(primary: torch.Tensor, key: torch.Tensor, k: int) -> torch.Tensor:
@@ -33,13 +54,13 @@ def select_top(primary: torch.Tensor, key: torch.Tensor, k: int) -> torch.Tensor
     """
     kk = min(k, primary.shape[1])
     if kk == 0:
-        return torch.empty(primary.shape[0], 0, dtype=torch.int64)
+        return torch.empty(primary.shape[0], 0, dtype=torch.int64, device=primary.device)
     threshold = primary.topk(kk, dim=1).values[:, -1:]
     rank = torch.where(primary > threshold, 2.0, torch.where(primary == threshold, key, -1.0))
     index = rank.topk(kk, dim=1).indices
-    p, q = primary.gather(1, index), key.gather(1, index)
-    order = np.lexsort((-q.numpy(), -p.numpy()), axis=-1)
-    return index.gather(1, torch.from_numpy(order))
+    by_key = torch.argsort(-key.gather(1, index), dim=1, stable=True)
+    by_score = torch.argsort(-primary.gather(1, index.gather(1, by_key)), dim=1, stable=True)
+    return index.gather(1, by_key.gather(1, by_score))
 
 
 @dataclass
@@ -52,13 +73,18 @@ class TopK:
     extra: torch.Tensor | None = None  # [G, k, E] int64 payload carried with each entry
 
     @classmethod
-    def empty(cls, groups: int, k: int, extra: int = 0) -> TopK:
+    def empty(cls, groups: int, k: int, extra: int = 0, device: torch.device | None = None) -> TopK:
         return cls(
-            torch.full((groups, k), -torch.inf, dtype=torch.float64),
-            torch.zeros(groups, k, dtype=torch.float64),
-            torch.full((groups, k), -1, dtype=torch.int64),
-            torch.full((groups, k, extra), -1, dtype=torch.int64) if extra else None,
+            torch.full((groups, k), -torch.inf, dtype=torch.float64, device=device),
+            torch.zeros(groups, k, dtype=torch.float64, device=device),
+            torch.full((groups, k), -1, dtype=torch.int64, device=device),
+            torch.full((groups, k, extra), -1, dtype=torch.int64, device=device) if extra else None,
         )
+
+    def cpu(self) -> TopK:
+        """This heap in host memory."""
+        extra = None if self.extra is None else self.extra.cpu()
+        return TopK(self.score.cpu(), self.key.cpu(), self.row.cpu(), extra)
 
     @property
     def k(self) -> int:
