@@ -99,7 +99,9 @@ class FeaturesConfig(SplitSelection):
     batch_rows: int = Field(default=1024, ge=1, description="rows encoded at once (bounds memory)")
     scheduler: str | None = Field(default=None, description="dask scheduler address [local threads]")
     device: str = Field(
-        default="auto", description=f"{DEVICE_HELP}; with --scheduler each worker resolves auto itself"
+        default="auto",
+        description=f"{DEVICE_HELP} (not mps: the sums are float64); with --scheduler each worker "
+        "resolves auto itself",
     )
     dense_thresholds: list[float] = Field(
         default_factory=lambda: [0.1, 0.2, 0.5],
