@@ -11,6 +11,8 @@ reweighted); a ``RowSample`` cuts groups to equal size and adds null groups (neg
 
 The work is one dask task per store unit (read, encode in batches under ``no_grad``, segment-sum per
 group), folded pairwise; memory is one batch plus the per-group counts, whatever the store's size.
+Encoding and counting run on ``CountSpec.device`` (resolved by the process that runs the task): on a
+GPU the counts are torch ops there and only per-group counts and packed codes come back.
 Each unit's counts are written atomically to ``<partials>/unit-NNNNNNNN.npz.zst`` under a directory named
 by a hash of everything that shapes them, so a killed run continues where it stopped.
 """
