@@ -157,6 +157,29 @@ def claimed_units(
             time.sleep(poll)
 
 
+def leased_units(
+    pending: list[int],
+    claims: UnitClaims | None,
+    done_mask: Callable[[], np.ndarray],
+    is_done: Callable[[int], bool],
+    stop: StopRequest,
+    elsewhere: Callable[[list[int]], None],
+) -> Generator[tuple[int, contextlib.AbstractContextManager[None]], None, None]:
+    """The units this process computes, until a stop signal, each with the lease the caller holds
+    (enters at once, exits once the unit is recorded done): ``pending`` in order (a torchrun rank's
+    static share) with nothing to hold without ``claims``; with them, the units it claims, each
+    under ``claims.holding(unit)``. A caller that writes units on another thread exits each lease
+    there, after the unit's write."""
+    if claims is None:
+        for unit in pending:
+            if stop.signum:
+                return
+            yield unit, contextlib.nullcontext()
+        return
+    for unit in claimed_units(claims, done_mask, is_done, stop, elsewhere):
+        yield unit, claims.holding(unit)
+
+
 def units_to_compute(
     pending: list[int],
     claims: UnitClaims | None,
@@ -165,15 +188,9 @@ def units_to_compute(
     stop: StopRequest,
     elsewhere: Callable[[list[int]], None],
 ) -> Generator[int, None, None]:
-    """The units this process computes, until a stop signal: ``pending`` in order (a torchrun
-    rank's static share) without ``claims``; with them, the units it claims, each held under a
-    renewed lease while the caller computes it and released when the caller asks for the next."""
-    if claims is None:
-        for unit in pending:
-            if stop.signum:
-                return
-            yield unit
-        return
-    for unit in claimed_units(claims, done_mask, is_done, stop, elsewhere):
-        with claims.holding(unit):
+    """:func:`leased_units` for a caller that computes and records each unit before asking for the
+    next: each lease is held while the caller computes its unit and released when it asks for the
+    next."""
+    for unit, lease in leased_units(pending, claims, done_mask, is_done, stop, elsewhere):
+        with lease:
             yield unit

@@ -26,13 +26,15 @@ from bae.common.signals import StopRequest
 from bae.common.urls import is_local, local_path
 from bae.pipeline.harvest.config import HarvestConfig
 from bae.pipeline.harvest.corpus import CorpusStream
+from bae.pipeline.harvest.overlap import ForwardClock, OverlappedWriter, UnitBuffer
 from bae.pipeline.harvest.plan import UnitPlan, forward_batches, plan_units
 from bae.pipeline.harvest.windows import Tokenized, Window, tokenize_corpus
 from bae.pipeline.llm.capture import LayerCapture, Site, check_layers
 from bae.pipeline.llm.load import LoadedModel, load_model, tokenizer_fingerprint
 from bae.pipeline.llm.sites import probe_sites, resolve_sites
 from bae.stores import ActivationStore, StoreLayout
-from bae.stores.claims import UnitClaims, units_to_compute
+from bae.stores.claims import UnitClaims, leased_units
+from bae.stores.layout import ROW_ARRAYS, ROW_FILL
 from bae.stores.sites import site_lines
 
 
@@ -51,6 +53,9 @@ def check_free_space(out: str, needed: int) -> None:
         )
 
 
+WINDOW_FIELDS = {"token_ids": "input_ids", "doc_ids": "doc_ids", "positions": "positions", "valid": "valid"}
+
+
 @dataclass
 class HarvestResult:
     """What a run did, for the summary and the exit status."""
@@ -66,8 +71,9 @@ class HarvestResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-class UnitWriter:
-    """Runs a unit's windows through the capture hooks and writes the unit to the store."""
+class UnitForwards:
+    """Runs a unit's windows through the capture hooks, batch by batch, into a host buffer, and
+    writes a filled buffer to the store (on the writer thread)."""
 
     def __init__(
         self,
@@ -79,6 +85,7 @@ class UnitWriter:
     ):
         self.store, self.plan, self.capture, self.cfg = store, plan, capture, cfg
         self.device = loaded.model.device
+        self.clock = ForwardClock(self.device)
         pad = loaded.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)
 
@@ -90,34 +97,43 @@ class UnitWriter:
             ids[j, : len(win.input_ids)] = torch.from_numpy(win.input_ids)
             mask[j, : len(win.input_ids)] = 1
         attention = None if bool(mask.all()) else mask.to(self.device)
-        return self.capture.run(ids.to(self.device), attention)
+        with self.clock.forward():
+            return self.capture.run(ids.to(self.device), attention)
 
-    def write(self, unit: int) -> int:
-        """Compute and write one unit; returns the number of clamped values."""
-        start, stop = self.store.unit_range(unit)
-        rows = stop - start
-        d = self.store.d_model
-        values = {layer: torch.zeros((rows, d), dtype=torch.float32) for layer in self.store.layers}
-        row_arrays = {
-            "token_ids": np.full(rows, -1, dtype=np.int32),
-            "doc_ids": np.full(rows, -1, dtype=np.int64),
-            "positions": np.full(rows, -1, dtype=np.int32),
-            "valid": np.zeros(rows, dtype=bool),
-        }
+    def fill(self, unit: int, buffer: UnitBuffer) -> None:
+        """Compute one unit into ``buffer``: each batch's kept rows are gathered on the device and
+        copied to the host (asynchronously into pinned memory on CUDA); rows past the unit's
+        windows are zero."""
         offset = 0
         for batch in forward_batches(self.plan.unit_windows(unit), self.cfg.batch_tokens):
             captured = self._forward(batch)
-            for j, win in enumerate(batch):
-                keep = torch.from_numpy(win.keep)
-                span = slice(offset, offset + win.n_rows)
-                for layer, hidden in captured.items():
-                    values[layer][span] = hidden[j].index_select(0, keep.to(hidden.device)).float().cpu()
-                row_arrays["token_ids"][span] = win.input_ids[win.keep]
-                row_arrays["doc_ids"][span] = win.doc_ids[win.keep]
-                row_arrays["positions"][span] = win.positions[win.keep]
-                row_arrays["valid"][span] = win.valid[win.keep]
-                offset += win.n_rows
-        return self.store.write_unit(unit, layers=values, **row_arrays)
+            longest = next(iter(captured.values())).shape[1]
+            kept = torch.cat([torch.from_numpy(w.keep) + j * longest for j, w in enumerate(batch)])
+            span = slice(offset, offset + len(kept))
+            on_device: dict[torch.device, torch.Tensor] = {}  # kept rows' indices, per device of the sites
+            for layer, hidden in captured.items():
+                index = on_device.setdefault(hidden.device, kept.to(hidden.device))
+                rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).float()
+                # the unit's CUDA event (OverlappedWriter.submit) covers copies on this device's stream;
+                # a site on another GPU (--device-map) is copied synchronously
+                copy_async = hidden.device.type == "cuda" and hidden.device == self.device
+                buffer.values[layer][span].copy_(rows, non_blocking=copy_async)
+            offset += len(kept)
+        for values in buffer.values.values():
+            values[offset:].zero_()
+
+    def write(self, unit: int, buffer: UnitBuffer) -> int:
+        """Write a filled unit and record it done; returns the number of clamped values."""
+        start, stop = self.store.unit_range(unit)
+        windows = self.plan.unit_windows(unit)
+        row_arrays = {}
+        for name, field_name in WINDOW_FIELDS.items():
+            column = np.full(stop - start, ROW_FILL[name], dtype=ROW_ARRAYS[name])
+            kept = np.concatenate([getattr(w, field_name)[w.keep] for w in windows])
+            column[: len(kept)] = kept
+            row_arrays[name] = column
+        layers = {layer: values[: stop - start] for layer, values in buffer.values.items()}
+        return self.store.write_unit(unit, layers=layers, **row_arrays)
 
 
 def process_state() -> PartialState:
@@ -225,13 +241,14 @@ def store_attrs(cfg: HarvestConfig, prepared: Prepared) -> dict[str, Any]:
 
 @dataclass
 class Progress:
-    """What this process wrote so far."""
+    """What this process wrote so far (counted by the writer thread as units are recorded done)."""
 
     written: int = 0
     clamped: int = 0
     tokens: int = 0
     bytes: int = 0
     elsewhere: int = 0  # units other processes finished meanwhile (claims)
+    clock: ForwardClock | None = None  # how long the forwards kept the device busy
 
 
 def write_pending(
@@ -243,26 +260,47 @@ def write_pending(
     claims: UnitClaims | None = None,
 ) -> tuple[Progress, bool]:
     """Write units until done or a stop signal; (progress, interrupted). Without ``claims`` the units
-    are ``pending`` (a torchrun rank's static share); with them, whatever this process claims."""
+    are ``pending`` (a torchrun rank's static share); with them, whatever this process claims. Each
+    unit's forwards run here while the previous unit is written on the writer thread; a unit's lease
+    is held until its write is recorded."""
     done = Progress()
+    plan, layout = prepared.plan, prepared.layout
     capture = LayerCapture(prepared.loaded.model, prepared.layers, prepared.sites)
     with capture, StopRequest() as stop, bar:
-        writer = UnitWriter(store, prepared.plan, capture, prepared.loaded, cfg)
+        forwards = UnitForwards(store, plan, capture, prepared.loaded, cfg)
+
+        def write(unit: int, buffer: UnitBuffer) -> None:
+            done.clamped += forwards.write(unit, buffer)
+            start, end = store.unit_range(unit)
+            done.written += 1
+            done.tokens += plan.unit_tokens(unit)
+            done.bytes += (end - start) * layout.bytes_per_row
+            bar.update(plan.unit_tokens(unit))
+            bar.set_postfix_str(f"{human_bytes(done.bytes)} written", refresh=False)
 
         def finished_elsewhere(units: list[int]) -> None:
             done.elsewhere += len(units)
-            bar.update(sum(prepared.plan.unit_tokens(u) for u in units))
+            bar.update(sum(plan.unit_tokens(u) for u in units))
 
-        units = units_to_compute(pending, claims, store.done_mask, store.is_done, stop, finished_elsewhere)
-        with contextlib.closing(units):  # closed on an error too: the held lease is released
-            for unit in units:
-                done.clamped += writer.write(unit)
-                start, end = store.unit_range(unit)
-                done.written += 1
-                done.tokens += prepared.plan.unit_tokens(unit)
-                done.bytes += (end - start) * prepared.layout.bytes_per_row
-                bar.update(prepared.plan.unit_tokens(unit))
-                bar.set_postfix_str(f"{human_bytes(done.bytes)} written", refresh=False)
+        writer = OverlappedWriter(write, layout.unit_rows, layout.d_model, layout.layers, forwards.device)
+
+        def done_mask() -> np.ndarray:  # claims poll it: units handed to the writer count once written
+            writer.drain()
+            return store.done_mask()
+
+        units = leased_units(pending, claims, done_mask, store.is_done, stop, finished_elsewhere)
+        with writer, contextlib.closing(units):  # closed on an error too: held leases are released
+            for unit, lease in units:
+                held = contextlib.ExitStack()
+                held.enter_context(lease)
+                try:
+                    buffer = writer.buffer()
+                    forwards.fill(unit, buffer)
+                except BaseException:
+                    held.close()
+                    raise
+                writer.submit(unit, buffer, held)
+        done.clock = forwards.clock
     return done, bool(stop.signum) and not store.done_mask()[pending].all()
 
 
@@ -286,6 +324,7 @@ def harvest_summary(
         f"{done.elsewhere} written by other processes, {int(store.done_mask().sum())}/{store.n_units} done",
         "tokens": f"{human_count(done.tokens)} in {seconds:.1f} s "
         f"({human_count(done.tokens / max(seconds, 1e-9))} tok/s)",
+        **(done.clock.summary(seconds) if done.clock and done.written else {}),
         "written": human_bytes(done.bytes),
         "clamped values": done.clamped,
         "elapsed": f"{counts['elapsed']:.1f} s",
