@@ -71,6 +71,14 @@ class HarvestResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``. To a GPU it goes from pinned memory without blocking: a
+    copy from pageable memory would wait for every forward already queued on the stream."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class UnitForwards:
     """Runs a unit's windows through the capture hooks, batch by batch, into a host buffer, and
     writes a filled buffer to the store (on the writer thread)."""
@@ -96,9 +104,9 @@ class UnitForwards:
         for j, win in enumerate(batch):
             ids[j, : len(win.input_ids)] = torch.from_numpy(win.input_ids)
             mask[j, : len(win.input_ids)] = 1
-        attention = None if bool(mask.all()) else mask.to(self.device)
+        attention = None if bool(mask.all()) else to_device(mask, self.device)
         with self.clock.forward():
-            return self.capture.run(ids.to(self.device), attention)
+            return self.capture.run(to_device(ids, self.device), attention)
 
     def fill(self, unit: int, buffer: UnitBuffer) -> None:
         """Compute one unit into ``buffer``: each batch's kept rows are gathered on the device and
@@ -112,7 +120,9 @@ class UnitForwards:
             span = slice(offset, offset + len(kept))
             on_device: dict[torch.device, torch.Tensor] = {}  # kept rows' indices, per device of the sites
             for layer, hidden in captured.items():
-                index = on_device.setdefault(hidden.device, kept.to(hidden.device))
+                if hidden.device not in on_device:
+                    on_device[hidden.device] = to_device(kept, hidden.device)
+                index = on_device[hidden.device]
                 rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).float()
                 # the unit's CUDA event (OverlappedWriter.submit) covers copies on this device's stream;
                 # a site on another GPU (--device-map) is copied synchronously
