@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from bae.trainer.loop import FiringWindow, JsonlLog, Trainer, TrainState, float3
 from bae.trainer.models import build_autoencoder
 from bae.trainer.objectives import NormalizedObjective
 from bae.trainer.pair_penalties import abs_covariance, dense_signs, exact_counts, exact_product
+from bae.trainer.target import FVUTarget
 
 
 def rates_bits(n: int, m: int, seed: int) -> torch.Tensor:
@@ -97,23 +99,17 @@ def test_dense_abs_covariance_of_values_that_are_not_bits_is_nan() -> None:
         abs_covariance(torch.full((4, 3), 0.5), dense=False)
 
 
-def trainer_for(tmp_path: Path, check_every_step: bool, saved: list) -> Trainer:
-    config = TrainConfig(
-        store="unused",
-        layer=0,
-        out=str(tmp_path),
-        objective="paper",
-        steps=20,
-        batch_size=64,
-        log_every=5,
-        checkpoint_every=5,
-        entropy_start_steps=0,
-    )
+def trainer_for(tmp_path: Path, check_every_step: bool, saved: list, **options: Any) -> Trainer:
+    fields: dict[str, Any] = {"store": "unused", "layer": 0, "out": str(tmp_path), "objective": "paper"}
+    fields |= {"steps": 20, "batch_size": 64, "log_every": 5, "checkpoint_every": 5, "entropy_start_steps": 0}
+    config = TrainConfig.model_validate(fields | options)
     torch.manual_seed(0)
     model = build_autoencoder(config.autoencoder_config(16))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, config.total_steps()))
     state = TrainState(model, optimizer, scheduler, FiringWindow(config.window_steps, model.n_bits))
+    if config.target_fvu is not None:
+        state.target = FVUTarget.starting_at(config.target_fvu, float(config.beta or 0.0))
 
     def save(st: TrainState) -> None:
         saved.append((st.step, all(bool(p.isfinite().all()) for p in st.model.parameters())))
@@ -140,6 +136,25 @@ def test_a_non_finite_step_stops_with_the_same_error_either_way(
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5]
     assert all(math.isfinite(v) for v in records[0].values() if isinstance(v, float))
+
+
+@pytest.mark.parametrize("check_every_step", [True, False])
+def test_a_non_finite_fvu_never_moves_the_target_multiplier(tmp_path: Path, check_every_step: bool) -> None:
+    """Under --target-fvu the batch FVU is read every step: a non-finite one stops the run at that
+    step, before β's dual step (a NaN would clip log β to its floor), with the usual error."""
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(64, 16, generator=gen) for _ in range(20)]
+    batches[7][3, 2] = math.nan
+    options = {"objective": "normalized", "target_fvu": 0.3}
+    clean = trainer_for(tmp_path / "clean", True, [], **options)
+    with pytest.raises(StopIteration):  # seven finite batches, then none
+        clean.fit(iter(batches[:7]), show_progress=False)
+    trainer = trainer_for(tmp_path / "nan", check_every_step, [], **options)
+    with pytest.raises(BaeError, match="training diverged at step 7"):
+        trainer.fit(iter(batches), show_progress=False)
+    assert trainer.state.step == 7
+    assert clean.state.target is not None and trainer.state.target is not None
+    assert trainer.state.target.log_beta == clean.state.target.log_beta
 
 
 def test_deferred_check_trains_identically_when_finite(tmp_path: Path) -> None:

@@ -237,16 +237,9 @@ def _use_torch_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
-def float_counts(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``bit_counts`` as a float64 product (exact: the sums are integers below 2**53), on a's device."""
-    return (a.T.double() @ (a if b is None else b).double()).round().int()
-
-
 def bit_counts(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """aᵀb of 0/1 matrices a [t, m], b [t, k] as int32 [m, k] (b omitted: aᵀa), on a's device: popcounts
-    on the CPU, ``float_counts`` elsewhere."""
-    if a.device.type != "cpu":
-        return float_counts(a, b)
+    """aᵀb of 0/1 CPU matrices a [t, m], b [t, k] as int32 [m, k] (b omitted: aᵀa), by popcounts
+    (``pair_penalties.exact_counts`` picks the product off the CPU)."""
     _use_torch_threads()
     q = pack_columns(a if b is None else b)
     return torch.from_numpy(_counts(pack_columns(a, BLOCK), q)[: a.shape[1]])

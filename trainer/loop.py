@@ -270,7 +270,7 @@ class Trainer:
         self.check_every_step = device.type == "cpu" if check_every_step is None else check_every_step
         # the first non-finite step and its loss, when not checked at every step (-1: none yet)
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)  # float32: MPS has no float64
         self.save_fn, self.validate_fn = save_fn, validate_fn
         self.world = accelerator.num_processes
         self.total_steps = config.total_steps(self.world)
@@ -332,7 +332,11 @@ class Trainer:
         st.scheduler.step()
         st.window.add(st.step, out.bits)
         if st.target is not None and st.step >= self.entropy_start:
-            st.target.update(self.mean_over_ranks(terms["fvu_term"]))
+            fvu = self.mean_over_ranks(terms["fvu_term"])  # read on the host either way
+            if not math.isfinite(fvu):  # never a dual step from it: stop as at a non-finite loss
+                self.require_finite_so_far()
+                self.diverged(st.step, float(loss))
+            st.target.update(fvu)
         if self.merge_due():
             self.require_finite_so_far()
             st.merged += self.merge(out.bits.detach())
@@ -353,7 +357,7 @@ class Trainer:
             return
         first = ~finite & (self.bad_step < 0)
         self.bad_step = torch.where(first, self.state.step, self.bad_step)
-        self.bad_loss = torch.where(first, loss.double(), self.bad_loss)
+        self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
 
     def require_finite_so_far(self) -> None:
         """Stop if a step since the start was recorded non-finite (not checked at every step)."""
