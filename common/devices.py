@@ -39,3 +39,12 @@ def resolve_device(spec: str) -> torch.device:
             raise BaeError(f"device {spec!r}: MPS is not available here; expected auto or cpu")
         return device
     raise BaeError(f"device {spec!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU it goes through pinned memory without blocking the host
+    (a copy from pageable memory waits for the work already queued on the stream; torch's pinned
+    cache keeps the buffer until its copy has run)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bae.common.devices import resolve_device
+from bae.common.devices import resolve_device, to_device
 from bae.common.errors import BaeError
 
 
@@ -31,3 +31,10 @@ def test_cuda_without_a_gpu_is_one_clear_error():
 def test_cuda_index_beyond_the_visible_devices_is_refused():
     with pytest.raises(BaeError, match="visible"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_to_device_keeps_the_values_and_lands_on_the_device():
+    host = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    moved = to_device(host, resolve_device("auto"))
+    assert moved.device.type == resolve_device("auto").type
+    assert torch.equal(moved.cpu(), host)

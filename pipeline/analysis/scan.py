@@ -23,7 +23,7 @@ import torch
 from dask.callbacks import Callback
 
 from bae.common.console import progress
-from bae.common.devices import resolve_device
+from bae.common.devices import resolve_device, to_device
 from bae.common.errors import BaeError
 from bae.stores import ActivationStore, RowFilter, iter_unit_rows
 from bae.trainer import Autoencoder, load_autoencoder
@@ -71,15 +71,6 @@ def cached_model(path: str, device: str = "cpu") -> Autoencoder:
     return _loaded_model(path, resolve_device(device))
 
 
-def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host rows as a tensor on ``device``; to a GPU through pinned memory, without blocking the host
-    (torch's pinned-memory cache keeps a buffer until its copy has run)."""
-    rows = torch.from_numpy(x)
-    if device.type == "cuda":
-        return rows.pin_memory().to(device, non_blocking=True)
-    return rows.to(device)
-
-
 @dataclass(frozen=True)
 class ScanSpec:
     """Which rows of which store a pass reads, and the checkpoint that encodes them (picklable)."""
@@ -103,7 +94,8 @@ class ScanSpec:
         device = model.encoder.weight.device
         for _, x, rows in iter_unit_rows(store, self.layer, self.row_filter, [unit]):
             for a in range(0, len(x), self.batch_rows):
-                yield to_device(x[a : a + self.batch_rows], device), rows["row"][a : a + self.batch_rows]
+                part = slice(a, a + self.batch_rows)
+                yield to_device(torch.from_numpy(x[part]), device), rows["row"][part]
 
 
 class _TaskProgress(Callback):

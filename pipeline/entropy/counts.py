@@ -34,9 +34,10 @@ import torch
 from numcodecs import Zstd
 
 from bae.common.atomic_files import atomic_write_bytes
+from bae.common.devices import to_device
 from bae.common.errors import BaeError
 from bae.common.hashing import salt, splitmix64, unit_interval
-from bae.pipeline.analysis.scan import cached_model, cached_store, map_reduce_units, to_device
+from bae.pipeline.analysis.scan import cached_model, cached_store, map_reduce_units
 from bae.pipeline.entropy.codes import CodeTable, code_hashes
 from bae.pipeline.entropy.sampling import RowSample
 from bae.stores import RowFilter, iter_unit_rows
@@ -247,7 +248,7 @@ def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
         keys, inverse = np.unique(row_keys, return_inverse=True)
         for a in range(0, len(x), spec.batch_rows):
             part = slice(a, a + spec.batch_rows)
-            bits = model.encode(to_device(np.ascontiguousarray(x[part]), device))
+            bits = model.encode(to_device(torch.from_numpy(np.ascontiguousarray(x[part])), device))
             parts.append(
                 batch_counts(
                     keys,

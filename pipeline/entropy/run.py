@@ -17,18 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from bae.common.atomic_files import atomic_write_bytes, atomic_write_json, read_json
 from bae.common.configs import require_same_config
 from bae.common.console import print_summary
-from bae.common.devices import resolve_device
+from bae.common.devices import resolve_device, to_device
 from bae.common.errors import BaeError
 from bae.common.outputs import exclusive_output, sweep_temporaries
 from bae.common.selection import format_ranges
 from bae.common.stats import FVU_DEFINITION
 from bae.common.urls import with_resolved_paths
 from bae.pipeline.analysis.checkpoint_match import load_for_store
-from bae.pipeline.analysis.scan import cached_model, to_device
+from bae.pipeline.analysis.scan import cached_model
 from bae.pipeline.entropy.bounds import pair_bits_for
 from bae.pipeline.entropy.config import CONFIG_JSON, EntropyConfig
 from bae.pipeline.entropy.counts import (
@@ -110,7 +111,7 @@ def choose_pair_bits(
         step = max(1, len(units) // 8)
         ones, n = np.zeros(model.n_bits), 0
         for _, x, _ in iter_unit_rows(store, model.layer, row_filter, units[::step]):
-            bits = autoencoder.encode(to_device(x[: PAIR_SAMPLE_ROWS - n], on))
+            bits = autoencoder.encode(to_device(torch.from_numpy(x[: PAIR_SAMPLE_ROWS - n]), on))
             ones, n = ones + bits.sum(0).cpu().numpy(), n + len(bits)
             if n >= PAIR_SAMPLE_ROWS:
                 break

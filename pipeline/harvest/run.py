@@ -21,6 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from bae.common.console import human_bytes, human_count, print_summary, progress
+from bae.common.devices import to_device
 from bae.common.errors import BaeError
 from bae.common.signals import StopRequest
 from bae.common.urls import is_local, local_path
@@ -69,14 +70,6 @@ class HarvestResult:
     clamped: int
     interrupted: bool
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``. To a GPU it goes from pinned memory without blocking: a
-    copy from pageable memory would wait for every forward already queued on the stream."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class UnitForwards:
