@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -96,9 +97,13 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def test_sigkill_then_resume_is_bit_identical(store: Path, tmp_path: Path) -> None:
     # the normalized objective at a target FVU: the dual-ascent state must resume exactly too
+    # with prunes and re-seeds (off by default at a target FVU), which write weights and Adam moments
     extra = ("--steps", "300", "--checkpoint-every", "20", "--target-fvu", "0.3", "--merge-every", "7")
+    extra = (*extra, "--prune-reseed")
     ref = run_bae(*train_args(store, tmp_path / "ref", *extra))
     assert ref.returncode == 0, ref.stderr
+    moves = json.loads((tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()[-2])
+    assert moves["pruned_bits"] > 0 and moves["reseeded_bits"] > 0, moves
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [*BAE, *train_args(store, out, *extra)],
@@ -107,7 +112,7 @@ def test_sigkill_then_resume_is_bit_identical(store: Path, tmp_path: Path) -> No
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for(out / "checkpoints" / "step-00000040", proc)
+    wait_for(out / "checkpoints" / "step-00000200", proc)  # after the first prunes and re-seeds
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -158,8 +163,9 @@ def test_torchrun_two_processes_end_identical(store: Path, tmp_path: Path) -> No
         "from safetensors.torch import save_file\n"
         "from bae.trainer.config import TrainConfig\n"
         "from bae.trainer.run import train\n"
-        f"cfg = TrainConfig(store={str(store)!r}, layer=3, steps=30, batch_size=32, log_every=10,"
-        f" val_every=15, checkpoint_every=15, target_fvu=0.3, merge_every=5, out={str(tmp_path / 'out')!r})\n"
+        f"cfg = TrainConfig(store={str(store)!r}, layer=3, steps=60, batch_size=32, log_every=10,"
+        f" val_every=15, checkpoint_every=15, target_fvu=0.3, merge_every=5, prune_reseed=True,"
+        f" window_steps=5, out={str(tmp_path / 'out')!r})\n"
         "model, _ = train(cfg, show_progress=False)\n"
         "rank = os.environ['RANK']\n"
         f"save_file(model.state_dict(), {str(tmp_path)!r} + f'/rank{{rank}}.safetensors')\n"
@@ -177,9 +183,11 @@ def test_torchrun_two_processes_end_identical(store: Path, tmp_path: Path) -> No
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert_same_weights(r0, r1)
     assert_same_weights(r0, weights(tmp_path / "out"))
-    # both ranks trained on different batches: 30 steps × 2 processes × 32 rows
+    # both ranks trained on different batches: 60 steps × 2 processes × 32 rows
     log = (tmp_path / "out" / "train_log.jsonl").read_text()
-    assert '"step": 30, "tokens": 1920' in log
+    assert '"step": 60, "tokens": 3840' in log
+    moves = json.loads(log.splitlines()[-2])  # decided on both ranks' rows, identically
+    assert moves["pruned_bits"] > 0 and moves["reseeded_bits"] > 0, moves
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

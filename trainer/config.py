@@ -26,6 +26,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "beta": 3e-3,
         "gamma": 1.0,
         "merge_every": 50,
+        "prune_reseed": True,
         "typical_ratio": 10.0,
         "encoder_scale": True,
     },
@@ -36,6 +37,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lambda_entropy": 1e-7,
         "lambda_covariance": 1e-7,
         "merge_every": 0,
+        "prune_reseed": False,
         "typical_ratio": 0.0,
         "encoder_scale": False,
     },
@@ -44,6 +46,7 @@ ONLY_FOR = {
     "beta": "normalized",
     "gamma": "normalized",
     "target_fvu": "normalized",
+    "prune_reseed": "normalized",
     "lambda_entropy": "paper",
     "lambda_covariance": "paper",
 }
@@ -151,6 +154,12 @@ class TrainConfig(RowSelection):
     merge_threshold: float = Field(
         default=0.95, gt=0, le=1, description="|correlation| above which two bits are duplicates"
     )
+    prune_reseed: bool | None = Field(
+        default=None,
+        description="normalized, at each merge: switch off bits that buy less FVU than beta x their code "
+        "bits, and re-seed idle bits on the worst-reconstructed rows where that pays twice "
+        "[default: on, off with target_fvu]",
+    )
     typical_ratio: float | None = Field(
         default=None,
         ge=0,
@@ -227,6 +236,9 @@ class TrainConfig(RowSelection):
         for name, objective in ONLY_FOR.items():
             if getattr(self, name) is not None and self.objective != objective:
                 raise ValueError(f"{name} applies to objective {objective!r} only, not {self.objective!r}")
+        if self.prune_reseed is None and self.target_fvu is not None:
+            # exact prunes and re-seeds at a moving beta fight the dual ascent (docs/method.md §3)
+            object.__setattr__(self, "prune_reseed", False)
         for name, value in OBJECTIVE_DEFAULTS[self.objective].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -267,6 +279,7 @@ class TrainConfig(RowSelection):
         new = {**old}
         new.setdefault("encoder_scale", False)  # runs recorded before the option had none
         new.setdefault("tf32", False)  # likewise
+        new.setdefault("prune_reseed", False)  # likewise
         for key in ("positions", "steps"):
             if key in new and new[key] is None:
                 new[key] = cls.model_fields[key].default

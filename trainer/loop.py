@@ -28,6 +28,7 @@ from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import NormalizedObjective, Objective, covariance_term, entropy_term
 from bae.trainer.pair_penalties import exact_counts
+from bae.trainer.pruning import prune_bits, prune_statistics, reseed_bits
 from bae.trainer.target import FVUTarget
 
 DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
@@ -217,14 +218,18 @@ class TrainState:
     variance: float = 1.0  # V of the training space (the normalized objective's FVU denominator)
     target: FVUTarget | None = None  # dual-ascent state under --target-fvu
     merged: int = 0  # duplicate bits folded so far
+    pruned: int = 0  # bits switched off by pruning so far
+    reseeded: int = 0  # idle bits re-seeded so far
 
     def objective_state(self) -> dict[str, Any]:
         """What a checkpoint records of the objective (JSON: floats round-trip exactly)."""
         target = self.target.state_dict() if self.target is not None else None
-        return {"variance": self.variance, "target": target, "merged": self.merged}
+        counts = {"merged": self.merged, "pruned": self.pruned, "reseeded": self.reseeded}
+        return {"variance": self.variance, "target": target, **counts}
 
     def load_objective_state(self, state: dict[str, Any]) -> None:
         self.variance, self.merged = float(state["variance"]), int(state["merged"])
+        self.pruned, self.reseeded = int(state.get("pruned", 0)), int(state.get("reseeded", 0))
         self.target = FVUTarget.from_state(state["target"]) if state["target"] is not None else None
 
 
@@ -340,6 +345,9 @@ class Trainer:
         if self.merge_due():
             self.require_finite_so_far()
             st.merged += self.merge(out.bits.detach())
+            if self.config.prune_reseed:
+                st.pruned += self.prune(x)
+                st.reseeded += self.reseed(x)
         st.step += 1
         st.tokens += self.config.batch_size * self.world
         return x, out, terms
@@ -402,6 +410,37 @@ class Trainer:
         model = self.state.model
         return merge_duplicate_bits(corr, model.encoder, model.decoder, self.config.merge_threshold)
 
+    @torch.no_grad()
+    def prune(self, x: torch.Tensor) -> int:
+        """Switch off the bits that do not pay for themselves on this step's rows of all processes."""
+        model = self.state.model
+        bits = model(x).bits.detach().float()
+        stats = prune_statistics(model, x, exact_counts(bits))
+        if self.world > 1:
+            stats = cast(torch.Tensor, self.accelerator.reduce(stats, reduction="sum"))
+        return prune_bits(model, self.state.optimizer, stats, self.entropy_weight(), self.state.variance)
+
+    @torch.no_grad()
+    def reseed(self, x: torch.Tensor) -> int:
+        """Re-seed the bits idle over the firing window (all processes) on this step's rows of all
+        processes (gathered in rank order, so every rank takes the same decisions)."""
+        st = self.state
+        idle_counts = torch.cat([st.window.counts.sum(0), st.window.rows.sum().reshape(1)])
+        if self.world > 1:
+            idle_counts = cast(torch.Tensor, self.accelerator.reduce(idle_counts, reduction="sum"))
+            x = self.gather_rows(x)
+        fired, rows = idle_counts[:-1], idle_counts[-1]
+        idle = (fired == 0) | (fired == rows)
+        return reseed_bits(st.model, st.optimizer, x, idle, self.entropy_weight(), st.variance)
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's rows ``x`` (their counts may differ), concatenated in rank order."""
+        count = torch.tensor([len(x)], device=x.device)
+        counts = cast(torch.Tensor, self.accelerator.gather(count)).tolist()
+        padded = cast(torch.Tensor, self.accelerator.pad_across_processes(x, dim=0))
+        everything = cast(torch.Tensor, self.accelerator.gather(padded)).reshape(len(counts), -1, x.shape[1])
+        return torch.cat([everything[r, :c] for r, c in enumerate(counts)])
+
     def log_step(self, x: torch.Tensor, out: Any, terms: dict[str, Any], bar: Any) -> None:
         """Train metrics of this batch, with the firing window, lr and throughput."""
         now, (t_log, tokens_log) = time.perf_counter(), self._clock
@@ -410,6 +449,8 @@ class Trainer:
         self.last_train.update(
             st.window.stats(),
             merged_bits=st.merged,
+            pruned_bits=st.pruned,
+            reseeded_bits=st.reseeded,
             lr=st.scheduler.get_last_lr()[0],
             tokens_per_s=(st.tokens - tokens_log) / max(now - t_log, 1e-9),
             entropy_on=st.step > self.entropy_start,

@@ -21,6 +21,30 @@ def bit_correlation(n: int, sums: torch.Tensor, gram: torch.Tensor) -> torch.Ten
     return corr.masked_fill(~(alive[:, None] & alive[None, :]), 0.0)
 
 
+def reset_moments(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, index: tuple) -> None:
+    """Zero Adam's running moments of ``param[index]`` (weights just written, not learned)."""
+    state = optimizer.state.get(param) if optimizer is not None else None
+    if state:
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][index] = 0
+
+
+@torch.no_grad()
+def switch_off(
+    encoder: nn.Linear, decoder: nn.Linear, j: int, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Bit ``j`` never fires (encoder row 0, bias −1) and decodes to nothing; with ``optimizer``,
+    the Adam moments of what was written are reset."""
+    encoder.weight[j] = 0.0
+    decoder.weight[:, j] = 0.0
+    reset_moments(optimizer, encoder.weight, (j,))
+    reset_moments(optimizer, decoder.weight, (slice(None), j))
+    if encoder.bias is not None:
+        encoder.bias[j] = -1.0
+        reset_moments(optimizer, encoder.bias, (j,))
+
+
 @torch.no_grad()
 def merge_duplicate_bits(corr: torch.Tensor, encoder: nn.Linear, decoder: nn.Linear, threshold: float) -> int:
     """For each pair k < j with |ρ_kj| > ``threshold`` (lowest index kept, each bit merged once):
@@ -39,10 +63,7 @@ def merge_duplicate_bits(corr: torch.Tensor, encoder: nn.Linear, decoder: nn.Lin
             decoder.weight[:, k] -= column
             if decoder.bias is not None:
                 decoder.bias.add_(column)
-        decoder.weight[:, j] = 0.0
-        encoder.weight[j] = 0.0
-        if encoder.bias is not None:
-            encoder.bias[j] = -1.0
+        switch_off(encoder, decoder, j)
         done[j] = True
         merged += 1
     return merged

@@ -1,0 +1,134 @@
+"""Pruning and re-seeding bits (trainer/pruning.py) against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from bae.trainer.config import ModelConfig
+from bae.trainer.models import BinaryAutoencoder
+from bae.trainer.pair_penalties import exact_counts
+from bae.trainer.pruning import code_bits, prune_bits, prune_statistics, reseed_bits
+
+
+def cost(p: float) -> float:
+    """½(H_b(p) + 2 min(p, 1 − p)), written out."""
+    if p in (0.0, 1.0):
+        return 0.0
+    return 0.5 * (-(p * math.log2(p) + (1 - p) * math.log2(1 - p)) + 2 * min(p, 1 - p))
+
+
+def adam_with_moments(model: BinaryAutoencoder) -> torch.optim.Adam:
+    """An Adam whose running moments are all non-zero (as after some steps)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        optimizer.state[p] = {
+            "step": torch.tensor(5.0),
+            "exp_avg": torch.full_like(p, 0.5),
+            "exp_avg_sq": torch.full_like(p, 0.25),
+        }
+    return optimizer
+
+
+def brute_force_prune(bits, w_dec, b_dec, x, beta, variance) -> list[int]:
+    """Greedy pruning by recomputing the batch FVU with each candidate's decoder column zeroed."""
+    p = bits.mean(0)
+    live = {j for j in range(len(p)) if 0 < p[j] < 1}
+    w = w_dec.copy()
+    n = len(x)
+
+    def fvu(w_now) -> float:
+        return float(((x - bits @ w_now.T - b_dec) ** 2).sum() / (n * variance))
+
+    removed = []
+    while live:
+        base = fvu(w)
+        scores = {}
+        for j in live:
+            trial = w.copy()
+            trial[:, j] = 0
+            scores[j] = fvu(trial) - base - beta * cost(p[j])
+        j = min(scores, key=lambda k: scores[k])
+        if scores[j] >= 0:
+            break
+        w[:, j] = 0
+        live.discard(j)
+        removed.append(j)
+    return removed
+
+
+def test_prune_switches_off_what_the_brute_force_greedy_does() -> None:
+    torch.manual_seed(0)
+    model = BinaryAutoencoder(ModelConfig(d_model=12, expansion=4))
+    with torch.no_grad():
+        model.decoder.weight.mul_(torch.rand(48).pow(4))  # columns from negligible to useful
+    x = torch.randn(300, 12)
+    bits = model.encode(x).numpy().astype(np.float64)
+    w_dec, b_dec = (t.detach().double().numpy() for t in (model.decoder.weight, model.decoder.bias))
+    variance, beta = 12.0, 2e-3
+    expected = brute_force_prune(bits, w_dec, b_dec, x.double().numpy(), beta, variance)
+    assert 3 <= len(expected) < 48  # the case prunes some bits, not all
+
+    optimizer = adam_with_moments(model)
+    bits = model(x).bits.detach()
+    stats = prune_statistics(model, x, exact_counts(bits))
+    assert prune_bits(model, optimizer, stats, beta, variance) == len(expected)
+    off = sorted(j for j in range(48) if bool((model.encoder.weight[j] == 0).all()))
+    assert off == sorted(expected)
+    for j in expected:  # never fires, decodes to nothing, moments reset
+        assert model.encoder.bias[j] == -1 and bool((model.decoder.weight[:, j] == 0).all())
+        assert bool((optimizer.state[model.encoder.weight]["exp_avg"][j] == 0).all())
+        assert bool((optimizer.state[model.decoder.weight]["exp_avg_sq"][:, j] == 0).all())
+    kept = [j for j in range(48) if j not in expected]
+    assert bool((optimizer.state[model.encoder.weight]["exp_avg"][kept] == 0.5).all())
+    # nothing to prune at β = 0
+    assert (
+        prune_bits(model, optimizer, prune_statistics(model, x, exact_counts(model(x).bits)), 0.0, 1.0) == 0
+    )
+
+
+def sparse_rows(n: int = 4000, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Three sparse bits (p = 0.1) on orthogonal directions of norm 3, plus small noise."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(rng.standard_normal((d, 3)))[0].T * 3.0  # [3, d]
+    b = rng.random((n, 3)) < 0.1
+    x = b @ directions + 0.05 * rng.standard_normal((n, d))
+    return torch.tensor(x, dtype=torch.float32), b, directions
+
+
+def test_reseed_finds_the_bit_the_code_misses_and_refuses_noise() -> None:
+    x, b, directions = sparse_rows()
+    model = BinaryAutoencoder(ModelConfig(d_model=16, expansion=1))  # 16 bits
+    with torch.no_grad():
+        model.encoder.weight.zero_()
+        model.encoder.bias.fill_(-1.0)
+        model.decoder.weight.zero_()
+        for k in (0, 1):  # the code has bits 0 and 1 exactly; the truth's third bit is missing
+            unit = torch.tensor(directions[k] / 3.0, dtype=torch.float32)
+            model.encoder.weight[k] = unit
+            model.encoder.bias[k] = -1.5
+            model.decoder.weight[:, k] = torch.tensor(directions[k], dtype=torch.float32)
+        model.decoder.bias.copy_(
+            x.mean(0) - torch.tensor(b.mean(0)[:2] @ directions[:2], dtype=torch.float32)
+        )
+    optimizer = adam_with_moments(model)
+    variance = float(x.var(0).sum())
+    idle = torch.ones(16, dtype=torch.bool)
+    idle[:2] = False
+    assert reseed_bits(model, optimizer, x, idle, 3e-3, variance) == 1  # the truth's bit, then noise refused
+    got = model.encode(x)[:, 2].numpy()
+    assert (got == b[:, 2]).mean() > 0.995
+    column = model.decoder.weight[:, 2].detach().numpy()
+    assert column @ directions[2] / (np.linalg.norm(column) * 3.0) > 0.99
+    assert bool((optimizer.state[model.encoder.weight]["exp_avg"][2] == 0).all())
+    assert bool((optimizer.state[model.encoder.bias]["exp_avg_sq"][2] == 0).all())
+    assert bool((model.encoder.weight[3:] == 0).all())  # the rest stay off
+    # a complete code leaves nothing worth re-seeding
+    assert reseed_bits(model, optimizer, x, idle & (torch.arange(16) > 2), 3e-3, variance) == 0
+
+
+def test_code_bits_matches_the_objective() -> None:
+    p = torch.tensor([0.0, 0.05, 0.5, 0.9, 1.0])
+    assert torch.allclose(code_bits(p), torch.tensor([cost(float(q)) for q in p], dtype=torch.float64))

@@ -1,0 +1,152 @@
+"""Pruning and re-seeding bits: moves of the normalized objective that its gradient cannot make.
+
+The step's surrogate gradient only reaches rows near a bit's threshold, so a bit that fires with
+confidence on the wrong rows is never turned off, and a bit that never fires is never pointed at
+what the code misses. Measured on synthetic sets (docs/method.md §7): without these moves a sparse
+truth is covered by OR-like fragments of its bits that the entropy term cannot remove. Both moves
+test a bit against the objective itself, FVU against β times its code bits (docs/method.md §3):
+
+- ``prune_bits``: greedily switch off the bit whose removal raises the batch FVU by less than
+  β·cost(p), re-scoring the others after each removal (from sums over rows, so processes reduce
+  them once and take the same decisions);
+- ``reseed_bits``: point a switched-off bit at the row the code reconstructs worst: the bit fires
+  where the rows' projection on that row's residual passes halfway from the median to it, its
+  decoder column and a shift of the decoder bias are the least-squares fit of the residuals, and
+  it is kept only when its own FVU gain (beyond the bias shift's) exceeds twice β·cost(p) (so a bit
+  fitted to noise is refused, and a pruned bit does not come straight back).
+
+Both are deterministic functions of the weights and the rows (bitwise resume keeps), and reset the
+Adam moments of the weights they write.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bae.trainer.merge import reset_moments, switch_off
+from bae.trainer.models import Autoencoder
+
+RESEED_MARGIN = 2.0  # a re-seeded bit must buy twice its cost on the batch
+
+
+def code_bits(p: torch.Tensor) -> torch.Tensor:
+    """The normalized objective's cost of a bit firing at rate ``p``: ½(H_b(p) + 2·min(p, 1 − p))."""
+    p = p.double()
+    q = 1 - p
+    h = -(p * torch.log2(p.clamp_min(1e-300)) + q * torch.log2(q.clamp_min(1e-300)))
+    return 0.5 * (h + 2 * torch.minimum(p, q))
+
+
+@torch.no_grad()
+def prune_statistics(model: Autoencoder, x: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Sums over the rows ``x`` (normalized) that ``prune_bits`` needs, flat so that processes can
+    add them: [n, count_j, A_j = Σ_i b_ij (x_i − x̂_i)·w_j], ``gram`` the bits' BᵀB of the same rows."""
+    out = model(x)
+    bits = out.bits.detach().to(torch.float64)
+    residual = (x - out.recon).double()
+    a = (bits * (residual @ model.decoder.weight.double())).sum(0)
+    n = torch.tensor([len(x)], dtype=torch.float64, device=x.device)
+    return torch.cat([n, bits.sum(0), a, gram.double().flatten()])
+
+
+@torch.no_grad()
+def prune_bits(
+    model: Autoencoder,
+    optimizer: torch.optim.Optimizer,
+    stats: torch.Tensor,
+    beta: float,
+    variance: float,
+) -> int:
+    """Switch off, one at a time, the bit with the lowest ΔFVU − β·cost while that is negative.
+    ΔFVU_j = Σ_{i: b_ij} (2 e_i·w_j + ‖w_j‖²) / (n·V) is what zeroing w_j adds to the FVU of the
+    rows behind ``stats``; removing j adds w_j to their residuals, so A_k += (BᵀB)_kj w_j·w_k.
+    Returns the number of bits switched off."""
+    d_bits = model.n_bits
+    n = float(stats[0])
+    counts, a = stats[1 : d_bits + 1].clone(), stats[d_bits + 1 : 2 * d_bits + 1].clone()
+    gram = stats[2 * d_bits + 1 :].reshape(d_bits, d_bits)
+    if n < 2 or beta <= 0:
+        return 0
+    w = model.decoder.weight.double()
+    dots = w.T @ w  # w_j·w_k
+    cost = beta * code_bits(counts / n)
+    live = (counts > 0) & (counts < n)
+    pruned = 0
+    while bool(live.any()):
+        delta = (2 * a + counts * dots.diagonal()) / (n * variance)
+        score = torch.where(live, delta - cost, torch.full_like(delta, math.inf))
+        j = int(score.argmin())
+        if not score[j] < 0:
+            break
+        a += gram[:, j] * dots[:, j]
+        live[j] = False
+        switch_off(model.encoder, model.decoder, j, optimizer)
+        pruned += 1
+    return pruned
+
+
+@torch.no_grad()
+def reseed_bits(
+    model: Autoencoder,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    idle: torch.Tensor,
+    beta: float,
+    variance: float,
+) -> int:
+    """Re-seed idle bits (bool [d'], constant over the recent steps) on the rows ``x`` (normalized),
+    lowest index first, until a candidate does not buy ``RESEED_MARGIN`` × β·cost(p). An always-on
+    idle bit's column moves into the decoder bias first. Returns the number of bits re-seeded."""
+    if beta <= 0 or len(x) < 2 or model.encoder.bias is None:
+        return 0
+    out = model(x)
+    bits = out.bits > 0
+    idle = idle & (bits.all(0) | ~bits.any(0))
+    if not bool(idle.any()):
+        return 0
+    residual = (x - out.recon).float()
+    n = len(x)
+    scale = model.encoder_input_scale if model.config.encoder_scale else torch.ones_like(x[0])
+    working = ~(bits.all(0) | ~bits.any(0))
+    # new encoder rows get the working rows' typical norm (Adam's steps are in absolute units)
+    norms = model.encoder.weight[working].norm(dim=1)
+    row_norm = float(norms.median()) if len(norms) else 1.0
+    seeded = 0
+    for j in idle.nonzero().squeeze(1).tolist():
+        err = residual.pow(2).sum(1)
+        i = int(err.argmax())
+        u = residual[i] / err[i].sqrt().clamp_min(1e-30)
+        proj = x @ u
+        t = 0.5 * (float(proj[i]) + float(proj.median()))
+        fire = proj > t
+        m = int(fire.sum())
+        if m in (0, n):
+            break
+        # least squares of the residual on (bias shift, new column): the bit's own gain is the
+        # between-group sum of squares, beyond what a bias shift alone would buy
+        on = residual[fire].mean(0)
+        off = residual[~fire].mean(0) if model.decoder.bias is not None else torch.zeros_like(on)
+        between = m * on.pow(2).sum() + (n - m) * off.pow(2).sum()
+        if model.decoder.bias is not None:
+            between = between - n * residual.mean(0).pow(2).sum()
+        gain = float(between) / (n * variance)
+        if gain <= RESEED_MARGIN * beta * float(code_bits(torch.tensor(m / n))):
+            break
+        if bool(bits[:, j].all()) and model.decoder.bias is not None:
+            model.decoder.bias.add_(model.decoder.weight[:, j])  # an always-on bit was part of the bias
+        w = u * scale
+        k = row_norm / max(float(w.norm()), 1e-30)
+        model.encoder.weight[j] = w * k
+        model.decoder.weight[:, j] = on - off
+        reset_moments(optimizer, model.encoder.weight, (j,))
+        reset_moments(optimizer, model.decoder.weight, (slice(None), j))
+        model.encoder.bias[j] = -t * k
+        reset_moments(optimizer, model.encoder.bias, (j,))
+        residual[fire] -= on
+        residual[~fire] -= off
+        if model.decoder.bias is not None:
+            model.decoder.bias.add_(off)
+        seeded += 1
+    return seeded
