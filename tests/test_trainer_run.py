@@ -97,7 +97,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def test_sigkill_then_resume_is_bit_identical(store: Path, tmp_path: Path) -> None:
     # the normalized objective at a target FVU: the dual-ascent state must resume exactly too
-    # with prunes and re-seeds (off by default at a target FVU), which write weights and Adam moments
+    # with prunes and re-seeds (opt-in), which write weights and Adam moments
     extra = ("--steps", "300", "--checkpoint-every", "20", "--target-fvu", "0.3", "--merge-every", "7")
     extra = (*extra, "--prune-reseed")
     ref = run_bae(*train_args(store, tmp_path / "ref", *extra))

@@ -124,13 +124,13 @@ def test_sixteen_bits_under_a_wide_variance_span_are_the_code(tmp_path: Path) ->
 
 
 def test_pruning_and_reseeding_keep_a_sparse_code_small(tmp_path: Path) -> None:
-    """A sparse calibration cell at a seed docs/method.md §7 did not use: 8 bits firing 5% of the
-    time each (2.29 bits), d = 64, per-dimension variance spanning 10⁴. Measured with
-    ``--no-prune-reseed`` on the same set: 49 varying bits, Σ H_b 19.9 (FVU 0.080); with the moves
+    """``--prune-reseed`` on a sparse calibration cell at a seed docs/method.md §7 did not use: 8
+    bits firing 5% of the time each (2.29 bits), d = 64, per-dimension variance spanning 10⁴.
+    Measured on the same set without the moves: 49 varying bits, Σ H_b 19.9 (FVU 0.080); with them
     18 bits, Σ H_b 6.6 (FVU 0.091). Still over the truth (§7), but no longer by 9×."""
     d = 64
     spec = SyntheticSpec.build("sparse", 8, np.zeros(d), np.logspace(0, 2, d), seed=3)
     store = write_set(tmp_path / "s.zarr", spec, 0, 20_000, {"test": "sparse"})
-    summary = train_defaults(Path(store.url), tmp_path / "run", steps=3000, batch_size=512)
+    summary = train_defaults(Path(store.url), tmp_path / "run", steps=3000, batch_size=512, prune_reseed=True)
     assert summary["val_fvu"] <= 0.12, summary
     assert summary["val_varying_bits"] <= 26 and summary["val_set_entropy"] <= 4 * spec.entropy, summary

@@ -26,7 +26,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "beta": 3e-3,
         "gamma": 1.0,
         "merge_every": 50,
-        "prune_reseed": True,
+        "prune_reseed": False,
         "typical_ratio": 10.0,
         "encoder_scale": True,
     },
@@ -158,7 +158,7 @@ class TrainConfig(RowSelection):
         default=None,
         description="normalized, at each merge: switch off bits that buy less FVU than beta x their code "
         "bits, and re-seed idle bits on the worst-reconstructed rows where that pays twice "
-        "[default: on, off with target_fvu]",
+        "[default: off; docs/method.md §3, §7]",
     )
     typical_ratio: float | None = Field(
         default=None,
@@ -236,9 +236,6 @@ class TrainConfig(RowSelection):
         for name, objective in ONLY_FOR.items():
             if getattr(self, name) is not None and self.objective != objective:
                 raise ValueError(f"{name} applies to objective {objective!r} only, not {self.objective!r}")
-        if self.prune_reseed is None and self.target_fvu is not None:
-            # exact prunes and re-seeds at a moving beta fight the dual ascent (docs/method.md §3)
-            object.__setattr__(self, "prune_reseed", False)
         for name, value in OBJECTIVE_DEFAULTS[self.objective].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
