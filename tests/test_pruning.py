@@ -132,3 +132,32 @@ def test_reseed_finds_the_bit_the_code_misses_and_refuses_noise() -> None:
 def test_code_bits_matches_the_objective() -> None:
     p = torch.tensor([0.0, 0.05, 0.5, 0.9, 1.0])
     assert torch.allclose(code_bits(p), torch.tensor([cost(float(q)) for q in p], dtype=torch.float64))
+
+
+def test_switched_off_bits_stay_off_until_reseeded() -> None:
+    """The scaled sigmoid gives a constant pre-activation a gradient, and the entropy term pushes
+    every switched-off row the same way: without holding them they would all move alike."""
+    from bae.trainer.merge import switch_off
+    from bae.trainer.objectives import NormalizedObjective
+    from bae.trainer.pruning import hold_switched_off
+
+    torch.manual_seed(1)
+    model = BinaryAutoencoder(ModelConfig(d_model=8, expansion=2, estimator="scaled_sigmoid"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(256, 8) + 0.5  # a non-zero mean: the direction switched-off rows drift along
+    with torch.no_grad():
+        for j in (3, 7):
+            switch_off(model.encoder, model.decoder, j, optimizer)
+    objective = NormalizedObjective("bae", variance=float(x.var(0).sum()))
+    loss, _ = objective(x, model(x), 3e-3)
+    loss.backward()
+    assert model.encoder.weight.grad is not None
+    drift = model.encoder.weight.grad[[3, 7]]
+    assert bool((drift != 0).any()) and torch.equal(drift[0], drift[1])  # moved, and alike
+    hold_switched_off(model)
+    assert bool((model.encoder.weight.grad[[3, 7]] == 0).all())
+    assert model.encoder.bias.grad is not None and bool((model.encoder.bias.grad[[3, 7]] == 0).all())
+    assert bool((model.encoder.weight.grad[[0, 1, 2]] != 0).any())  # the others still learn
+    optimizer.step()
+    assert bool((model.encoder.weight[[3, 7]] == 0).all()) and bool((model.encoder.bias[[3, 7]] == -1).all())
+    assert bool((model.decoder.weight[:, [3, 7]] == 0).all())

@@ -127,7 +127,7 @@ def test_pruning_and_reseeding_keep_a_sparse_code_small(tmp_path: Path) -> None:
     """``--prune-reseed`` on a sparse calibration cell at a seed docs/method.md §7 did not use: 8
     bits firing 5% of the time each (2.29 bits), d = 64, per-dimension variance spanning 10⁴.
     Measured on the same set without the moves: 49 varying bits, Σ H_b 19.9 (FVU 0.080); with them
-    18 bits, Σ H_b 6.6 (FVU 0.091). Still over the truth (§7), but no longer by 9×."""
+    13 bits, Σ H_b 5.8 (FVU 0.064). Still over the truth (§7), but no longer by 9×."""
     d = 64
     spec = SyntheticSpec.build("sparse", 8, np.zeros(d), np.logspace(0, 2, d), seed=3)
     store = write_set(tmp_path / "s.zarr", spec, 0, 20_000, {"test": "sparse"})

@@ -28,7 +28,7 @@ from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import NormalizedObjective, Objective, covariance_term, entropy_term
 from bae.trainer.pair_penalties import exact_counts
-from bae.trainer.pruning import prune_bits, prune_statistics, reseed_bits
+from bae.trainer.pruning import hold_switched_off, prune_bits, prune_statistics, reseed_bits
 from bae.trainer.target import FVUTarget
 
 DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
@@ -331,6 +331,8 @@ class Trainer:
             loss, terms = self.objective(x, out, self.entropy_weight())
         self.accelerator.backward(loss)
         self.note_finite(loss)
+        if self.config.prune_reseed:
+            hold_switched_off(st.model)
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(st.model.parameters(), self.config.grad_clip)
         st.optimizer.step()
@@ -407,8 +409,10 @@ class Trainer:
             stats = cast(torch.Tensor, self.accelerator.reduce(stats, reduction="sum"))
         d = b.shape[1]
         corr = bit_correlation(int(stats[0]), stats[1 : d + 1], stats[d + 1 :].reshape(d, d)).cpu()
-        model = self.state.model
-        return merge_duplicate_bits(corr, model.encoder, model.decoder, self.config.merge_threshold)
+        model, optimizer = self.state.model, self.state.optimizer if self.config.prune_reseed else None
+        return merge_duplicate_bits(
+            corr, model.encoder, model.decoder, self.config.merge_threshold, optimizer
+        )
 
     @torch.no_grad()
     def prune(self, x: torch.Tensor) -> int:

@@ -46,10 +46,17 @@ def switch_off(
 
 
 @torch.no_grad()
-def merge_duplicate_bits(corr: torch.Tensor, encoder: nn.Linear, decoder: nn.Linear, threshold: float) -> int:
+def merge_duplicate_bits(
+    corr: torch.Tensor,
+    encoder: nn.Linear,
+    decoder: nn.Linear,
+    threshold: float,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> int:
     """For each pair k < j with |ρ_kj| > ``threshold`` (lowest index kept, each bit merged once):
     W_dec[:, k] ± W_dec[:, j] (a complement also moves W_dec[:, j] into b_dec), then bit j is switched
-    off (encoder row 0, bias −1) and free to be learned again. Returns the number of bits merged."""
+    off (encoder row 0, bias −1; with ``optimizer`` its Adam moments reset) and free to be learned
+    again. Returns the number of bits merged."""
     upper = torch.triu(corr, diagonal=1)
     done = torch.zeros(corr.shape[0], dtype=torch.bool)
     merged = 0
@@ -63,7 +70,7 @@ def merge_duplicate_bits(corr: torch.Tensor, encoder: nn.Linear, decoder: nn.Lin
             decoder.weight[:, k] -= column
             if decoder.bias is not None:
                 decoder.bias.add_(column)
-        switch_off(encoder, decoder, j)
+        switch_off(encoder, decoder, j, optimizer)
         done[j] = True
         merged += 1
     return merged

@@ -40,6 +40,25 @@ def code_bits(p: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def hold_switched_off(model: Autoencoder) -> None:
+    """Zero the gradients of switched-off bits (encoder row 0, bias −1, decoder column 0), so that
+    only a re-seed wakes them. Without this the scaled sigmoid's surrogate gradient (never zero for
+    a constant pre-activation) and the entropy term move every switched-off row by the same Adam
+    step along the data's mean, and they come back together as copies of one bit."""
+    encoder, decoder = model.encoder, model.decoder
+    if encoder.bias is None or encoder.weight.grad is None:
+        return
+    off = (encoder.weight == 0).all(dim=1) & (encoder.bias == -1) & (decoder.weight == 0).all(dim=0)
+    if not bool(off.any()):
+        return
+    encoder.weight.grad[off] = 0
+    if encoder.bias.grad is not None:
+        encoder.bias.grad[off] = 0
+    if decoder.weight.grad is not None:
+        decoder.weight.grad[:, off] = 0
+
+
+@torch.no_grad()
 def prune_statistics(model: Autoencoder, x: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """Sums over the rows ``x`` (normalized) that ``prune_bits`` needs, flat so that processes can
     add them: [n, count_j, A_j = Σ_i b_ij (x_i − x̂_i)·w_j], ``gram`` the bits' BᵀB of the same rows."""
