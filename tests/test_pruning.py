@@ -9,8 +9,8 @@ import torch
 
 from bae.trainer.config import ModelConfig
 from bae.trainer.models import BinaryAutoencoder
-from bae.trainer.pair_penalties import exact_counts
-from bae.trainer.pruning import code_bits, prune_bits, prune_statistics, reseed_bits
+from bae.trainer.objectives import bit_cost
+from bae.trainer.pruning import prune_bits, prune_statistics, reseed_bits
 
 
 def cost(p: float) -> float:
@@ -72,8 +72,7 @@ def test_prune_switches_off_what_the_brute_force_greedy_does() -> None:
     assert 3 <= len(expected) < 48  # the case prunes some bits, not all
 
     optimizer = adam_with_moments(model)
-    bits = model(x).bits.detach()
-    stats = prune_statistics(model, x, exact_counts(bits))
+    stats = prune_statistics(model, x)
     assert prune_bits(model, optimizer, stats, beta, variance) == len(expected)
     off = sorted(j for j in range(48) if bool((model.encoder.weight[j] == 0).all()))
     assert off == sorted(expected)
@@ -84,9 +83,7 @@ def test_prune_switches_off_what_the_brute_force_greedy_does() -> None:
     kept = [j for j in range(48) if j not in expected]
     assert bool((optimizer.state[model.encoder.weight]["exp_avg"][kept] == 0.5).all())
     # nothing to prune at β = 0
-    assert (
-        prune_bits(model, optimizer, prune_statistics(model, x, exact_counts(model(x).bits)), 0.0, 1.0) == 0
-    )
+    assert prune_bits(model, optimizer, prune_statistics(model, x), 0.0, 1.0) == 0
 
 
 def sparse_rows(n: int = 4000, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -129,9 +126,9 @@ def test_reseed_finds_the_bit_the_code_misses_and_refuses_noise() -> None:
     assert reseed_bits(model, optimizer, x, idle & (torch.arange(16) > 2), 3e-3, variance) == 0
 
 
-def test_code_bits_matches_the_objective() -> None:
-    p = torch.tensor([0.0, 0.05, 0.5, 0.9, 1.0])
-    assert torch.allclose(code_bits(p), torch.tensor([cost(float(q)) for q in p], dtype=torch.float64))
+def test_bit_cost_is_the_written_out_formula() -> None:
+    p = torch.tensor([0.0, 0.05, 0.5, 0.9, 1.0], dtype=torch.float64)
+    assert torch.allclose(bit_cost(p), torch.tensor([cost(float(q)) for q in p], dtype=torch.float64))
 
 
 def test_switched_off_bits_stay_off_until_reseeded() -> None:

@@ -409,7 +409,8 @@ class Trainer:
             stats = cast(torch.Tensor, self.accelerator.reduce(stats, reduction="sum"))
         d = b.shape[1]
         corr = bit_correlation(int(stats[0]), stats[1 : d + 1], stats[d + 1 :].reshape(d, d)).cpu()
-        model, optimizer = self.state.model, self.state.optimizer if self.config.prune_reseed else None
+        model = self.state.model
+        optimizer = self.state.optimizer if self.config.prune_reseed else None  # held off: moments reset
         return merge_duplicate_bits(
             corr, model.encoder, model.decoder, self.config.merge_threshold, optimizer
         )
@@ -418,8 +419,7 @@ class Trainer:
     def prune(self, x: torch.Tensor) -> int:
         """Switch off the bits that do not pay for themselves on this step's rows of all processes."""
         model = self.state.model
-        bits = model(x).bits.detach().float()
-        stats = prune_statistics(model, x, exact_counts(bits))
+        stats = prune_statistics(model, x)
         if self.world > 1:
             stats = cast(torch.Tensor, self.accelerator.reduce(stats, reduction="sum"))
         return prune_bits(model, self.state.optimizer, stats, self.entropy_weight(), self.state.variance)

@@ -44,11 +44,15 @@ def fvu_term(x: torch.Tensor, recon: torch.Tensor, variance: float) -> torch.Ten
     return (x - recon).pow(2).sum() / (x.shape[0] * variance)
 
 
+def bit_cost(p: torch.Tensor) -> torch.Tensor:
+    """A bit's term of S at firing rate ``p``, elementwise: ½(H_b(p) + 2·min(p, 1 − p))."""
+    return 0.5 * (binary_entropy(p) + 2 * torch.minimum(p, 1 - p))
+
+
 def code_bits_term(bits: torch.Tensor) -> torch.Tensor:
     """S = Σ_j ½(H_b(p_j) + 2·min(p_j, 1 − p_j)): H_b's values at p ∈ {0, ½, 1}, but a slope at
     p = ½ (where ∂H_b/∂p = 0 would let a useless fair bit survive)."""
-    p = bits.mean(dim=0)
-    return 0.5 * (binary_entropy(p) + 2 * torch.minimum(p, 1 - p)).sum()
+    return bit_cost(bits.mean(dim=0)).sum()
 
 
 def redundancy_term(bits: torch.Tensor) -> torch.Tensor:

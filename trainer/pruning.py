@@ -27,16 +27,10 @@ import torch
 
 from bae.trainer.merge import reset_moments, switch_off
 from bae.trainer.models import Autoencoder
+from bae.trainer.objectives import bit_cost
+from bae.trainer.pair_penalties import exact_counts
 
 RESEED_MARGIN = 2.0  # a re-seeded bit must buy twice its cost on the batch
-
-
-def code_bits(p: torch.Tensor) -> torch.Tensor:
-    """The normalized objective's cost of a bit firing at rate ``p``: ½(H_b(p) + 2·min(p, 1 − p))."""
-    p = p.double()
-    q = 1 - p
-    h = -(p * torch.log2(p.clamp_min(1e-300)) + q * torch.log2(q.clamp_min(1e-300)))
-    return 0.5 * (h + 2 * torch.minimum(p, q))
 
 
 @torch.no_grad()
@@ -59,15 +53,15 @@ def hold_switched_off(model: Autoencoder) -> None:
 
 
 @torch.no_grad()
-def prune_statistics(model: Autoencoder, x: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def prune_statistics(model: Autoencoder, x: torch.Tensor) -> torch.Tensor:
     """Sums over the rows ``x`` (normalized) that ``prune_bits`` needs, flat so that processes can
-    add them: [n, count_j, A_j = Σ_i b_ij (x_i − x̂_i)·w_j], ``gram`` the bits' BᵀB of the same rows."""
+    add them: [n, count_j, A_j = Σ_i b_ij (x_i − x̂_i)·w_j, the bits' BᵀB (exact counts)]."""
     out = model(x)
-    bits = out.bits.detach().to(torch.float64)
+    bits = out.bits.detach()
     residual = (x - out.recon).double()
-    a = (bits * (residual @ model.decoder.weight.double())).sum(0)
+    a = (bits.double() * (residual @ model.decoder.weight.double())).sum(0)
     n = torch.tensor([len(x)], dtype=torch.float64, device=x.device)
-    return torch.cat([n, bits.sum(0), a, gram.double().flatten()])
+    return torch.cat([n, bits.double().sum(0), a, exact_counts(bits.float()).double().flatten()])
 
 
 @torch.no_grad()
@@ -90,7 +84,7 @@ def prune_bits(
         return 0
     w = model.decoder.weight.double()
     dots = w.T @ w  # w_j·w_k
-    cost = beta * code_bits(counts / n)
+    cost = beta * bit_cost(counts / n)
     live = (counts > 0) & (counts < n)
     pruned = 0
     while bool(live.any()):
@@ -151,7 +145,7 @@ def reseed_bits(
         if model.decoder.bias is not None:
             between = between - n * residual.mean(0).pow(2).sum()
         gain = float(between) / (n * variance)
-        if gain <= RESEED_MARGIN * beta * float(code_bits(torch.tensor(m / n))):
+        if gain <= RESEED_MARGIN * beta * float(bit_cost(torch.tensor(m / n))):
             break
         if bool(bits[:, j].all()) and model.decoder.bias is not None:
             model.decoder.bias.add_(model.decoder.weight[:, j])  # an always-on bit was part of the bias
