@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from bae.trainer.config import ModelConfig
@@ -158,3 +159,15 @@ def test_switched_off_bits_stay_off_until_reseeded() -> None:
     optimizer.step()
     assert bool((model.encoder.weight[[3, 7]] == 0).all()) and bool((model.encoder.bias[[3, 7]] == -1).all())
     assert bool((model.decoder.weight[:, [3, 7]] == 0).all())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"architecture": "topk_sae"}, {"merge_every": 0}, {"k_bits": 2}, {"objective": "paper"}],
+)
+def test_prune_reseed_is_refused_where_it_would_do_nothing(options: dict) -> None:
+    from bae.trainer.config import TrainConfig
+
+    with pytest.raises(ValueError, match="prune_reseed"):
+        TrainConfig(store="s.zarr", layer=0, out="run", prune_reseed=True, **options)
+    TrainConfig(store="s.zarr", layer=0, out="run", **options)  # without the option they are fine

@@ -233,6 +233,10 @@ class TrainConfig(RowSelection):
             raise ValueError("k_bits > 1 applies to the bae architecture only")
         if self.target_fvu is not None and self.architecture != "bae":
             raise ValueError("target_fvu applies to the bae architecture only")
+        if self.prune_reseed and (self.architecture != "bae" or self.k_bits > 1 or self.merge_every == 0):
+            raise ValueError(
+                "prune_reseed needs the bae architecture, k_bits 1 and merge_every > 0 (it acts at merges)"
+            )
         for name, objective in ONLY_FOR.items():
             if getattr(self, name) is not None and self.objective != objective:
                 raise ValueError(f"{name} applies to objective {objective!r} only, not {self.objective!r}")
