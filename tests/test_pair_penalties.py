@@ -12,7 +12,7 @@ from bae.trainer.bit_products import bit_counts, packed_signs
 from bae.trainer.config import ModelConfig
 from bae.trainer.models import build_autoencoder
 from bae.trainer.objectives import CORR_EPS, NormalizedObjective, Objective
-from bae.trainer.pair_penalties import abs_covariance, dense_signs, gram_norm
+from bae.trainer.pair_penalties import abs_covariance, correlation_squares, dense_signs
 
 
 def plain_covariance(bits: torch.Tensor) -> torch.Tensor:
@@ -92,13 +92,14 @@ def test_abs_covariance_refuses_values_that_are_not_bits() -> None:
 
 
 @pytest.mark.parametrize(("n", "m"), [(32, 100), (100, 32), (50, 50)])
-def test_gram_norm_equals_the_wide_product(n: int, m: int) -> None:
-    z = torch.randn(n, m, dtype=torch.float64, requires_grad=True)
-    (g_fast,) = torch.autograd.grad(gram_norm(z), z)
-    plain = (z.T @ z).pow(2).sum()
-    (g_plain,) = torch.autograd.grad(plain, z)
-    assert gram_norm(z).item() == pytest.approx(plain.item(), rel=1e-12)
-    assert torch.allclose(g_fast, g_plain, rtol=1e-12)
+def test_correlation_squares_value_and_gradient_equal_the_plain_formula(n: int, m: int) -> None:
+    """Both Gram shapes (n < m, n ≥ m), with constant bits, against autograd of the d'×d' formula."""
+    bits = random_bits(n, m, n + m).requires_grad_()
+    (g_fast,) = torch.autograd.grad(correlation_squares(bits, CORR_EPS), bits)
+    plain = plain_redundancy(bits) * 4 * math.log(2)
+    (g_plain,) = torch.autograd.grad(plain, bits)
+    assert correlation_squares(bits, CORR_EPS).item() == pytest.approx(plain.item(), rel=1e-12)
+    assert torch.allclose(g_fast, g_plain, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("objective", ["paper", "normalized"])
@@ -150,7 +151,7 @@ def test_packed_and_dense_signs_agree_with_exact_integers(n: int, m: int) -> Non
     for signs in (packed, dense):
         assert signs.abs_sum == pytest.approx(np.abs(numerator).sum() / (n * (n - 1)), rel=1e-12)
         assert np.allclose(signs.p_sign.numpy(), b.mean(0) @ sign, rtol=1e-12, atol=1e-12)
-        assert np.array_equal(signs.times(bits).numpy(), b @ sign)
+        assert np.array_equal(signs.product(bits).numpy(), b @ sign)
     bits.requires_grad_()
     (grad,) = torch.autograd.grad(abs_covariance(bits), bits)
     assert np.allclose(grad.numpy(), 2 / (n - 1) * (b - b.mean(0)) @ sign, rtol=1e-12, atol=1e-12)
@@ -187,19 +188,19 @@ def test_packed_signs_on_odd_shapes_equal_numpy_integers(n: int, m: int, rate: f
     signs = packed_signs(bits)
     assert signs.abs_sum == pytest.approx(np.abs(numerator).sum() / (n * (n - 1)), rel=1e-12, abs=0)
     assert np.allclose(signs.p_sign.numpy(), b.mean(0) @ np.sign(numerator), rtol=1e-12, atol=1e-12)
-    assert np.array_equal(signs.times(bits).numpy(), b @ np.sign(numerator))
+    assert np.array_equal(signs.product(bits).numpy(), b @ np.sign(numerator))
 
 
 def test_packed_signs_with_listed_ties_and_dense_ties() -> None:
     """Bits with a few exact-zero covariances have them listed; bits with many (more than words in a
-    mask row: a bit that never fires ties with every other) count against both masks. Both kinds
-    here, against numpy's integers."""
+    mask row: a bit that fires on one row of 200 ties with many others) count against both masks.
+    Both kinds here, against numpy's integers."""
     gen = torch.Generator().manual_seed(5)
     bits = (torch.rand(200, 300, generator=gen) < torch.rand(300, generator=gen)).float()
     signs = packed_signs(bits)
-    assert len(signs.dense) > 0 and len(signs.tie) > 0
+    assert len(signs.negative) > 0 and len(signs.tie) > 0
     b = bits.numpy().astype(np.int64)
-    assert np.array_equal(signs.times(bits).numpy(), b @ np.sign(exact_numerators(b)))
+    assert np.array_equal(signs.product(bits).numpy(), b @ np.sign(exact_numerators(b)))
 
 
 @pytest.mark.parametrize("n", [1, 2])

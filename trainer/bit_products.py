@@ -3,7 +3,7 @@
 ``bit_counts(a, b)[r, c] = Σ_t a[t, r]·b[t, c]`` for 0/1 matrices: each column packed into words
 along ``t``, each product a popcount of an AND. Same integers a float GEMM gives on 0/1 inputs, at
 ~1/64 of the memory and about a fifth of the time on a CPU (docs/benchmarks.md). The paper
-objective's covariance penalty (``packed_signs``, ``PackedSigns.times``) is built on the same
+objective's covariance penalty (``packed_signs``, ``PackedSigns.product``) is built on the same
 popcounts: C's exact signs from the pairs k ≥ j, then B·sign(C) in one pass (docs/method.md §3).
 Compiled with numba on first use (cached on disk) and run on ``torch.get_num_threads()`` threads.
 """
@@ -132,12 +132,6 @@ def _covariance_signs(
 
 
 @njit(inline="always")
-def _bit(words: np.ndarray, k: Any) -> Any:  # pragma: no cover - compiled
-    """Bit k of a packed row, as an int64."""
-    return np.int64((words[k >> 6] >> np.uint64(k & 63)) & np.uint64(1))
-
-
-@njit(inline="always")
 def _tie_word(positive: np.ndarray, negative: np.ndarray, c: int, w: int, m: int) -> Any:  # pragma: no cover
     """Word w of bit c's ties: the bits k < m, k ≠ c, with N_ck = 0."""
     word = ~(positive[c, w] | negative[c, w])
@@ -175,62 +169,131 @@ def _tie_lists(
     return bit, tie, np.nonzero(dense)[0]
 
 
+@njit(inline="always")
+def _word_bit(word: Any, k: Any) -> Any:  # pragma: no cover - compiled
+    """Bit k % 64 of a word, as an int64."""
+    return np.int64((word >> np.uint64(k & 63)) & np.uint64(1))
+
+
+@njit(inline="always")
+def _store(out: np.ndarray, i: Any, j: Any, value: Any, offset: Any, scale: Any) -> None:  # pragma: no cover
+    """out[i, j] = (value − offset)·scale in out's dtype (the integer stored first: exact below 2**24)."""
+    if i < out.shape[0]:
+        out[i, j] = value
+        out[i, j] = (out[i, j] - offset) * scale
+
+
 @njit(parallel=True, cache=True)
-def _signs_times(
-    counts: np.ndarray, rows: np.ndarray, m: int, bit: np.ndarray, tie: np.ndarray, dense: np.ndarray
-) -> np.ndarray:  # pragma: no cover - compiled
-    """B·sign(C) from counts[i, c] = B_i·[C_c > 0] (and counts[i, m + s] = B_i·[C_c < 0] for the
-    s-th dense bit c): for the others [C_c > 0], [C_c < 0], bit c itself and its ties partition the
-    m bits, so B_i·[C_c < 0] = Σ_k B_ik − counts[i, c] − B_ic − Σ_{ties k} B_ik."""
-    n = counts.shape[0]
-    out = np.empty((n, m), np.int32)
-    for i in prange(n):
-        x, total = rows[i], 0
-        for w in range(rows.shape[1]):
-            total += _popcount(x[w])
-        for w in range(rows.shape[1]):
-            for c in range(64 * w, min(m, 64 * w + 64)):  # vectorized: the word's bits at once
-                own = np.int64((x[w] >> np.uint64(c - 64 * w)) & np.uint64(1))
-                out[i, c] = 2 * counts[i, c] - total + own
-        for e in range(len(bit)):
-            out[i, bit[e]] += _bit(x, tie[e])
-        for s in range(len(dense)):
-            out[i, dense[s]] = counts[i, dense[s]] - counts[i, m + s]
-    return out
+def _signed_products(
+    rows: np.ndarray,
+    positive: np.ndarray,
+    negative: np.ndarray,
+    slot: np.ndarray,
+    tie_start: np.ndarray,
+    tie: np.ndarray,
+    offset: np.ndarray,
+    scale: np.ndarray,
+    cols: np.ndarray,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    """out[i, cols[c]] = (B_i·sign(C)_c − offset[c])·scale[0] for the packed rows of B (``rows``, a
+    multiple of BLOCK) and the packed rows of [C > 0] (``positive``), one popcount pass: [C > 0],
+    [C < 0], bit c itself and its ties partition the bits, so B_i·[C_c < 0] = Σ_k B_ik − B_i·[C_c > 0]
+    − B_ic − Σ_{ties k} B_ik (ties of c: tie[tie_start[c]:tie_start[c + 1]]); a bit with many ties
+    (``slot[c]`` ≥ 0) counts against its row ``negative[slot[c]]`` of [C < 0] instead. The integer
+    is stored in out's dtype (exact below 2**24), then offset and scale applied in that dtype."""
+    m, words = positive.shape[0], rows.shape[1]
+    totals = np.zeros(rows.shape[0], np.int64)
+    for i in range(rows.shape[0]):
+        for w in range(words):
+            totals[i] += _popcount(rows[i, w])
+    for t in prange((m + TILE - 1) // TILE):
+        for r in range(0, rows.shape[0], BLOCK):
+            for c in range(TILE * t, min(m, TILE * (t + 1))):
+                a0, a1, a2, a3 = 0, 0, 0, 0
+                for w in range(words):
+                    word = positive[c, w]
+                    a0 += _popcount(rows[r, w] & word)
+                    a1 += _popcount(rows[r + 1, w] & word)
+                    a2 += _popcount(rows[r + 2, w] & word)
+                    a3 += _popcount(rows[r + 3, w] & word)
+                if slot[c] >= 0:  # B·[C > 0] − B·[C < 0]
+                    b0, b1, b2, b3 = 0, 0, 0, 0
+                    for w in range(words):
+                        word = negative[slot[c], w]
+                        b0 += _popcount(rows[r, w] & word)
+                        b1 += _popcount(rows[r + 1, w] & word)
+                        b2 += _popcount(rows[r + 2, w] & word)
+                        b3 += _popcount(rows[r + 3, w] & word)
+                    a0, a1, a2, a3 = a0 - b0, a1 - b1, a2 - b2, a3 - b3
+                else:  # 2·B·[C > 0] − Σ_k B_ik + B_ic + Σ_{ties k} B_ik
+                    wc = c >> 6
+                    b0, b1 = _word_bit(rows[r, wc], c), _word_bit(rows[r + 1, wc], c)
+                    b2, b3 = _word_bit(rows[r + 2, wc], c), _word_bit(rows[r + 3, wc], c)
+                    for e in range(tie_start[c], tie_start[c + 1]):
+                        k = tie[e]
+                        wk = k >> 6
+                        b0 += _word_bit(rows[r, wk], k)
+                        b1 += _word_bit(rows[r + 1, wk], k)
+                        b2 += _word_bit(rows[r + 2, wk], k)
+                        b3 += _word_bit(rows[r + 3, wk], k)
+                    a0, a1 = 2 * a0 - totals[r] + b0, 2 * a1 - totals[r + 1] + b1
+                    a2, a3 = 2 * a2 - totals[r + 2] + b2, 2 * a3 - totals[r + 3] + b3
+                j, o = cols[c], offset[c]
+                _store(out, r, j, a0, o, scale[0])
+                _store(out, r + 1, j, a1, o, scale[0])
+                _store(out, r + 2, j, a2, o, scale[0])
+                _store(out, r + 3, j, a3, o, scale[0])
 
 
 @njit(cache=True)
-def _pack_columns(bits: np.ndarray, rows: int) -> np.ndarray:  # pragma: no cover - compiled
-    """``pack_columns`` of a C-contiguous bool array: 64 rows at a time, each OR-ed into every
-    column's word in one contiguous (vectorized) pass."""
-    t, m = bits.shape
+def _pack_columns(
+    values: np.ndarray, rows: int
+) -> tuple[np.ndarray, np.ndarray, bool]:  # pragma: no cover - compiled
+    """``pack_columns`` of a C-contiguous 2-D array (bit = value ≠ 0), each column's count of set
+    bits, and whether every value is 0 or 1: 64 rows at a time, each OR-ed into every column's word
+    in one contiguous pass."""
+    t, m = values.shape
     out = np.zeros((rows, (t + 63) // 64), np.uint64)
-    word = np.zeros(m, np.uint64)
+    word, ones, binary = np.zeros(m, np.uint64), np.zeros(m, np.int64), True
     for w in range(out.shape[1]):
         word[:] = 0
         for r in range(64 * w, min(t, 64 * w + 64)):
-            shift, row = np.uint64(r - 64 * w), bits[r]
+            shift, row, other = np.uint64(r - 64 * w), values[r], False
             for j in range(m):
-                word[j] |= np.uint64(row[j]) << shift
+                on = row[j] != 0
+                word[j] |= np.uint64(on) << shift
+                ones[j] += on
+                other |= on & (row[j] != 1)
+            binary &= not other
         out[:m, w] = word
+    return out, ones, binary
+
+
+@njit(parallel=True, cache=True)
+def _pack_rows(values: np.ndarray, cols: np.ndarray, rows: int) -> np.ndarray:  # pragma: no cover - compiled
+    """Row i of ``values`` restricted to ``cols`` as little-endian uint64 words (bit c = value of
+    column cols[c] ≠ 0), zero rows appended up to ``rows``."""
+    out = np.zeros((rows, (len(cols) + 63) // 64), np.uint64)
+    for i in prange(values.shape[0]):
+        for w in range(out.shape[1]):
+            word = np.uint64(0)
+            for c in range(64 * w, min(len(cols), 64 * w + 64)):
+                word |= np.uint64(values[i, cols[c]] != 0) << np.uint64(c - 64 * w)
+            out[i, w] = word
     return out
+
+
+def as_array(bits: torch.Tensor) -> np.ndarray:
+    """A 2-D CPU tensor as a C-contiguous numpy array (no copy when it already is one)."""
+    return bits.detach().cpu().contiguous().numpy()
 
 
 def pack_columns(bits: torch.Tensor, row_multiple: int = 1) -> np.ndarray:
     """Each column of a 0/1 matrix [t, m] as a row of little-endian uint64 words [m, ⌈t/64⌉]
     (zero rows appended up to a multiple of ``row_multiple``)."""
     m = bits.shape[1]
-    return _pack_columns(bits.detach().to(torch.bool).cpu().contiguous().numpy(), m + (-m) % row_multiple)
-
-
-def pack_rows(bits: torch.Tensor, row_multiple: int = 1) -> np.ndarray:
-    """``pack_columns`` of bitsᵀ: each row as little-endian uint64 words [t, ⌈m/64⌉] (zero rows
-    appended up to a multiple of ``row_multiple``)."""
-    rows = bits.detach().to(torch.bool).cpu().numpy()
-    extra, pad = (-rows.shape[0]) % row_multiple, (-rows.shape[1]) % 64
-    if extra or pad:
-        rows = np.pad(rows, ((0, extra), (0, pad)))
-    return np.ascontiguousarray(np.packbits(rows, axis=1, bitorder="little")).view(np.uint64)
+    return _pack_columns(as_array(bits), m + (-m) % row_multiple)[0]
 
 
 def _use_torch_threads() -> None:
@@ -247,45 +310,78 @@ def bit_counts(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PackedSigns:
-    """The exact covariance of 0/1 bits [n, m], as the pairwise penalties need it:
-    ``abs_sum`` = Σ_{j≠k} |C_jk|; ``p_sign`` = pᵀ·sign(C) (p the firing rates, sign 0 on the
-    diagonal and on exact zeros); ``masks`` = the rows of [C > 0] packed as ``pack_columns`` packs
-    (C is symmetric: row k is column k), then the rows of [C < 0] of the ``dense`` bits, those with
-    more ties (C_jk exactly 0) than words in a row; the other bits' ties listed as pairs
-    (``tie_bit``, ``tie``)."""
+    """The exact covariance of 0/1 bits [n, M], as the pairwise penalties need it:
+    ``abs_sum`` = Σ_{j≠k} |C_jk|; ``p_sign`` = pᵀ·sign(C) (float64 [M]; p the firing rates, sign 0
+    on the diagonal, on exact zeros and for constant bits). Over the bits that vary (``cols``; a
+    constant bit's covariances are 0): ``positive`` = the rows of [C > 0] packed as ``pack_columns``
+    packs (C is symmetric: row k is column k); ``negative`` = the rows of [C < 0] of the bits with
+    more ties (C_jk exactly 0) than words in a row (``slot[c]`` their row, −1 for the others); the
+    other bits' ties listed, bit c's at ``tie[tie_start[c]:tie_start[c + 1]]``."""
 
     abs_sum: float
     p_sign: torch.Tensor
-    masks: np.ndarray
-    dense: np.ndarray
-    tie_bit: np.ndarray
+    cols: np.ndarray
+    positive: np.ndarray
+    negative: np.ndarray
+    slot: np.ndarray
+    tie_start: np.ndarray
     tie: np.ndarray
 
-    def times(self, b: torch.Tensor) -> torch.Tensor:
-        """B·sign(C) for the 0/1 bits B [n, m] these signs came from: one popcount pass of each row
-        of B against [C > 0] (and [C < 0] for the dense bits), the rest from row sums and ties."""
-        (n, m), rows = b.shape, pack_rows(b, BLOCK)
+    def product(self, bits: torch.Tensor, scale: float = 1.0, centre: bool = False) -> torch.Tensor:
+        """B·sign(C) (``centre``: minus 1·pᵀsign(C), i.e. (B − 1pᵀ)·sign(C)) times ``scale`` for the
+        bits B [n, M] (float32 or float64) these signs came from, in their dtype: the integer product
+        by one popcount pass of each row of B against [C > 0], rounded once to the dtype."""
+        values = as_array(bits)
+        n = values.shape[0]
+        out = np.zeros(values.shape, values.dtype)
+        offset = self.p_sign.numpy()[self.cols] if centre else np.zeros(len(self.cols))
         _use_torch_threads()
-        counts = _counts(rows, self.masks)[:n]
-        return torch.from_numpy(_signs_times(counts, rows, m, self.tie_bit, self.tie, self.dense)).to(b.dtype)
+        rows = _pack_rows(values, self.cols, n + (-n) % BLOCK)
+        _signed_products(
+            rows,
+            self.positive,
+            self.negative,
+            self.slot,
+            self.tie_start,
+            self.tie,
+            offset.astype(values.dtype),
+            np.array([scale], values.dtype),
+            self.cols,
+            out,
+        )
+        return torch.from_numpy(out)
 
 
 def packed_signs(bits: torch.Tensor) -> PackedSigns:
-    """C's signs from integer co-occurrence counts: n·G_jk − n_j·n_k is exact, so is its sign."""
-    (n, m), ones = bits.shape, bits.sum(dim=0, dtype=torch.int64).cpu().numpy()
+    """C's signs from integer co-occurrence counts: n·G_jk − n_j·n_k is exact, so is its sign.
+    ValueError when ``bits`` holds a value other than 0 and 1."""
+    values = as_array(bits)
+    n = values.shape[0]
     _use_torch_threads()
-    packed = pack_columns(bits, TILE)
+    every, ones, binary = _pack_columns(values, values.shape[1])
+    if not binary:
+        raise ValueError("abs_covariance needs 0/1 bits")
+    cols = np.nonzero((ones > 0) & (ones < n))[0]
+    ones, m = ones[cols], len(cols)
+    packed = np.zeros((m + (-m) % TILE, every.shape[1]), np.uint64)
+    packed[:m] = every[cols]
     padded = np.pad(ones, (0, len(packed) - m)).astype(np.float64)
     abs_total, signed, positive, negative = _covariance_signs(packed, padded, n)
-    # the diagonal (a bit's own variance, numerator n_j·(n − n_j) ≥ 0) is no pair: taken out
+    # the diagonal (a bit's own variance, numerator n_j·(n − n_j) > 0) is no pair: taken out
     diagonal, own = np.arange(m), ones * (n - ones)
     positive[diagonal, diagonal // 64] &= ~np.left_shift(np.uint64(1), (diagonal % 64).astype(np.uint64))
     tie_bit, tie, dense = _tie_lists(positive, negative, m)
+    slot = np.full(m, -1, np.int64)
+    slot[dense] = np.arange(len(dense))
+    p_sign = np.zeros(values.shape[1])
+    p_sign[cols] = (signed[:m] - ones) / n
     return PackedSigns(
         abs_sum=float(abs_total - own.sum()) / max(1, n * (n - 1)),  # one row: no pair varies, 0
-        p_sign=torch.from_numpy((signed[:m] - np.sign(own) * ones) / n),
-        masks=np.concatenate([positive[:m], negative[dense]]),
-        dense=dense,
-        tie_bit=tie_bit,
+        p_sign=torch.from_numpy(p_sign),
+        cols=cols,
+        positive=positive[:m],
+        negative=negative[dense],
+        slot=slot,
+        tie_start=np.concatenate([[0], np.cumsum(np.bincount(tie_bit, minlength=m))]),
         tie=tie,
     )

@@ -77,8 +77,8 @@ class _StepSigmoid(torch.autograd.Function):
         t: Any = ctx.temperature
         if ctx.batch_scaled:
             t = t * z.pow(2).mean(dim=0).sqrt().clamp_min(1e-6)
-        s = torch.sigmoid(z / t)
-        return grad * s * (1 - s) / t, None, None, None
+        s = torch.div(z, t).sigmoid_()  # in place, fused: each [n, m] temporary costs page faults
+        return torch.ops.aten.sigmoid_backward(grad, s).div_(t), None, None, None
 
 
 def binary_step(

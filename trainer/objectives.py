@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from bae.trainer.models import Codes
-from bae.trainer.pair_penalties import abs_covariance, gram_norm
+from bae.trainer.pair_penalties import abs_covariance, correlation_squares
 
 EPS = 1e-10
 CORR_EPS = 1e-4
@@ -56,13 +56,10 @@ def code_bits_term(bits: torch.Tensor) -> torch.Tensor:
 
 
 def redundancy_term(bits: torch.Tensor) -> torch.Tensor:
-    """R = Σ_{j<k} ρ_jk² / (2 ln 2), ρ the bits' batch correlation (I(j;k) ≈ ρ²/2ln2 bits).
-    Σ_jk ρ_jk² = ‖zᵀz‖²/n² goes through the smaller Gram matrix (``pair_penalties.gram_norm``)."""
-    n = bits.shape[0]
-    centred = bits - bits.mean(dim=0)
-    z = centred / (centred.pow(2).mean(dim=0) + CORR_EPS).sqrt()
-    diagonal = z.pow(2).mean(dim=0)
-    return (gram_norm(z) / n**2 - diagonal.pow(2).sum()) / (4 * math.log(2))
+    """R = Σ_{j<k} ρ_jk² / (2 ln 2), ρ the bits' batch correlation, each variance raised by
+    ``CORR_EPS`` (I(j;k) ≈ ρ²/2ln2 bits), through the smaller Gram matrix
+    (``pair_penalties.correlation_squares``)."""
+    return correlation_squares(bits, CORR_EPS) / (4 * math.log(2))
 
 
 @dataclass(frozen=True)

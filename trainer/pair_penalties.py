@@ -10,9 +10,10 @@ partial sum is an integer of magnitude ≤ 2048 — representable in float16 —
 precision (float16 or float32) the backend accumulates in; the slices are summed in int32. Nothing
 there reads a value back to the host (no sync per step).
 
-``gram_norm`` (‖zᵀz‖²_F, the normalized objective's Σ ρ²): equal to ‖zzᵀ‖²_F, so it goes through
-whichever Gram matrix is smaller — n×n for a batch narrower than the code — and its gradient is
-4·(zzᵀ)z, one more product of the same size.
+``correlation_squares`` (the normalized objective's Σ_{j≠k} ρ²): ‖zᵀz‖²_F = ‖zzᵀ‖²_F, so it goes
+through whichever Gram matrix is smaller — n×n for a batch narrower than the code — and its
+gradient is 4·(zzᵀ)z, one more product of the same size, carried through the standardization in
+closed form.
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ class DenseSigns:
         """``abs_total`` as a float (reads it back to the host)."""
         return float(self.abs_total)
 
-    def times(self, b: torch.Tensor) -> torch.Tensor:
-        """B·sign(C) for the 0/1 bits B these signs came from, exact, in b's dtype."""
-        return exact_product(b, self.sign).to(b.dtype)
+    def product(
+        self, b: torch.Tensor, scale: float | torch.Tensor = 1.0, centre: bool = False
+    ) -> torch.Tensor:
+        """B·sign(C) (``centre``: (B − 1pᵀ)·sign(C)) times ``scale`` for the 0/1 bits B these signs
+        came from, in b's dtype (the integer product exact)."""
+        product = exact_product(b, self.sign).to(b.dtype)
+        return (product - self.p_sign.to(b) if centre else product) * scale
 
 
 def dense_signs(b: torch.Tensor) -> DenseSigns:
@@ -91,48 +96,53 @@ def dense_signs(b: torch.Tensor) -> DenseSigns:
 class _AbsCovariance(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, bits: torch.Tensor, dense: bool) -> torch.Tensor:
-        n = bits.shape[0]
-        work = torch.promote_types(bits.dtype, torch.float32)
+        b = bits.detach().to(torch.promote_types(bits.dtype, torch.float32))
         if dense:  # every column: a constant bit's numerators are 0 (no data-dependent selection)
-            b, varying = bits.to(work), None
             signs: PackedSigns | DenseSigns = dense_signs(b)
             value = signs.abs_total.to(bits.dtype)
-        else:
-            ones = bits.sum(dim=0, dtype=torch.float64)
-            varying = ((ones > 0) & (ones < n)).nonzero().squeeze(1)
-            b = bits[:, varying].to(work)
+        else:  # the bits that vary only (a constant bit's covariances are 0)
             signs = packed_signs(b)
             value = torch.tensor(signs.abs_sum, dtype=bits.dtype, device=bits.device)
-        ctx.signs, ctx.varying = signs, varying
+        ctx.signs, ctx.dtype = signs, bits.dtype
         ctx.save_for_backward(b)
-        ctx.shape, ctx.dtype = bits.shape, bits.dtype
         return value
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (b,) = ctx.saved_tensors
-        signs, varying = ctx.signs, ctx.varying
-        z_sign = signs.times(b) - signs.p_sign.to(b)  # Z·S = B·S − 1·pᵀS
-        scaled = (z_sign * (grad * 2 / (ctx.shape[0] - 1))).to(ctx.dtype)
-        if varying is None:
-            return scaled, None
-        out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=b.device)
-        out[:, varying] = scaled
-        return out, None
+        scale = grad * 2 / (b.shape[0] - 1)
+        if isinstance(ctx.signs, PackedSigns):  # the scale read on the host: a CPU scalar
+            scale = float(scale)
+        return ctx.signs.product(b, scale, centre=True).to(ctx.dtype), None  # 2/(n−1)·Z·sign(C)
 
 
-class _GramNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
-        gram = z @ z.T if z.shape[0] < z.shape[1] else z.T @ z
-        ctx.save_for_backward(z, gram)
-        return gram.pow(2).sum()
+class _CorrelationSquares(torch.autograd.Function):
+    """Σ_{j≠k} ρ_jk² with ρ = zᵀz/n, z_ij = (b_ij − p_j)·s_j, s_j = (v_j + ε)^−½ (p, v = p(1 − p)
+    the 0/1 columns' mean and variance); its gradient in closed form, a handful of passes over
+    [n, m] where autograd of the plain formula makes ~25 (docs/method.md §3)."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        z, gram = ctx.saved_tensors
-        product = gram @ z if z.shape[0] < z.shape[1] else z @ gram
-        return product * (4 * grad)
+    def forward(ctx: Any, bits: torch.Tensor, eps: float) -> torch.Tensor:
+        n = bits.shape[0]
+        p = bits.mean(dim=0)
+        v = p * (1 - p)  # a 0/1 column's variance (torch.var_mean is ~20x slower over dim 0 on a CPU)
+        s = (v + eps).rsqrt()
+        z = torch.sub(bits, p).mul_(s)
+        gram = z @ z.T if n < bits.shape[1] else z.T @ z  # ‖zᵀz‖ = ‖zzᵀ‖: the smaller one
+        q = v * s * s  # ρ_jj = mean_i z_ij²
+        ctx.save_for_backward(z, gram, s, q)
+        return torch.linalg.vector_norm(gram).square() / n**2 - q.square().sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        z, gram, s, q = ctx.saved_tensors
+        n = z.shape[0]
+        # ∂/∂z = 4/n²·(zzᵀz − n·q⊙z) =: Y; through z = (b − p)·s with s = (v + ε)^−½:
+        # ∂/∂b = s⊙(Y − mean_i Y − z⊙Σ_i(Y⊙z)/n) (the column mean of z is 0)
+        y = (gram @ z if n < z.shape[1] else z @ gram).addcmul_(z, q, value=-n)  # in place: no temporaries
+        scale = s * (grad * 4 / n**2)
+        along = torch.linalg.vecdot(y, z, dim=0) * scale / n
+        return y.sub_(y.mean(dim=0)).mul_(scale).addcmul_(z, along, value=-1), None
 
 
 def abs_covariance(bits: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
@@ -141,11 +151,11 @@ def abs_covariance(bits: torch.Tensor, dense: bool | None = None) -> torch.Tenso
     compare both on one machine). Bits that are not all 0/1 raise on the popcount path and give
     NaN on the dense one (checked on the device: the NaN stops training as any non-finite loss)."""
     dense = bits.device.type != "cpu" if dense is None else dense
-    if not dense and not bool(((bits == 0) | (bits == 1)).all()):
-        raise ValueError("abs_covariance needs 0/1 bits")
     return _AbsCovariance.apply(bits, dense)
 
 
-def gram_norm(z: torch.Tensor) -> torch.Tensor:
-    """‖zᵀz‖²_F of z [n, m], through the smaller of zzᵀ and zᵀz."""
-    return _GramNorm.apply(z)
+def correlation_squares(bits: torch.Tensor, eps: float) -> torch.Tensor:
+    """Σ_{j≠k} ρ_jk² of the 0/1 columns of ``bits`` [n, m], each column's variance raised by ``eps``
+    (a constant column has ρ = 0), through the smaller Gram matrix (n×n for a batch narrower than
+    the code), its gradient in closed form."""
+    return _CorrelationSquares.apply(bits, eps)
