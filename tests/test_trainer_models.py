@@ -25,6 +25,7 @@ from bae.trainer.objectives import (
     redundancy_term,
 )
 from bae.trainer.provenance import Provenance
+from bae.trainer.run import make_optimizer
 from bae.trainer.scale import estimate_scale
 
 
@@ -201,3 +202,26 @@ def test_scale_flags_massive_rows_and_global_scale_sets_v_to_d() -> None:
     norm = (x - scale.mean) / scale.std
     assert ((norm.pow(2).sum(1) > scale.typical_radius) == (torch.arange(2000) % 100 == 0)).all()
     assert estimate_scale(x, "none", 0.0).typical_radius is None
+
+
+def test_adam_is_fused_on_cpu_and_a_resumed_optimizer_keeps_its_recorded_choice() -> None:
+    """The fused kernel updates as the per-op loop does (to float rounding); an optimizer state
+    written by a build without it restores unfused, so an older run resumes bit for bit."""
+    torch.manual_seed(0)
+    model = build_autoencoder(ModelConfig(d_model=8, expansion=2))
+    fused = make_optimizer(model, 1e-2, torch.device("cpu"))
+    assert fused.param_groups[0]["fused"] is True
+    twin = build_autoencoder(ModelConfig(d_model=8, expansion=2))
+    twin.load_state_dict(model.state_dict())
+    loop = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for m, opt in ((model, fused), (twin, loop)):
+            opt.zero_grad()
+            (m(x).recon - x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    resumed = make_optimizer(twin, 1e-2, torch.device("cpu"))
+    resumed.load_state_dict(loop.state_dict())
+    assert not resumed.param_groups[0]["fused"]
