@@ -8,7 +8,10 @@ rows (seed 0), batch 512, Adam lr 5e-4, λ_H = λ_D = 1e-7 from the first step:
   * reference: its ``auto_encoder_trainer`` (STE ``sign`` binarization, no output activation, one
     epoch over the rows, a 2-row validation set; wandb disabled);
   * bae, ``--objective paper``: the real ``bae train`` loop reading the same rows from a Zarr store;
-  * bae, normalized objective at ``--target-fvu 0.2`` (the default objective).
+  * bae, normalized objective at ``--target-fvu 0.2`` (the default objective);
+  * the five n·d·d' float32 products every exact BAE step needs (encoder and decoder forward, the
+    decoder's two gradients, the encoder's weight gradient) and nothing else: the ceiling of any
+    trainer that does them as float GEMMs.
 Prints rows/s and the ratios to the reference (target >= 3x).
 
     python benchmarks/bench_reference.py --reference /path/to/Binary_Autoencoder \
@@ -62,8 +65,8 @@ def child_reference(reference: Path, d: int, steps: int) -> dict:
 
 
 def child_bae(store: Path, d: int, steps: int, objective: str) -> dict:
-    """Rows/s of the real `bae train` loop: its own log's throughput over the second half of the
-    run (past start-up: store open, model build, the first steps)."""
+    """Rows/s of the real `bae train` loop: its own log's throughput over the run's steps (past
+    start-up: store open, model build)."""
     from bae.trainer.run import train
     from bae.trainer.run_folder import LOG_FILE
 
@@ -75,6 +78,24 @@ def child_bae(store: Path, d: int, steps: int, objective: str) -> dict:
         train(cfg, show_progress=False)
         last = json.loads((Path(out) / LOG_FILE).read_text().splitlines()[-1])
     return {"rows_per_s": last["tokens_per_s"]}
+
+
+def child_products(d: int, steps: int) -> dict:
+    """Rows/s of the five products alone on the benchmark's rows (what bounds any exact trainer)."""
+    rows = torch.from_numpy(np.random.default_rng(0).standard_normal((steps * BATCH, d), dtype=np.float32))
+    torch.manual_seed(0)
+    enc, dec = torch.randn(d * EXPANSION, d) / d**0.5, torch.randn(d, d * EXPANSION) / d**0.5
+    for step in range(steps):
+        if step == 1:  # past the first step's warm-up
+            t0 = time.perf_counter()
+        x = rows[step * BATCH : (step + 1) * BATCH]
+        bits = (x @ enc.T > 0).float()
+        residual = bits @ dec.T - x
+        dec_grad, bits_grad = residual.T @ bits, residual @ dec
+        enc_grad = bits_grad.T @ x
+        enc -= 1e-6 * enc_grad  # keep every product live
+        dec -= 1e-6 * dec_grad
+    return {"rows_per_s": (steps - 1) * BATCH / (time.perf_counter() - t0)}
 
 
 def run_child(args: list[str], threads: int) -> dict:
@@ -96,13 +117,15 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[576, 2048])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, nargs="+", default=[24, 4], help="steps per run, one per dim")
-    ap.add_argument("--child", choices=["reference", "paper", "normalized"])
+    ap.add_argument("--child", choices=["reference", "paper", "normalized", "products"])
     ap.add_argument("--store", type=Path)
     args = ap.parse_args()
     if args.child:
         d, steps = args.dims[0], args.steps[0]
         if args.child == "reference":
             result = child_reference(args.reference, d, steps)
+        elif args.child == "products":
+            result = child_products(d, steps)
         else:
             result = child_bae(args.store, d, steps, args.child)
         print(json.dumps(result))
@@ -111,7 +134,7 @@ def main() -> None:
         print("reference code not found (pass --reference PATH to a Binary_Autoencoder checkout); skipped")
         return
     print(f"torch {torch.__version__}; batch {BATCH}, Adam lr 5e-4, λ_H = λ_D = {LAMBDA:g} from step 0")
-    header = ["d", "d'", "threads", "steps", "reference", "paper", "x", "normalized", "x"]
+    header = ["d", "d'", "threads", "steps", "reference", "paper", "x", "normalized", "x", "products", "x"]
     print(" ".join(f"{h:>10}" for h in header))
     for d, steps in zip(args.dims, args.steps):
         with tempfile.TemporaryDirectory() as tmp:
@@ -124,9 +147,10 @@ def main() -> None:
                 )
                 paper = run_child([*common, "--child", "paper", "--store", str(store)], threads)
                 norm = run_child([*common, "--child", "normalized", "--store", str(store)], threads)
-                r, p, q = ref["rows_per_s"], paper["rows_per_s"], norm["rows_per_s"]
+                floor = run_child([*common, "--child", "products"], threads)
+                r, p, q, f = ref["rows_per_s"], paper["rows_per_s"], norm["rows_per_s"], floor["rows_per_s"]
                 cells = [d, d * EXPANSION, threads, steps, f"{r:.0f}", f"{p:.0f}", f"{p / r:.2f}x"]
-                cells += [f"{q:.0f}", f"{q / r:.2f}x"]
+                cells += [f"{q:.0f}", f"{q / r:.2f}x", f"{f:.0f}", f"{f / r:.2f}x"]
                 print(" ".join(f"{c:>10}" for c in cells), flush=True)
 
 
