@@ -34,30 +34,32 @@ def adam_with_moments(model: BinaryAutoencoder) -> torch.optim.Adam:
 
 
 def brute_force_prune(bits, w_dec, b_dec, x, beta, variance) -> list[int]:
-    """Greedy pruning by recomputing the batch FVU with each candidate's decoder column zeroed."""
+    """Greedy pruning by recomputing the batch FVU with each candidate's decoder column zeroed and
+    its mean p_j·w_j added to the decoder bias; returns the bits in order and the final bias."""
     p = bits.mean(0)
     live = {j for j in range(len(p)) if 0 < p[j] < 1}
-    w = w_dec.copy()
+    w, b = w_dec.copy(), b_dec.copy()
     n = len(x)
 
-    def fvu(w_now) -> float:
-        return float(((x - bits @ w_now.T - b_dec) ** 2).sum() / (n * variance))
+    def fvu(w_now, b_now) -> float:
+        return float(((x - bits @ w_now.T - b_now) ** 2).sum() / (n * variance))
 
     removed = []
     while live:
-        base = fvu(w)
+        base = fvu(w, b)
         scores = {}
         for j in live:
             trial = w.copy()
             trial[:, j] = 0
-            scores[j] = fvu(trial) - base - beta * cost(p[j])
+            scores[j] = fvu(trial, b + p[j] * w[:, j]) - base - beta * cost(p[j])
         j = min(scores, key=lambda k: scores[k])
         if scores[j] >= 0:
             break
+        b = b + p[j] * w[:, j]
         w[:, j] = 0
         live.discard(j)
         removed.append(j)
-    return removed
+    return removed, b
 
 
 def test_prune_switches_off_what_the_brute_force_greedy_does() -> None:
@@ -69,7 +71,7 @@ def test_prune_switches_off_what_the_brute_force_greedy_does() -> None:
     bits = model.encode(x).numpy().astype(np.float64)
     w_dec, b_dec = (t.detach().double().numpy() for t in (model.decoder.weight, model.decoder.bias))
     variance, beta = 12.0, 2e-3
-    expected = brute_force_prune(bits, w_dec, b_dec, x.double().numpy(), beta, variance)
+    expected, bias = brute_force_prune(bits, w_dec, b_dec, x.double().numpy(), beta, variance)
     assert 3 <= len(expected) < 48  # the case prunes some bits, not all
 
     optimizer = adam_with_moments(model)
@@ -77,6 +79,7 @@ def test_prune_switches_off_what_the_brute_force_greedy_does() -> None:
     assert prune_bits(model, optimizer, stats, beta, variance) == len(expected)
     off = sorted(j for j in range(48) if bool((model.encoder.weight[j] == 0).all()))
     assert off == sorted(expected)
+    np.testing.assert_allclose(model.decoder.bias.detach().double().numpy(), bias, rtol=1e-5, atol=1e-6)
     for j in expected:  # never fires, decodes to nothing, moments reset
         assert model.encoder.bias[j] == -1 and bool((model.decoder.weight[:, j] == 0).all())
         assert bool((optimizer.state[model.encoder.weight]["exp_avg"][j] == 0).all())

@@ -24,9 +24,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr": 1e-2,
         "estimator": "scaled_sigmoid",
         "beta": 3e-3,
-        "gamma": 1.0,
         "merge_every": 50,
-        "prune_reseed": False,
         "typical_ratio": 10.0,
         "encoder_scale": True,
     },
@@ -158,7 +156,7 @@ class TrainConfig(RowSelection):
         default=None,
         description="normalized, at each merge: switch off bits that buy less FVU than beta x their code "
         "bits, and re-seed idle bits on the worst-reconstructed rows where that pays twice "
-        "[default: off; docs/method.md §3, §7]",
+        "[default: on for bae with k_bits 1 and merges, off with target_fvu; docs/method.md §3, §7]",
     )
     typical_ratio: float | None = Field(
         default=None,
@@ -233,16 +231,22 @@ class TrainConfig(RowSelection):
             raise ValueError("k_bits > 1 applies to the bae architecture only")
         if self.target_fvu is not None and self.architecture != "bae":
             raise ValueError("target_fvu applies to the bae architecture only")
-        if self.prune_reseed and (self.architecture != "bae" or self.k_bits > 1 or self.merge_every == 0):
-            raise ValueError(
-                "prune_reseed needs the bae architecture, k_bits 1 and merge_every > 0 (it acts at merges)"
-            )
         for name, objective in ONLY_FOR.items():
             if getattr(self, name) is not None and self.objective != objective:
                 raise ValueError(f"{name} applies to objective {objective!r} only, not {self.objective!r}")
         for name, value in OBJECTIVE_DEFAULTS[self.objective].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        can_move = self.architecture == "bae" and self.k_bits == 1 and self.merge_every != 0
+        if self.prune_reseed and not can_move:
+            raise ValueError(
+                "prune_reseed needs the bae architecture, k_bits 1 and merge_every > 0 (it acts at merges)"
+            )
+        if self.prune_reseed is None:  # the moves fight target_fvu's dual ascent (docs/method.md §3)
+            moves = self.objective == "normalized" and can_move and self.target_fvu is None
+            object.__setattr__(self, "prune_reseed", moves)
+        if self.gamma is None and self.objective == "normalized":  # R charges a correlated truth
+            object.__setattr__(self, "gamma", 0.0 if self.prune_reseed else 1.0)
         if self.typical_ratio and (self.typical_ratio <= 1 or self.standardize == "none"):
             raise ValueError("typical_ratio must be 0 (all rows) or > 1 with standardize global/dimension")
         return self

@@ -7,8 +7,8 @@ truth is covered by OR-like fragments of its bits that the entropy term cannot r
 test a bit against the objective itself, FVU against β times its code bits (docs/method.md §3):
 
 - ``prune_bits``: greedily switch off the bit whose removal raises the batch FVU by less than
-  β·cost(p), re-scoring the others after each removal (from sums over rows, so processes reduce
-  them once and take the same decisions);
+  β·cost(p), its mean contribution p·w moved into the decoder bias, re-scoring the others after
+  each removal (from sums over rows, so processes reduce them once and take the same decisions);
 - ``reseed_bits``: point a switched-off bit at the row the code reconstructs worst: the bit fires
   where the rows' projection on that row's residual passes halfway from the median to it, its
   decoder column and a shift of the decoder bias are the least-squares fit of the residuals, and
@@ -55,13 +55,15 @@ def hold_switched_off(model: Autoencoder) -> None:
 @torch.no_grad()
 def prune_statistics(model: Autoencoder, x: torch.Tensor) -> torch.Tensor:
     """Sums over the rows ``x`` (normalized) that ``prune_bits`` needs, flat so that processes can
-    add them: [n, count_j, A_j = Σ_i b_ij (x_i − x̂_i)·w_j, the bits' BᵀB (exact counts)]."""
+    add them: [n, count_j, A_j = Σ_i b_ij e_i·w_j, E_j = Σ_i e_i·w_j, the bits' BᵀB (exact
+    counts)], e_i = x_i − x̂_i."""
     out = model(x)
     bits = out.bits.detach()
-    residual = (x - out.recon).double()
-    a = (bits.double() * (residual @ model.decoder.weight.double())).sum(0)
+    projected = (x - out.recon).double() @ model.decoder.weight.double()  # e_i·w_j
+    a = (bits.double() * projected).sum(0)
     n = torch.tensor([len(x)], dtype=torch.float64, device=x.device)
-    return torch.cat([n, bits.double().sum(0), a, exact_counts(bits.float()).double().flatten()])
+    gram = exact_counts(bits.float()).double().flatten()
+    return torch.cat([n, bits.double().sum(0), a, projected.sum(0), gram])
 
 
 @torch.no_grad()
@@ -73,29 +75,36 @@ def prune_bits(
     variance: float,
 ) -> int:
     """Switch off, one at a time, the bit with the lowest ΔFVU − β·cost while that is negative.
-    ΔFVU_j = Σ_{i: b_ij} (2 e_i·w_j + ‖w_j‖²) / (n·V) is what zeroing w_j adds to the FVU of the
-    rows behind ``stats``; removing j adds w_j to their residuals, so A_k += (BᵀB)_kj w_j·w_k.
-    Returns the number of bits switched off."""
+    Removing bit j (rate p_j) with its mean p_j·w_j moved into the decoder bias adds
+    (b_ij − p_j)·w_j to each residual e_i, so ΔFVU_j = (2(A_j − p_j E_j) + n p_j(1 − p_j)‖w_j‖²)
+    / (n·V) on the rows behind ``stats`` (without a decoder bias p is 0 in these terms), and after
+    it A_k += ((BᵀB)_kj − n p_k p_j) w_j·w_k while E is unchanged. Returns the number of bits
+    switched off."""
     d_bits = model.n_bits
     n = float(stats[0])
-    counts, a = stats[1 : d_bits + 1].clone(), stats[d_bits + 1 : 2 * d_bits + 1].clone()
-    gram = stats[2 * d_bits + 1 :].reshape(d_bits, d_bits)
+    counts, a, e = (stats[1 + i * d_bits : 1 + (i + 1) * d_bits].clone() for i in range(3))
+    gram = stats[1 + 3 * d_bits :].reshape(d_bits, d_bits)
     if n < 2 or beta <= 0:
         return 0
-    w = model.decoder.weight.double()
+    decoder = model.decoder
+    w = decoder.weight.double()
     dots = w.T @ w  # w_j·w_k
     cost = beta * bit_cost(counts / n)
+    shift = counts / n if decoder.bias is not None else torch.zeros_like(counts)
     live = (counts > 0) & (counts < n)
     pruned = 0
     while bool(live.any()):
-        delta = (2 * a + counts * dots.diagonal()) / (n * variance)
+        spread = counts - n * shift * (2 * counts / n - shift)  # Σ_i (b_ij − p_j)²
+        delta = (2 * (a - shift * e) + spread * dots.diagonal()) / (n * variance)
         score = torch.where(live, delta - cost, torch.full_like(delta, math.inf))
         j = int(score.argmin())
         if not score[j] < 0:
             break
-        a += gram[:, j] * dots[:, j]
+        a += (gram[:, j] - counts * shift[j]) * dots[:, j]
         live[j] = False
-        switch_off(model.encoder, model.decoder, j, optimizer)
+        if decoder.bias is not None:
+            decoder.bias.add_(decoder.weight[:, j] * float(shift[j]))
+        switch_off(model.encoder, decoder, j, optimizer)
         pruned += 1
     return pruned
 
