@@ -33,7 +33,7 @@ def adam_with_moments(model: BinaryAutoencoder) -> torch.optim.Adam:
     return optimizer
 
 
-def brute_force_prune(bits, w_dec, b_dec, x, beta, variance) -> list[int]:
+def brute_force_prune(bits, w_dec, b_dec, x, beta, variance) -> tuple[list[int], np.ndarray]:
     """Greedy pruning by recomputing the batch FVU with each candidate's decoder column zeroed and
     its mean p_j·w_j added to the decoder bias; returns the bits in order and the final bias."""
     p = bits.mean(0)
