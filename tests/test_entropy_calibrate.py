@@ -32,10 +32,12 @@ def h_b(p: float) -> float:
     return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
-def make_source(path: Path, n: int = 3000) -> ActivationStore:
-    """A store of scaled Gaussian rows at layer LAYER (documents of 10 rows, every row valid)."""
+def make_source(path: Path, n: int = 3000, sink: float = 0.0) -> ActivationStore:
+    """A store of scaled Gaussian rows at layer LAYER (documents of 10 rows, every row valid); with
+    ``sink`` > 0 every 20th row adds ``sink`` to dimension 0 (an attention sink)."""
     rng = np.random.default_rng(0)
     x = (OFFSET + rng.standard_normal((n, D)) * SCALE).astype(np.float32)
+    x[::20, 0] += sink
     layout = StoreLayout(n_rows=n, unit_rows=1000, d_model=D, layers=[LAYER], dtype="float32")
     store = ActivationStore.create(str(path), layout, {"config": {"test": "calibrate"}})
     for unit in range(store.n_units):
@@ -78,6 +80,37 @@ def test_generator_matches_the_requested_scale(kind: str, r: int) -> None:
     np.testing.assert_allclose(states.astype(np.float64).var(0), SCALE**2, rtol=0.05)
     assert np.all(np.abs(states.mean(0) - OFFSET) < 0.05 * SCALE)
     np.testing.assert_array_equal(spec.sample(1000, stream=3)[0], spec.sample(1000, stream=3)[0])  # seeded
+
+
+def test_store_scale_leaves_sinks_out(tmp_path: Path) -> None:
+    """The sets copy the moments of the typical rows: sinks 10⁴ std away on one dimension (5% of the
+    rows) would otherwise put their variance, ~10⁷× a typical dimension's, into every synthetic row."""
+    from bae.pipeline.entropy.calibrate import store_scale
+
+    store = make_source(tmp_path / "src.zarr", sink=1e4 * SCALE[0])
+    mean, std, used, atypical = store_scale(store, LAYER, 3000, seed=0, typical_ratio=10.0)
+    assert (used, atypical) == (2850, 150)
+    x = store.read_layer(LAYER, 0, 3000).astype(np.float64)
+    typical = x[np.arange(3000) % 20 != 0]
+    np.testing.assert_allclose(mean, typical.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(std, typical.std(0, ddof=1), rtol=1e-6)
+    _, raw_std, used, atypical = store_scale(store, LAYER, 3000, seed=0, typical_ratio=0.0)
+    assert (used, atypical) == (3000, 0) and raw_std[0] > 1000 * std[0]
+
+
+def test_bit_shares_are_the_fvu_of_dropping_a_bit() -> None:
+    """An ideal decoder that replaces bit k by its mean loses exactly bit k's share of the variance
+    (independent bits), checked on a 200k-row sample."""
+    spec = SyntheticSpec.build("independent", 4, OFFSET, SCALE, seed=2)
+    shares = spec.bit_shares()
+    assert shares.sum() == pytest.approx(1 - spec.fvu_floor, rel=1e-9)  # independent: no cross terms
+    states, bits = spec.sample(200_000, stream=0)
+    total = states.astype(np.float64).var(0).sum()
+    for k in range(4):
+        kept = bits.astype(np.float64)
+        kept[:, k] = 0.5
+        error = states - (spec.offset + kept @ spec.mixing)
+        assert error.var(0).sum() / total - spec.fvu_floor == pytest.approx(shares[k], rel=0.03, abs=2e-3)
 
 
 def test_ranks_flag_parses_and_refuses() -> None:

@@ -38,11 +38,7 @@ def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> D
     float32, every sum in float64)."""
     x = x.float()
     d = x.shape[1]
-    keep = torch.ones(len(x), dtype=torch.bool)
-    if typical_ratio:
-        dist = (x - x.median(dim=0).values).pow(2).sum(dim=1, dtype=torch.float64)
-        keep = dist <= typical_ratio * dist.quantile(TYPICAL_QUANTILE)
-    mean, per_dim = _moments(x[keep])
+    mean, per_dim = _moments(x[typical_rows(x, typical_ratio)])
     if standardize == "global":
         std = torch.full((d,), float(per_dim.sum() / d) ** 0.5, dtype=torch.float64)
     elif standardize == "dimension":
@@ -62,6 +58,15 @@ def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> D
     variance = float(per_norm.sum())
     per_std = std_or_one(per_norm, 1e-16 * max(variance, 1e-300))
     return DataScale(mean.float(), std.float(), variance, radius, per_std.float())
+
+
+def typical_rows(x: torch.Tensor, typical_ratio: float) -> torch.Tensor:
+    """bool [n]: the rows of ``x`` [n, d] (float32) with ‖x − c‖² ≤ ratio × q₉₀(‖x_i − c‖²), c the
+    coordinate-wise median (every row when ``typical_ratio`` is 0)."""
+    if not typical_ratio:
+        return torch.ones(len(x), dtype=torch.bool)
+    dist = (x - x.median(dim=0).values).pow(2).sum(dim=1, dtype=torch.float64)
+    return dist <= typical_ratio * dist.quantile(TYPICAL_QUANTILE)
 
 
 def std_or_one(variance: torch.Tensor, floor: float) -> torch.Tensor:

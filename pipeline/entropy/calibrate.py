@@ -1,11 +1,11 @@
 """``bae entropy calibrate``: how close today's training and estimators get to a known code entropy.
 
-From a store's layer L it estimates the per-dimension mean and standard deviation (up to
-``stats_rows`` valid rows, float64), builds synthetic stores of the same d and scale whose code
-entropy is known (``bae.pipeline.entropy.synthetic``: independent, Markov and sparse bits for each
-rank r), trains a model on each with exactly the given ``bae train`` options, measures the
-validation split as one group with the entropy estimators, and compares the reported estimate with
-the truth. Layout of ``--out``::
+From a store's layer L it estimates the per-dimension mean and standard deviation over the typical
+rows (training's rule) among up to ``stats_rows`` valid rows (float64), builds synthetic stores of
+the same d and scale whose code entropy is known (``bae.pipeline.entropy.synthetic``: independent,
+Markov and sparse bits for each rank r), trains a model on each with exactly the given ``bae train``
+options, measures the validation split as one group with the entropy estimators, and compares the
+reported estimate with the truth. Layout of ``--out``::
 
     sets/<kind>-r<r>/store.zarr    a real activation store (one document per row, position 0, valid)
     runs/<kind>-r<r>/              the ``bae train`` run on it
@@ -133,11 +133,16 @@ class Cell:
 
 
 def store_scale(
-    store: ActivationStore, layer: int, max_rows: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mean, std, rows used): float64 per-dimension moments of up to ``max_rows`` valid rows of
-    ``layer``, read from the store's completed units in a seeded random order."""
+    store: ActivationStore, layer: int, max_rows: int, seed: int, typical_ratio: float
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(mean, std, rows used, atypical rows left out): float64 per-dimension moments of the typical
+    rows among up to ``max_rows`` valid rows of ``layer``, read from the store's completed units in a
+    seeded random order. Typical is training's rule (``bae.trainer.scale.typical_rows``): attention
+    sinks would otherwise put their massive activations into every synthetic row."""
+    import torch
+
     from bae.stores import RowFilter, iter_unit_rows
+    from bae.trainer.scale import typical_rows
 
     if layer not in store.layers:
         raise BaeError(
@@ -147,18 +152,18 @@ def store_scale(
     if len(units) == 0:
         raise BaeError(f"store {store.url} has no completed units")
     order = np.random.default_rng([seed, 0x5CA1E]).permutation(units)
-    d = store.d_model
-    total, total_sq, n = np.zeros(d), np.zeros(d), 0
+    blocks, n = [], 0
     for _, x, _ in iter_unit_rows(store, layer, RowFilter(valid_only=True), order):
-        x = x[: max_rows - n].astype(np.float64)
-        total, total_sq, n = total + x.sum(0), total_sq + (x * x).sum(0), n + len(x)
+        blocks.append(np.asarray(x[: max_rows - n], np.float32))
+        n += len(blocks[-1])
         if n >= max_rows:
             break
-    if n < 2:
+    x = np.concatenate(blocks) if blocks else np.zeros((0, store.d_model), np.float32)
+    keep = typical_rows(torch.from_numpy(x), typical_ratio).numpy() if len(x) else np.zeros(0, bool)
+    kept = x[keep].astype(np.float64)
+    if len(kept) < 2:
         raise BaeError(f"store {store.url} layer {layer}: fewer than 2 valid rows to estimate its scale from")
-    mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0) * n / (n - 1))
-    return mean, std, n
+    return kept.mean(0), kept.std(0, ddof=1), len(kept), len(x) - len(kept)
 
 
 def write_set(
@@ -253,6 +258,7 @@ COLUMNS = (
     "verdict",
     "val_fvu",
     "fvu_floor",
+    "weakest_share",
     "varying_bits",
     "code_bits",
     "n",
@@ -282,6 +288,7 @@ def table_text(rows: list[dict[str, Any]]) -> str:
         ("joint [low, high]", "joint_bits"),
         ("verdict", "verdict"),
         ("val FVU", "val_fvu"),
+        ("weakest bit", "weakest_share"),
         ("varying", "varying_bits"),
         ("pass", "passed"),
     )
@@ -294,6 +301,8 @@ def table_text(rows: list[dict[str, Any]]) -> str:
             return "pass" if value else "FAIL"
         if key == "val_fvu":
             return f"{value:.3f} ({row['fvu_floor']:.3f})"
+        if key == "weakest_share":
+            return f"{value:.2%}"
         return f"{value:.2f}" if isinstance(value, float) else str(value)
 
     header = [title + (" (floor)" if key == "val_fvu" else "") for title, key in shown]
@@ -329,7 +338,9 @@ def run_calibrate(config: CalibrateConfig, show_progress: bool = True) -> list[d
     from bae.trainer.run import train
 
     source = ActivationStore.open(config.store)
-    mean, std, used = store_scale(source, config.layer, config.stats_rows, config.seed)
+    mean, std, used, atypical = store_scale(
+        source, config.layer, config.stats_rows, config.seed, config.typical_ratio
+    )
     scale_digest = hashlib.sha256(np.concatenate([mean, std]).tobytes()).hexdigest()[:16]
     out = make_output_dir(config.out)
     rows = []
@@ -367,6 +378,7 @@ def run_calibrate(config: CalibrateConfig, show_progress: bool = True) -> list[d
                 **{k: measured.get(k, math.nan) for k in COLUMNS if k in measured},
                 "val_fvu": last_val_fvu(cell.run(out)),
                 "fvu_floor": spec.fvu_floor,
+                "weakest_share": float(spec.bit_shares().min()),
             }
             for key in ("upper_bits", "joint_plugin_bits", "joint_bits", "joint_low", "joint_high"):
                 row.setdefault(key, math.nan)
@@ -378,7 +390,8 @@ def run_calibrate(config: CalibrateConfig, show_progress: bool = True) -> list[d
     print_summary(
         "bae entropy calibrate",
         {
-            "store": f"{source.url} layer {config.layer}: d={source.d_model}, scale from {used} valid rows",
+            "store": f"{source.url} layer {config.layer}: d={source.d_model}, scale from {used} typical "
+            f"valid rows ({atypical} atypical left out)",
             "passed": f"{passed} cells within {config.tolerance:.0%} of the truth",
             "failed": ", ".join(
                 f"{row['kind']} r={row['r']} ({row['reported_bits']:.2f} vs {row['truth_bits']:.2f} bits)"

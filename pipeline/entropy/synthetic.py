@@ -132,6 +132,12 @@ class SyntheticSpec:
         signal = np.einsum("kj,kl,lj->j", self.mixing, self.bit_covariance(), self.mixing)
         return signal + self.noise_std**2
 
+    def bit_shares(self) -> np.ndarray:
+        """[r]: Var(b_k)·‖mixing_k‖² / total variance, the share of the variance bit k carries alone
+        (its FVU cost when dropped, ignoring its correlations with other bits)."""
+        own = np.diag(self.bit_covariance()) * (self.mixing**2).sum(axis=1)
+        return own / float(self.per_dim_variance().sum())
+
     @property
     def fvu_floor(self) -> float:
         """Noise variance / total variance: the FVU of a decoder that recovers b exactly."""
