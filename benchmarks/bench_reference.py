@@ -8,7 +8,10 @@ rows (seed 0), batch 512, Adam lr 5e-4, λ_H = λ_D = 1e-7 from the first step:
   * reference: its ``auto_encoder_trainer`` (STE ``sign`` binarization, no output activation, one
     epoch over the rows, a 2-row validation set; wandb disabled);
   * bae, ``--objective paper``: the real ``bae train`` loop reading the same rows from a Zarr store;
-  * bae, normalized objective at ``--target-fvu 0.2`` (the default objective);
+  * bae, normalized objective at ``--target-fvu 0.2`` (β adapted every step, γ = 1, no moves);
+  * bae's defaults: the normalized objective without a target (γ = 0: no pairwise term; the
+    prune/re-seed moves every 50 steps), over at least ``DEFAULT_STEPS`` steps so that the moves
+    take their share (one move step in 50);
   * the five n·d·d' float32 products every exact BAE step needs (encoder and decoder forward, the
     decoder's two gradients, the encoder's weight gradient) and nothing else: the ceiling of any
     trainer that does them as float GEMMs.
@@ -34,6 +37,7 @@ import torch
 from bench_train import BATCH, EXPANSION, config, make_store
 
 LAMBDA = 1e-7
+DEFAULT_STEPS = 100  # the defaults' run: two merge intervals, the first with the moves
 
 
 def child_reference(reference: Path, d: int, steps: int) -> dict:
@@ -72,9 +76,7 @@ def child_bae(store: Path, d: int, steps: int, objective: str) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         cfg = config(store, steps, out=out, objective=objective)
-        cfg = cfg.model_copy(
-            update={"learning_rate": 5e-4, "lambda_entropy": LAMBDA, "lambda_covariance": LAMBDA}
-        )
+        cfg = cfg.model_copy(update={"lr": 5e-4, "lambda_entropy": LAMBDA, "lambda_covariance": LAMBDA})
         train(cfg, show_progress=False)
         last = json.loads((Path(out) / LOG_FILE).read_text().splitlines()[-1])
     return {"rows_per_s": last["tokens_per_s"]}
@@ -117,7 +119,7 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[576, 2048])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, nargs="+", default=[24, 4], help="steps per run, one per dim")
-    ap.add_argument("--child", choices=["reference", "paper", "normalized", "products"])
+    ap.add_argument("--child", choices=["reference", "paper", "normalized", "default", "products"])
     ap.add_argument("--store", type=Path)
     args = ap.parse_args()
     if args.child:
@@ -134,12 +136,13 @@ def main() -> None:
         print("reference code not found (pass --reference PATH to a Binary_Autoencoder checkout); skipped")
         return
     print(f"torch {torch.__version__}; batch {BATCH}, Adam lr 5e-4, λ_H = λ_D = {LAMBDA:g} from step 0")
-    header = ["d", "d'", "threads", "steps", "reference", "paper", "x", "normalized", "x", "products", "x"]
+    header = ["d", "d'", "threads", "steps", "reference", "paper", "x", "normalized", "x", "defaults", "x"]
+    header += ["products", "x"]
     print(" ".join(f"{h:>10}" for h in header))
     for d, steps in zip(args.dims, args.steps):
         with tempfile.TemporaryDirectory() as tmp:
             store = Path(tmp) / "rows.zarr"
-            make_store(store, steps * BATCH, d)
+            make_store(store, max(steps, DEFAULT_STEPS) * BATCH, d)
             for threads in args.threads:
                 common = ["--dims", str(d), "--steps", str(steps)]
                 ref = run_child(
@@ -147,10 +150,13 @@ def main() -> None:
                 )
                 paper = run_child([*common, "--child", "paper", "--store", str(store)], threads)
                 norm = run_child([*common, "--child", "normalized", "--store", str(store)], threads)
+                longer = ["--dims", str(d), "--steps", str(max(steps, DEFAULT_STEPS))]
+                default = run_child([*longer, "--child", "default", "--store", str(store)], threads)
                 floor = run_child([*common, "--child", "products"], threads)
-                r, p, q, f = ref["rows_per_s"], paper["rows_per_s"], norm["rows_per_s"], floor["rows_per_s"]
-                cells = [d, d * EXPANSION, threads, steps, f"{r:.0f}", f"{p:.0f}", f"{p / r:.2f}x"]
-                cells += [f"{q:.0f}", f"{q / r:.2f}x", f"{f:.0f}", f"{f / r:.2f}x"]
+                r, f = ref["rows_per_s"], floor["rows_per_s"]
+                cells = [d, d * EXPANSION, threads, steps, f"{r:.0f}"]
+                for rate in (paper["rows_per_s"], norm["rows_per_s"], default["rows_per_s"], f):
+                    cells += [f"{rate:.0f}", f"{rate / r:.2f}x"]
                 print(" ".join(f"{c:>10}" for c in cells), flush=True)
 
 

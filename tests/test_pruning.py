@@ -121,6 +121,8 @@ def test_reseed_finds_the_bit_the_code_misses_and_refuses_noise() -> None:
     assert reseed_bits(model, optimizer, x, idle, 3e-3, variance) == 1  # the truth's bit, then noise refused
     got = model.encode(x)[:, 2].numpy()
     assert (got == b[:, 2]).mean() > 0.995
+    # the row is sized for Adam's first steps: max(working rows' median norm 1, 100 · lr · √d = 4)
+    assert float(model.encoder.weight[2].norm()) == pytest.approx(4.0, rel=1e-5)
     column = model.decoder.weight[:, 2].detach().numpy()
     assert column @ directions[2] / (np.linalg.norm(column) * 3.0) > 0.99
     assert bool((optimizer.state[model.encoder.weight]["exp_avg"][2] == 0).all())
@@ -128,6 +130,29 @@ def test_reseed_finds_the_bit_the_code_misses_and_refuses_noise() -> None:
     assert bool((model.encoder.weight[3:] == 0).all())  # the rest stay off
     # a complete code leaves nothing worth re-seeding
     assert reseed_bits(model, optimizer, x, idle & (torch.arange(16) > 2), 3e-3, variance) == 0
+
+
+@pytest.mark.parametrize("lr", [1e-2, 1e-3])
+def test_reseed_rebuilds_an_empty_code_at_a_norm_adam_cannot_scramble(lr: float) -> None:
+    """After a prune that switched every bit off (a dense early code), re-seeding finds the truth's
+    bits again, each encoder row at norm 100 · lr · √d: Adam moves a fresh row by ~lr per coordinate
+    a step, so a row at norm 1 would be rotated within a few steps (at lr 1e-2: 0.04 a step here)."""
+    x, b, _ = sparse_rows()
+    model = BinaryAutoencoder(ModelConfig(d_model=16, expansion=1))
+    with torch.no_grad():
+        model.encoder.weight.zero_()
+        model.encoder.bias.fill_(-1.0)
+        model.decoder.weight.zero_()
+        model.decoder.bias.copy_(x.mean(0))
+    optimizer = adam_with_moments(model)
+    optimizer.param_groups[0]["lr"] = lr
+    seeded = reseed_bits(model, optimizer, x, torch.ones(16, dtype=torch.bool), 3e-3, float(x.var(0).sum()))
+    assert seeded == 3
+    codes = model.encode(x)[:, :3].numpy()
+    for k in range(3):  # each truth bit is one seeded bit
+        assert max((codes[:, j] == b[:, k]).mean() for j in range(3)) > 0.99
+    norms = model.encoder.weight[:3].detach().norm(dim=1)
+    np.testing.assert_allclose(norms.numpy(), 100 * lr * 4.0, rtol=1e-5)
 
 
 def test_bit_cost_is_the_written_out_formula() -> None:

@@ -9,11 +9,13 @@ test a bit against the objective itself, FVU against β times its code bits (doc
 - ``prune_bits``: greedily switch off the bit whose removal raises the batch FVU by less than
   β·cost(p), its mean contribution p·w moved into the decoder bias, re-scoring the others after
   each removal (from sums over rows, so processes reduce them once and take the same decisions);
-- ``reseed_bits``: point a switched-off bit at the row the code reconstructs worst: the bit fires
-  where the rows' projection on that row's residual passes halfway from the median to it, its
-  decoder column and a shift of the decoder bias are the least-squares fit of the residuals, and
-  it is kept only when its own FVU gain (beyond the bias shift's) exceeds twice β·cost(p) (so a bit
-  fitted to noise is refused, and a pruned bit does not come straight back).
+- ``reseed_bits``: point a switched-off bit at what the code misses: of 64 candidate rows among
+  the worse-reconstructed half, the one whose residual direction splits the rows best (the bit fires
+  where the rows' projection on it passes halfway from the median to that row's); its decoder
+  column and a shift of the decoder bias are the least-squares fit of the residuals, and it is kept
+  only when its own FVU gain (beyond the bias shift's) exceeds twice β·cost(p) (so a bit fitted to
+  noise is refused, and a pruned bit does not come straight back). Its encoder row is sized so that
+  Adam's first steps (~lr per coordinate) cannot rotate it before the gradient has shaped it.
 
 Both are deterministic functions of the weights and the rows (bitwise resume keeps), and reset the
 Adam moments of the weights they write.
@@ -31,6 +33,8 @@ from bae.trainer.objectives import bit_cost
 from bae.trainer.pair_penalties import exact_counts
 
 RESEED_MARGIN = 2.0  # a re-seeded bit must buy twice its cost on the batch
+RESEED_HORIZON = 100  # steps of Adam drift a re-seeded encoder row's norm is sized for
+RESEED_CANDIDATES = 64  # rows whose residual directions are tried for each re-seeded bit
 
 
 @torch.no_grad()
@@ -109,6 +113,42 @@ def prune_bits(
     return pruned
 
 
+def best_split(
+    x: torch.Tensor, residual: torch.Tensor, beta: float, variance: float, bias: bool
+) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The best new bit for ``residual`` [n, d], or None when none buys ``RESEED_MARGIN`` × β·cost(p).
+
+    Candidates: the residual directions of the ``RESEED_CANDIDATES`` rows at evenly spaced ranks
+    of the upper half of residual norms (the single worst row alone is, on sparse data, a row with
+    several features on, whose split is an AND of them). A candidate u fires where x·u passes
+    halfway from the median to its row's projection; its gain is the between-group sum of squares
+    of the residual beyond a bias shift's (the least-squares fit of (bias shift, new column)).
+    Returns (u, threshold, fire [n], on-mean, off-mean) of the candidate with the largest net gain.
+    """
+    n = len(x)
+    err = residual.pow(2).sum(1)
+    order = err.argsort(descending=True)[: max(n // 2, 1)]
+    rows = order[torch.linspace(0, len(order) - 1, min(RESEED_CANDIDATES, len(order))).round().long()]
+    u = residual[rows] / err[rows].sqrt().clamp_min(1e-30)[:, None]  # [c, d]
+    proj = x.float() @ u.T  # [n, c]
+    t = 0.5 * (proj[rows, torch.arange(len(rows))] + proj.median(dim=0).values)
+    fire = proj > t
+    m = fire.sum(0).to(residual.dtype)  # [c]
+    on_sum = fire.to(residual.dtype).T @ residual  # [c, d]
+    total = residual.sum(0)
+    on = on_sum / m.clamp_min(1)[:, None]
+    off = (total - on_sum) / (n - m).clamp_min(1)[:, None] if bias else torch.zeros_like(on)
+    between = m * on.pow(2).sum(1) + (n - m) * off.pow(2).sum(1)
+    if bias:
+        between = between - total.pow(2).sum() / n
+    net = between / (n * variance) - RESEED_MARGIN * beta * bit_cost(m / n)
+    net = torch.where((m > 0) & (m < n), net, torch.full_like(net, -math.inf))
+    c = int(net.argmax())
+    if not float(net[c]) > 0:
+        return None
+    return u[c], float(t[c]), fire[:, c], on[c], off[c]
+
+
 @torch.no_grad()
 def reseed_bits(
     model: Autoencoder,
@@ -129,33 +169,20 @@ def reseed_bits(
     if not bool(idle.any()):
         return 0
     residual = (x - out.recon).float()
-    n = len(x)
     scale = model.encoder_input_scale if model.config.encoder_scale else torch.ones_like(x[0])
     working = ~(bits.all(0) | ~bits.any(0))
-    # new encoder rows get the working rows' typical norm (Adam's steps are in absolute units)
+    # new encoder rows get the working rows' typical norm, and at least what Adam's first steps of
+    # ~lr per coordinate would move them in RESEED_HORIZON steps (they do not scramble the new bit)
     norms = model.encoder.weight[working].norm(dim=1)
-    row_norm = float(norms.median()) if len(norms) else 1.0
+    lr = float(optimizer.param_groups[0]["lr"])
+    floor = RESEED_HORIZON * lr * math.sqrt(x.shape[1])
+    row_norm = max(float(norms.median()) if len(norms) else 0.0, floor, 1e-6)
     seeded = 0
     for j in idle.nonzero().squeeze(1).tolist():
-        err = residual.pow(2).sum(1)
-        i = int(err.argmax())
-        u = residual[i] / err[i].sqrt().clamp_min(1e-30)
-        proj = x @ u
-        t = 0.5 * (float(proj[i]) + float(proj.median()))
-        fire = proj > t
-        m = int(fire.sum())
-        if m in (0, n):
+        best = best_split(x, residual, beta, variance, model.decoder.bias is not None)
+        if best is None:
             break
-        # least squares of the residual on (bias shift, new column): the bit's own gain is the
-        # between-group sum of squares, beyond what a bias shift alone would buy
-        on = residual[fire].mean(0)
-        off = residual[~fire].mean(0) if model.decoder.bias is not None else torch.zeros_like(on)
-        between = m * on.pow(2).sum() + (n - m) * off.pow(2).sum()
-        if model.decoder.bias is not None:
-            between = between - n * residual.mean(0).pow(2).sum()
-        gain = float(between) / (n * variance)
-        if gain <= RESEED_MARGIN * beta * float(bit_cost(torch.tensor(m / n))):
-            break
+        u, t, fire, on, off = best
         if bool(bits[:, j].all()) and model.decoder.bias is not None:
             model.decoder.bias.add_(model.decoder.weight[:, j])  # an always-on bit was part of the bias
         w = u * scale

@@ -339,7 +339,7 @@ def run_calibrate(config: CalibrateConfig, show_progress: bool = True) -> list[d
 
     source = ActivationStore.open(config.store)
     mean, std, used, atypical = store_scale(
-        source, config.layer, config.stats_rows, config.seed, config.typical_ratio
+        source, config.layer, config.stats_rows, config.seed, config.typical_ratio or 0.0
     )
     scale_digest = hashlib.sha256(np.concatenate([mean, std]).tobytes()).hexdigest()[:16]
     out = make_output_dir(config.out)
