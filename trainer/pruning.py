@@ -193,8 +193,7 @@ def reseed_bits(
         reset_moments(optimizer, model.decoder.weight, (slice(None), j))
         model.encoder.bias[j] = -t * k
         reset_moments(optimizer, model.encoder.bias, (j,))
-        residual[fire] -= on
-        residual[~fire] -= off
+        residual = torch.where(fire[:, None], residual - on, residual - off)
         if model.decoder.bias is not None:
             model.decoder.bias.add_(off)
         seeded += 1
