@@ -38,7 +38,8 @@ def estimate_scale(x: torch.Tensor, standardize: str, typical_ratio: float) -> D
     float32, every sum in float64)."""
     x = x.float()
     d = x.shape[1]
-    mean, per_dim = _moments(x[typical_rows(x, typical_ratio)])
+    keep = typical_rows(x, typical_ratio)
+    mean, per_dim = _moments(x[keep])
     if standardize == "global":
         std = torch.full((d,), float(per_dim.sum() / d) ** 0.5, dtype=torch.float64)
     elif standardize == "dimension":
