@@ -122,7 +122,7 @@ def test_reseed_finds_the_bit_the_code_misses_and_refuses_noise() -> None:
     got = model.encode(x)[:, 2].numpy()
     assert (got == b[:, 2]).mean() > 0.995
     # the row is sized for Adam's first steps: max(working rows' median norm 1, 100 · lr · √d = 4)
-    assert float(model.encoder.weight[2].norm()) == pytest.approx(4.0, rel=1e-5)
+    assert float(model.encoder.weight[2].detach().norm()) == pytest.approx(4.0, rel=1e-5)
     column = model.decoder.weight[:, 2].detach().numpy()
     assert column @ directions[2] / (np.linalg.norm(column) * 3.0) > 0.99
     assert bool((optimizer.state[model.encoder.weight]["exp_avg"][2] == 0).all())
