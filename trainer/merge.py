@@ -32,17 +32,21 @@ def reset_moments(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, 
 
 @torch.no_grad()
 def switch_off(
-    encoder: nn.Linear, decoder: nn.Linear, j: int, optimizer: torch.optim.Optimizer | None = None
+    encoder: nn.Linear,
+    decoder: nn.Linear,
+    bits: int | list[int],
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Bit ``j`` never fires (encoder row 0, bias −1) and decodes to nothing; with ``optimizer``,
+    """Bits ``bits`` never fire (encoder row 0, bias −1) and decode to nothing; with ``optimizer``,
     the Adam moments of what was written are reset."""
-    encoder.weight[j] = 0.0
-    decoder.weight[:, j] = 0.0
-    reset_moments(optimizer, encoder.weight, (j,))
-    reset_moments(optimizer, decoder.weight, (slice(None), j))
+    index = torch.as_tensor(bits, dtype=torch.long, device=encoder.weight.device)
+    encoder.weight[index] = 0.0
+    decoder.weight[:, index] = 0.0
+    reset_moments(optimizer, encoder.weight, (index,))
+    reset_moments(optimizer, decoder.weight, (slice(None), index))
     if encoder.bias is not None:
-        encoder.bias[j] = -1.0
-        reset_moments(optimizer, encoder.bias, (j,))
+        encoder.bias[index] = -1.0
+        reset_moments(optimizer, encoder.bias, (index,))
 
 
 @torch.no_grad()
@@ -58,8 +62,8 @@ def merge_duplicate_bits(
     off (encoder row 0, bias −1; with ``optimizer`` its Adam moments reset) and free to be learned
     again. Returns the number of bits merged."""
     upper = torch.triu(corr, diagonal=1)
-    done = torch.zeros(corr.shape[0], dtype=torch.bool)
-    merged = 0
+    done = [False] * corr.shape[0]
+    merged = []
     for k, j in torch.nonzero(upper.abs() > threshold).tolist():
         if done[k] or done[j]:
             continue
@@ -70,7 +74,8 @@ def merge_duplicate_bits(
             decoder.weight[:, k] -= column
             if decoder.bias is not None:
                 decoder.bias.add_(column)
-        switch_off(encoder, decoder, j, optimizer)
-        done[j] = True
-        merged += 1
-    return merged
+        done[j] = True  # never read again: switched off below, all at once
+        merged.append(j)
+    if merged:
+        switch_off(encoder, decoder, merged, optimizer)
+    return len(merged)

@@ -46,8 +46,13 @@ def hold_switched_off(model: Autoencoder) -> None:
     encoder, decoder = model.encoder, model.decoder
     if encoder.bias is None or encoder.weight.grad is None:
         return
-    off = (encoder.weight == 0).all(dim=1) & (encoder.bias == -1) & (decoder.weight == 0).all(dim=0)
-    if not bool(off.any()):
+    candidates = (encoder.bias == -1).nonzero().squeeze(1)  # the bias first: cheap, and rarely −1
+    if len(candidates) == 0:
+        return
+    off = candidates[
+        (encoder.weight[candidates] == 0).all(dim=1) & (decoder.weight[:, candidates] == 0).all(dim=0)
+    ]
+    if len(off) == 0:
         return
     encoder.weight.grad[off] = 0
     if encoder.bias.grad is not None:
@@ -96,10 +101,11 @@ def prune_bits(
     cost = beta * bit_cost(counts / n)
     shift = counts / n if decoder.bias is not None else torch.zeros_like(counts)
     live = (counts > 0) & (counts < n)
-    pruned = 0
+    spread = counts - n * shift * (2 * counts / n - shift)  # Σ_i (b_ij − p_j)²
+    shift_e, spread_w = shift * e, spread * dots.diagonal()
+    pruned = []
     while bool(live.any()):
-        spread = counts - n * shift * (2 * counts / n - shift)  # Σ_i (b_ij − p_j)²
-        delta = (2 * (a - shift * e) + spread * dots.diagonal()) / (n * variance)
+        delta = (2 * (a - shift_e) + spread_w) / (n * variance)
         score = torch.where(live, delta - cost, torch.full_like(delta, math.inf))
         j = int(score.argmin())
         if not score[j] < 0:
@@ -108,9 +114,10 @@ def prune_bits(
         live[j] = False
         if decoder.bias is not None:
             decoder.bias.add_(decoder.weight[:, j] * float(shift[j]))
-        switch_off(model.encoder, decoder, j, optimizer)
-        pruned += 1
-    return pruned
+        pruned.append(j)  # its column is read by no later step: switched off below, all at once
+    if pruned:
+        switch_off(model.encoder, decoder, pruned, optimizer)
+    return len(pruned)
 
 
 def best_split(
