@@ -98,17 +98,19 @@ def test_store_scale_leaves_sinks_out(tmp_path: Path) -> None:
     assert (used, atypical) == (3000, 0) and raw_std[0] > 1000 * std[0]
 
 
-def test_bit_shares_are_the_fvu_of_dropping_a_bit() -> None:
+@pytest.mark.parametrize("kind", ["independent", "sparse"])
+@pytest.mark.parametrize("seed, unit", [(2, 1.0), (7, 1e-2)])
+def test_bit_shares_are_the_fvu_of_dropping_a_bit(kind: str, seed: int, unit: float) -> None:
     """An ideal decoder that replaces bit k by its mean loses exactly bit k's share of the variance
-    (independent bits), checked on a 200k-row sample."""
-    spec = SyntheticSpec.build("independent", 4, OFFSET, SCALE, seed=2)
+    (independent bits, fair or sparse), checked on a 200k-row sample at two scales and seeds."""
+    spec = SyntheticSpec.build(kind, 4, OFFSET * unit, SCALE * unit, seed=seed)
     shares = spec.bit_shares()
     assert shares.sum() == pytest.approx(1 - spec.fvu_floor, rel=1e-9)  # independent: no cross terms
     states, bits = spec.sample(200_000, stream=0)
     total = states.astype(np.float64).var(0).sum()
     for k in range(4):
         kept = bits.astype(np.float64)
-        kept[:, k] = 0.5
+        kept[:, k] = spec.p
         error = states - (spec.offset + kept @ spec.mixing)
         assert error.var(0).sum() / total - spec.fvu_floor == pytest.approx(shares[k], rel=0.03, abs=2e-3)
 
