@@ -413,7 +413,11 @@ def test_verdicts():
     assert verdict(5000, 4995, 4990, 8, good, 6.0) == "lower_bound"  # Delta = 5 < 10 coincidences
     assert verdict(5000, 1000, 500, 8, good, 60.0) == "lower_bound"  # coverage 0.9 < 0.95
     assert verdict(5000, 1, 0, 8, good, 6.0) == "collapsed"
-    assert set(VERDICTS) == {"resolved", "lower_bound", "upper_bound_only", "collapsed"}
+    # more than half the rows outside the checkpoint's typical radius: no reading, whatever the counts
+    assert verdict(5000, 64, 0, 8, good, 6.0, atypical_rows=2501) == "atypical"
+    assert verdict(5000, 64, 0, 8, good, 6.0, atypical_rows=2500) == "resolved"
+    assert verdict(5000, 1, 0, 8, good, 6.0, atypical_rows=5000) == "atypical"
+    assert set(VERDICTS) == {"resolved", "lower_bound", "upper_bound_only", "collapsed", "atypical"}
 
 
 # --------------------------------------------------------------------------- end to end
@@ -517,6 +521,43 @@ def test_verdicts_end_to_end(wide, tmp_path):
     assert bits == pytest.approx(exact, abs=0.15)
     assert table["upper_bits"][well] >= low  # the Chow–Liu bound (all 128 bits paired) sits above
     assert all(v in VERDICTS for v in table["verdict"])
+
+
+def test_groups_of_rows_outside_training_are_counted_and_marked(tmp_path):
+    """Rows beyond the checkpoint's typical radius (sink-like: ×100) are counted per group, equal to
+    numpy's count of the rows outside; a group mostly of them is `atypical` in the table, the
+    summary and ``set_entropy``; a group with a minority of them keeps its statistical verdict."""
+    from bae.pipeline.entropy.in_memory import set_entropy
+
+    rng = np.random.default_rng(3)
+    d, n_docs, groups = 8, 400, 3
+    pool = rng.random((8, d)) < 0.5  # 3 bits per group: resolved when the rows are typical
+    bits = pool[rng.integers(0, 8, n_docs * groups)]
+    states = np.where(bits, 1.0, -1.0) + rng.uniform(-0.3, 0.3, bits.shape)
+    idx = np.arange(len(states))
+    positions = idx % groups
+    outside = (positions == 0) | ((positions == 2) & (rng.random(len(idx)) < 0.3))
+    states[outside] *= 100  # squared norm ~8·10⁴ against ~8.5 for the others
+    layout = StoreLayout(n_rows=len(idx), unit_rows=300, d_model=d, layers=[LAYER], dtype="float32")
+    store = ActivationStore.create(str(tmp_path / "s.zarr"), layout, attrs={"config": {"seed": 3}})
+    for unit in range(store.n_units):
+        a, b = store.unit_range(unit)
+        i = idx[a:b]
+        rows = {"token_ids": i % 5, "doc_ids": i // groups, "positions": i % groups, "valid": i >= 0}
+        store.write_unit(unit, {LAYER: states[a:b]}, **rows)
+    ckpt = save_bae(tmp_path / "bae", d=d, typical_radius=4.0 * d)
+    config = EntropyConfig(store=store.url, checkpoints=[str(ckpt)], out=str(tmp_path / "out"), null_groups=0)
+    result = run_entropy(config, show_progress=False)
+    table = result.table.to_pydict()
+    expected = [int(outside[positions == g].sum()) for g in range(groups)]
+    assert table["atypical_rows"] == expected and expected[0] == n_docs and 0 < expected[2] < n_docs / 2
+    assert table["verdict"][0] == "atypical"
+    assert table["verdict"][1] == "resolved" and table["verdict"][2] == "resolved"
+    assert any("atypical" in key for key in result.summary)
+    typical_rows = set_entropy(states[positions == 1].astype(np.float32), ckpt)
+    assert typical_rows.atypical_rows == 0 and typical_rows.verdict == "resolved"
+    sinks = set_entropy(states[positions == 0].astype(np.float32), ckpt)
+    assert sinks.atypical_rows == n_docs and sinks.verdict == "atypical"
 
 
 def test_equal_n_is_exact_and_seeded(wide, tmp_path):

@@ -5,7 +5,9 @@ of rows in the group and, per code bit, how many of those rows have the bit set 
 that pass a ``RowFilter``. A group key is any picklable callable ``rows -> int64 [n]`` over a unit's
 row arrays (``token_ids``, ``doc_ids``, ``positions``, ``valid``, ``row``): ``RowKey("positions")``,
 ``RowKey("doc_ids")``, ``DocumentKey(store, field)`` for per-document metadata, ``ConstantKey()`` for all
-rows in one group. It also counts whole codes per group (128-bit hashes, any code width), the
+rows in one group. It also counts, per group, the rows outside the checkpoint's typical radius
+(``atypical``: massive-activation rows its training loss left out, whose codes were never fitted),
+whole codes per group (128-bit hashes, any code width), the
 pairwise co-occurrences of chosen bits, and optionally Poisson-bootstrap replicates (documents
 reweighted); a ``RowSample`` cuts groups to equal size and adds null groups (negative keys).
 
@@ -43,7 +45,7 @@ from bae.pipeline.entropy.sampling import RowSample
 from bae.stores import RowFilter, iter_unit_rows
 from bae.trainer.models import WEIGHTS_FILE, resolve_model_dir
 
-COUNTS_VERSION = 2  # bump when what a partial holds, or how it is drawn, changes
+COUNTS_VERSION = 3  # bump when what a partial holds, or how it is drawn, changes
 GroupKey = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
@@ -99,6 +101,7 @@ class GroupCounts:
     boot_ones: np.ndarray | None = None  # int64 [B, G, bits]
     pairs: np.ndarray | None = None  # int64 [G, m, m]: rows with both of two chosen bits set
     codes: CodeTable | None = None  # whole codes: (group, code hash) -> count
+    atypical: np.ndarray | None = None  # int64 [G]: rows outside the checkpoint's typical radius
 
     @classmethod
     def empty(cls, bits: int, bootstrap: int, pair_bits: int, joint: bool) -> GroupCounts:
@@ -112,6 +115,7 @@ class GroupCounts:
             CodeTable.of_rows(np.zeros(0, np.int64), np.zeros((0, 2), np.uint64), empty_weights(bootstrap))
             if joint
             else None,
+            np.zeros(0, np.int64),
         )
 
     def merge(self, other: GroupCounts) -> GroupCounts:
@@ -135,6 +139,8 @@ class GroupCounts:
             merged.pairs = add(self.pairs, other.pairs, 0)
         if self.codes is not None and other.codes is not None:
             merged.codes = self.codes.merge(other.codes)
+        if self.atypical is not None and other.atypical is not None:
+            merged.atypical = add(self.atypical, other.atypical, 0)
         return merged
 
     def save(self, path: Path) -> None:
@@ -248,13 +254,14 @@ def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
         keys, inverse = np.unique(row_keys, return_inverse=True)
         for a in range(0, len(x), spec.batch_rows):
             part = slice(a, a + spec.batch_rows)
-            bits = model.encode(to_device(torch.from_numpy(np.ascontiguousarray(x[part])), device))
+            rows_x = to_device(torch.from_numpy(np.ascontiguousarray(x[part])), device)
             parts.append(
                 batch_counts(
                     keys,
                     inverse[part],
-                    bits,
+                    model.encode(rows_x),
                     doc_ids[part],
+                    typical=model.typical_raw(rows_x),
                     bootstrap=spec.bootstrap,
                     bootstrap_seed=spec.bootstrap_seed,
                     pair_bits=spec.pair_bits,
@@ -284,11 +291,13 @@ def batch_counts(
     bootstrap_seed: int = 0,
     pair_bits: tuple[int, ...] = (),
     joint: bool = True,
+    typical: np.ndarray | torch.Tensor | None = None,
     on_device: bool | None = None,
 ) -> GroupCounts:
     """Counts of one encoded batch (bool [n, bits], numpy or a tensor on any device) whose rows fall
     in groups ``keys[inverse]``, with the extras a ``CountSpec`` names (bootstrap replicates over
-    ``doc_ids``, pairs, whole codes).
+    ``doc_ids``, pairs, whole codes); ``typical`` (bool [n], None: every row) marks the rows inside
+    the checkpoint's typical radius, the others are counted per group as ``atypical``.
 
     The sums run where the bits are (``on_device``, default: a tensor off the CPU) as torch ops, and
     only per-group counts (plus d'/8 bytes per row of packed codes for the whole-code hashes) come
@@ -312,7 +321,10 @@ def batch_counts(
         ones = np.stack([host_sorted[lo:hi].sum(0, dtype=np.int32) for lo, hi in spans]).astype(np.int64)
         packed = np.packbits(host_sorted, axis=1) if joint else None
         sorted_bits = torch.from_numpy(host_sorted)
-    counts = GroupCounts(keys[present], sizes, ones)
+    counts = GroupCounts(keys[present], sizes, ones, atypical=np.zeros(len(sizes), np.int64))
+    if typical is not None and len(order):
+        outside = ~(typical.cpu().numpy() if torch.is_tensor(typical) else np.asarray(typical, bool))
+        counts.atypical = np.add.reduceat(outside[order].astype(np.int64), bounds[:-1])
     weights = poisson_weights(doc_ids[order], bootstrap, bootstrap_seed) if bootstrap else None
     if weights is not None:
         counts.boot_rows = np.add.reduceat(weights, bounds[:-1], axis=1)

@@ -4,8 +4,10 @@ Per group of n rows: Σ_j H_b(p̂_j) (``entropy_bits``, the paper's Ĥ, an upper
 entropy up to sampling bias) beside the log2 n ceiling; the number of distinct whole codes and their
 plug-in entropy (``joint_plugin_bits``, biased low, ≤ log2 n); a bias-corrected joint estimate with
 its interval (``joint_bits``, NSB with an envelope; NaN without coincidences); the Chow–Liu tree
-bound (``upper_bits``); a verdict saying which of these the data resolve; optional Poisson-bootstrap
-intervals over documents for Σ H_b, the plug-in and the joint estimate.
+bound (``upper_bits``); the rows outside the checkpoint's typical radius (``atypical_rows``); a
+verdict saying which of these the data resolve (``atypical`` where most rows were never trained
+on); optional Poisson-bootstrap intervals over documents for Σ H_b, the plug-in and the joint
+estimate.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def estimate_columns(
 ) -> dict[str, np.ndarray]:
     """Every column of the entropy table for these counts (see the module docstring)."""
     n_bits = counts.ones.shape[1]
+    atypical = counts.atypical if counts.atypical is not None else np.zeros(len(counts.keys), np.int64)
     marginal = set_entropy(counts.ones, counts.rows)
     varying = ((counts.ones > 0) & (counts.ones < counts.rows[:, None])).sum(1)
     columns: dict[str, np.ndarray] = {
@@ -108,6 +111,7 @@ def estimate_columns(
         "ceiling_bits": np.log2(counts.rows),
         "varying_bits": varying,
         "code_bits": np.full(len(counts.keys), n_bits),
+        "atypical_rows": atypical,
     }
     if counts.boot_rows is not None and counts.boot_ones is not None:
         columns["ci_low"], columns["ci_high"] = bootstrap_interval(
@@ -143,5 +147,6 @@ def verdicts(columns: dict[str, np.ndarray]) -> np.ndarray:
                 float(columns["joint_high"][i]),
                 "",
             )
-        out.append(verdict(int(n), distinct, f1, int(columns["varying_bits"][i]), estimate, float(upper[i])))
+        varying, atypical = int(columns["varying_bits"][i]), int(columns["atypical_rows"][i])
+        out.append(verdict(int(n), distinct, f1, varying, estimate, float(upper[i]), atypical_rows=atypical))
     return np.array(out, dtype=object)

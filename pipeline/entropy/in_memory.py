@@ -30,7 +30,8 @@ class SetEntropy:
     ``columns`` holds them all; the attributes below are the ones most read. ``verdict`` says which
     numbers the data support: ``resolved`` (``joint_bits`` in [``joint_low``, ``joint_high``]),
     ``lower_bound`` (only H ≥ ``joint_plugin_bits``), ``upper_bound_only`` (only H ≤ ``upper_bits``),
-    ``collapsed`` (H = 0)."""
+    ``collapsed`` (H = 0), ``atypical`` (most rows outside the checkpoint's typical radius: a
+    code it never fitted)."""
 
     columns: dict[str, Any]
 
@@ -54,20 +55,25 @@ class SetEntropy:
 
 def as_bits(
     values: torch.Tensor | np.ndarray, checkpoint: str | Path | Autoencoder | None, batch_rows: int
-) -> np.ndarray:
-    """bool [N, d']: the codes themselves, or the checkpoint's codes of hidden states."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(bool [N, d'], typical): the codes themselves (typical None), or the checkpoint's codes of
+    hidden states and which of them lie inside its typical radius (None: it keeps every row)."""
     array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if array.ndim != 2 or len(array) == 0:
         raise BaeError(f"expected a non-empty [N, d] array of rows, got shape {tuple(array.shape)}")
     if checkpoint is None:
         if not np.isin(array, (0, 1)).all():
             raise BaeError("codes must be bool or 0/1; pass checkpoint= to encode hidden states")
-        return array.astype(bool)
+        return array.astype(bool), None
     model = checkpoint if isinstance(checkpoint, Autoencoder) else load_autoencoder(checkpoint)
     if array.shape[1] != model.config.d_model:
         raise BaeError(f"rows have d={array.shape[1]}, the checkpoint expects d={model.config.d_model}")
     starts = range(0, len(array), batch_rows)
-    return np.concatenate([model.encode_bits(array[a : a + batch_rows]) for a in starts])
+    bits = np.concatenate([model.encode_bits(array[a : a + batch_rows]) for a in starts])
+    if model.config.typical_radius is None:
+        return bits, None
+    typical = [model.typical_raw(array[a : a + batch_rows]) for a in starts]
+    return bits, torch.cat([t for t in typical if t is not None]).cpu().numpy()
 
 
 def set_entropy(
@@ -90,7 +96,7 @@ def set_entropy(
     bootstrap, which resamples documents (default: every row its own document). The options are
     ``bae entropy``'s flags of the same names; ``pair_bits`` beyond d' are ranked on all N rows.
     """
-    bits = as_bits(values, checkpoint, batch_rows)
+    bits, typical = as_bits(values, checkpoint, batch_rows)
     n = len(bits)
     docs = np.arange(n) if doc_ids is None else np.asarray(doc_ids).astype(np.int64).reshape(-1)
     if len(docs) != n:
@@ -108,6 +114,7 @@ def set_entropy(
             bootstrap_seed=bootstrap_seed,
             pair_bits=chosen,
             joint=joint,
+            typical=None if typical is None else typical[a : a + batch_rows],
         )
         for a in range(0, n, batch_rows)
         for part in [bits[a : a + batch_rows]]

@@ -19,16 +19,29 @@ HISTOGRAM_GROUPINGS = ("document", "token")
 
 def draw_series(ax: Any, x: np.ndarray, s: dict[str, Any], color: str) -> None:
     """One layer: Σ H_b (dotted, an upper bound), the joint estimate with its interval (solid), the
-    log2 n ceiling (dashed), groups that only give a lower bound as hollow markers, and the null
-    groups' joint range as a band."""
+    log2 n ceiling (dashed), groups that only give a lower bound as hollow markers, groups of rows
+    the BAE was not trained on as grey crosses, and the null groups' joint range as a band."""
     order = np.argsort(x, kind="stable")
     x = x[order]
     marker = "o" if len(x) <= 48 else None
     label = s["label"]
-    ax.plot(x, s["entropy_bits"][order], color=color, linestyle=":", label=f"{label} Σ H_b (upper bound)")
+    atypical = (s["verdict"][order] == "atypical").astype(bool)
+    sum_hb = np.where(atypical, np.nan, s["entropy_bits"][order])  # no line through a group not read
+    ax.plot(x, sum_hb, color=color, linestyle=":", label=f"{label} Σ H_b (upper bound)")
     ax.plot(x, s["ceiling_bits"][order], color=color, linestyle="--", alpha=0.6, label=f"{label} log2 n")
     if "ci_low" in s:
         ax.fill_between(x, s["ci_low"][order], s["ci_high"][order], color=color, alpha=0.1)
+    if atypical.any():
+        shown = s["joint_plugin_bits"] if "joint_plugin_bits" in s else s["entropy_bits"]
+        ax.plot(
+            x[atypical],
+            shown[order][atypical],
+            linestyle="none",
+            marker="X",
+            markersize=9,
+            color="0.35",
+            label=f"{label} rows outside training (code not fitted: no reading)",
+        )
     if "joint_bits" not in s:
         return
     resolved = (s["verdict"][order] == "resolved").astype(bool)

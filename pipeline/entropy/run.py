@@ -275,6 +275,15 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
             if math.isfinite(fvu)
             else "not recorded in the checkpoint: entropies cannot be compared at equal FVU"
         )
+        atypical = cols["atypical_rows"]
+        if atypical.any():
+            marked = cols["verdict"] == "atypical"
+            lines[f"{name} atypical"] = (
+                f"{int(atypical.sum())} rows outside the checkpoint's typical radius (massive activations "
+                f"its training left out) in {int((atypical > 0).sum())} group(s); {int(marked.sum())} "
+                "group(s) mostly of them are marked `atypical`: their code was never fitted, so their "
+                "entropy says nothing about the hidden states"
+            )
         if "joint_bits" in cols:
             verdict, counted = np.unique(cols["verdict"].astype(str), return_counts=True)
             lines[f"{name} verdicts"] = ", ".join(f"{c} {v}" for v, c in zip(verdict, counted))

@@ -1,4 +1,5 @@
-"""What a group's numbers support: ``resolved``, ``lower_bound``, ``upper_bound_only`` or ``collapsed``.
+"""What a group's numbers support: ``resolved``, ``lower_bound``, ``upper_bound_only``, ``collapsed``,
+or ``atypical`` (most rows lie outside what the BAE was trained on, so its code there was never fitted).
 
 The thresholds come from simulations on distributions with known entropy (docs/method.md): below
 Good–Turing coverage 0.95 or with fewer than 10 coincidences, no joint estimator was within 0.5
@@ -28,15 +29,20 @@ class VerdictRules:
     tol_bits:         slack when comparing the estimate with the upper bound; the
                       plug-in marginal sum is additionally allowed its Miller-Madow
                       bias, varying_bits / (2 n ln 2).
+    max_atypical:     largest share of a group's rows outside the checkpoint's typical
+                      radius before its numbers describe an unfitted code: on SmolLM2
+                      the first token's rows lie ~60 000x the typical squared distance,
+                      and their code changed by more than its interval between seeds.
     """
 
     min_coincidences: int = 10
     min_coverage: float = 0.95
     max_halfwidth: float = 0.5
     tol_bits: float = 0.25
+    max_atypical: float = 0.5
 
 
-VERDICTS = ("resolved", "lower_bound", "upper_bound_only", "collapsed")
+VERDICTS = ("resolved", "lower_bound", "upper_bound_only", "collapsed", "atypical")
 
 
 def verdict(
@@ -47,9 +53,13 @@ def verdict(
     estimate: JointEstimate | None,
     upper_bits: float,
     rules: VerdictRules = VerdictRules(),
+    atypical_rows: int = 0,
 ) -> str:
     """Classify one group (first matching rule wins).
 
+    0. atypical         : more than max_atypical of the n rows lie outside the checkpoint's
+                          typical radius (rows its training loss left out): whatever the
+                          counts, they describe a code the BAE never fitted there.
     1. collapsed        : varying_bits == 0 or distinct == 1 (H = 0 exactly).
     2. upper_bound_only : no distinct-code statistics (distinct/f1/estimate None,
                           e.g. CodeCounts over its cap): only sum H_b / Chow-Liu.
@@ -61,6 +71,8 @@ def verdict(
     5. lower_bound      : interval half-width > max_halfwidth.
     6. resolved         : otherwise; report estimate [low, high].
     """
+    if atypical_rows > rules.max_atypical * n:
+        return "atypical"
     if varying_bits == 0 or distinct == 1:
         return "collapsed"
     if distinct is None or f1 is None or estimate is None:

@@ -62,12 +62,13 @@ def save_bae(
     expansion: int = 1,
     positions: list[int] | None = None,
     seed: int = 0,
+    typical_radius: float | None = None,
 ) -> Path:
-    """A BAE whose encoder is the identity (recovers the store's bits exactly) or seeded random."""
+    """A BAE whose encoder is the identity (recovers the store's bits exactly) or seeded random;
+    ``typical_radius``: the squared norm beyond which it counts a row as atypical."""
     torch.manual_seed(seed)
-    model = build_autoencoder(
-        ModelConfig(d_model=d, expansion=expansion), Provenance(layer=layer, d_model=d, positions=positions)
-    )
+    config = ModelConfig(d_model=d, expansion=expansion, typical_radius=typical_radius)
+    model = build_autoencoder(config, Provenance(layer=layer, d_model=d, positions=positions))
     if identity:
         with torch.no_grad():
             model.encoder.weight.copy_(torch.eye(d * expansion, d))
