@@ -11,7 +11,7 @@ import torch
 from bae.trainer.config import ModelConfig
 from bae.trainer.models import BinaryAutoencoder
 from bae.trainer.objectives import bit_cost
-from bae.trainer.pruning import prune_bits, prune_statistics, reseed_bits
+from bae.trainer.pruning import prune_bits, prune_statistics, reseed_bits, split_bits
 
 
 def cost(p: float) -> float:
@@ -153,6 +153,52 @@ def test_reseed_rebuilds_an_empty_code_at_a_norm_adam_cannot_scramble(lr: float)
         assert max((codes[:, j] == b[:, k]).mean() for j in range(3)) > 0.99
     norms = model.encoder.weight[:3].detach().norm(dim=1)
     np.testing.assert_allclose(norms.numpy(), 100 * lr * 4.0, rtol=1e-5)
+
+
+def batch_objective(model: BinaryAutoencoder, x: torch.Tensor, beta: float, variance: float) -> float:
+    """FVU_b + β·S on the rows ``x``, computed from the encoded bits (independently of the moves)."""
+    with torch.no_grad():
+        out = model(x)
+        fvu = float((x - out.recon).pow(2).sum()) / (len(x) * variance)
+        p = out.bits.double().mean(0)
+    return fvu + beta * sum(cost(float(q)) for q in p)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_split_replaces_an_or_of_two_features_by_the_two(seed: int) -> None:
+    """A bit firing on feature 0 OR feature 1 (its column their mean) pays for itself, so the prune
+    keeps it; the split removes it and re-seeds the two features, lowering the batch objective
+    (computed here from the codes); on the code that results nothing is split again."""
+    x, b, directions = sparse_rows(seed=seed)
+    model = BinaryAutoencoder(ModelConfig(d_model=16, expansion=1))
+    d = torch.tensor(directions, dtype=torch.float32)
+    with torch.no_grad():
+        model.encoder.weight.zero_()
+        model.encoder.bias.fill_(-1.0)
+        model.decoder.weight.zero_()
+        model.encoder.weight[0] = (d[0] + d[1]) / (3 * math.sqrt(2))  # x·u = 2.1 on either feature
+        model.encoder.bias[0] = -1.0
+        model.decoder.weight[:, 0] = (d[0] + d[1]) / 2
+        model.encoder.weight[1], model.encoder.bias[1] = d[2] / 3, -1.5  # feature 2 exactly
+        model.decoder.weight[:, 1] = d[2]
+        fired = model.encode(x).numpy()
+        rates = torch.tensor(fired[:, :2].mean(0), dtype=torch.float32)
+        model.decoder.bias.copy_(x.mean(0) - model.decoder.weight[:, :2] @ rates)
+    assert (fired[:, 0] == (b[:, 0] | b[:, 1])).all()
+    optimizer = adam_with_moments(model)
+    variance, beta = float(x.var(0).sum()), 3e-3
+    idle = torch.ones(16, dtype=torch.bool)
+    idle[:2] = False
+    assert prune_bits(model, optimizer, prune_statistics(model, x), beta, variance) == 0  # it pays
+    before = batch_objective(model, x, beta, variance)
+    assert split_bits(model, optimizer, x, idle, beta, variance) == 1
+    codes = model.encode(x).numpy()
+    for k in range(3):  # each truth bit is now one bit of the code
+        assert max((codes[:, j] == b[:, k]).mean() for j in range(16)) > 0.99
+    assert int(((codes.any(0)) & ~codes.all(0)).sum()) == 3
+    assert batch_objective(model, x, beta, variance) < before
+    assert bool((optimizer.state[model.encoder.weight]["exp_avg"][0] == 0).all())  # rewritten: reset
+    assert split_bits(model, optimizer, x, idle & ~torch.tensor(codes.any(0)), beta, variance) == 0
 
 
 def test_bit_cost_is_the_written_out_formula() -> None:

@@ -27,9 +27,19 @@ BAE = [sys.executable, "-m", "bae.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def make_store(path: Path, n: int = 4096, d: int = 16, unit: int = 512, layers=(3,), seed=0):
-    """A float32 store of Gaussian rows; documents of 64 rows, every 16th row not valid."""
+def make_store(path: Path, n: int = 4096, d: int = 16, unit: int = 512, layers=(3,), seed=0, sparse=False):
+    """A float32 store of Gaussian rows (``sparse``: 8 features of rate 0.1 on random directions
+    plus noise, where the moves prune, re-seed and split); documents of 64 rows, every 16th row
+    not valid."""
     rng = np.random.default_rng(seed)
+    features = rng.standard_normal((8, d)) * 3
+
+    def rows_of(count: int) -> np.ndarray:
+        if not sparse:
+            return rng.standard_normal((count, d)).astype(np.float32)
+        on = rng.random((count, 8)) < 0.1
+        return (on @ features + 0.1 * rng.standard_normal((count, d))).astype(np.float32)
+
     layout = StoreLayout(n_rows=n, unit_rows=unit, d_model=d, layers=list(layers), dtype="float32")
     store = ActivationStore.create(path, layout, attrs={"config": {"seed": seed, "d": d}})
     for u in range(layout.n_units):
@@ -37,7 +47,7 @@ def make_store(path: Path, n: int = 4096, d: int = 16, unit: int = 512, layers=(
         rows = np.arange(a, b)
         store.write_unit(
             u,
-            layers={L: rng.standard_normal((b - a, d)).astype(np.float32) for L in layers},
+            layers={L: rows_of(b - a) for L in layers},
             token_ids=rows % 100,
             doc_ids=rows // 64,
             positions=rows % 64,
@@ -87,6 +97,13 @@ def store(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def sparse_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sparse") / "acts.zarr"
+    make_store(path, sparse=True)
+    return path
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while not path.exists():
@@ -95,7 +112,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.005)
 
 
-def test_sigkill_then_resume_is_bit_identical(store: Path, tmp_path: Path) -> None:
+def test_sigkill_then_resume_is_bit_identical(sparse_store: Path, tmp_path: Path) -> None:
+    store = sparse_store
     # the normalized objective at a target FVU: the dual-ascent state must resume exactly too
     # with prunes and re-seeds (opt-in), which write weights and Adam moments
     extra = ("--steps", "300", "--checkpoint-every", "20", "--target-fvu", "0.3", "--merge-every", "7")
@@ -103,7 +121,7 @@ def test_sigkill_then_resume_is_bit_identical(store: Path, tmp_path: Path) -> No
     ref = run_bae(*train_args(store, tmp_path / "ref", *extra))
     assert ref.returncode == 0, ref.stderr
     moves = json.loads((tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()[-2])
-    assert moves["pruned_bits"] > 0 and moves["reseeded_bits"] > 0, moves
+    assert moves["pruned_bits"] > 0 and moves["reseeded_bits"] > 0 and moves["split_bits"] > 0, moves
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [*BAE, *train_args(store, out, *extra)],
@@ -156,7 +174,8 @@ def test_sigterm_checkpoints_and_exits_nonzero(store: Path, tmp_path: Path) -> N
     assert load_autoencoder(out).n_bits == 64  # loadable from the run dir via the checkpoint
 
 
-def test_torchrun_two_processes_end_identical(store: Path, tmp_path: Path) -> None:
+def test_torchrun_two_processes_end_identical(sparse_store: Path, tmp_path: Path) -> None:
+    store = sparse_store
     script = tmp_path / "ddp.py"
     script.write_text(
         "import os\n"
@@ -187,7 +206,7 @@ def test_torchrun_two_processes_end_identical(store: Path, tmp_path: Path) -> No
     log = (tmp_path / "out" / "train_log.jsonl").read_text()
     assert '"step": 60, "tokens": 3840' in log
     moves = json.loads(log.splitlines()[-2])  # decided on both ranks' rows, identically
-    assert moves["pruned_bits"] > 0 and moves["reseeded_bits"] > 0, moves
+    assert moves["pruned_bits"] > 0 and moves["reseeded_bits"] > 0 and moves["split_bits"] > 0, moves
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -155,7 +155,8 @@ class TrainConfig(RowSelection):
     prune_reseed: bool | None = Field(
         default=None,
         description="normalized, at each merge: switch off bits that buy less FVU than beta x their code "
-        "bits, and re-seed idle bits on the worst-reconstructed rows where that pays twice "
+        "bits, re-seed idle bits on the worst-reconstructed rows where that pays twice, and split "
+        "bits that cover several features (an OR of them) where that pays "
         "[default: on for bae with k_bits 1 and merges, off with target_fvu; docs/method.md §3, §7]",
     )
     typical_ratio: float | None = Field(

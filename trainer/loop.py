@@ -28,7 +28,7 @@ from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import NormalizedObjective, Objective, covariance_term, entropy_term
 from bae.trainer.pair_penalties import exact_counts
-from bae.trainer.pruning import hold_switched_off, prune_bits, prune_statistics, reseed_bits
+from bae.trainer.pruning import hold_switched_off, prune_bits, prune_statistics, reseed_bits, split_bits
 from bae.trainer.target import FVUTarget
 
 DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
@@ -220,16 +220,19 @@ class TrainState:
     merged: int = 0  # duplicate bits folded so far
     pruned: int = 0  # bits switched off by pruning so far
     reseeded: int = 0  # idle bits re-seeded so far
+    split: int = 0  # working bits replaced by re-seeded ones so far
 
     def objective_state(self) -> dict[str, Any]:
         """What a checkpoint records of the objective (JSON: floats round-trip exactly)."""
         target = self.target.state_dict() if self.target is not None else None
         counts = {"merged": self.merged, "pruned": self.pruned, "reseeded": self.reseeded}
+        counts["split"] = self.split
         return {"variance": self.variance, "target": target, **counts}
 
     def load_objective_state(self, state: dict[str, Any]) -> None:
         self.variance, self.merged = float(state["variance"]), int(state["merged"])
         self.pruned, self.reseeded = int(state.get("pruned", 0)), int(state.get("reseeded", 0))
+        self.split = int(state.get("split", 0))
         self.target = FVUTarget.from_state(state["target"]) if state["target"] is not None else None
 
 
@@ -349,7 +352,8 @@ class Trainer:
             st.merged += self.merge(out.bits.detach())
             if self.config.prune_reseed:
                 st.pruned += self.prune(x)
-                st.reseeded += self.reseed(x)
+                reseeded, split = self.reseed(x)
+                st.reseeded, st.split = st.reseeded + reseeded, st.split + split
         st.step += 1
         st.tokens += self.config.batch_size * self.world
         return x, out, terms
@@ -425,9 +429,10 @@ class Trainer:
         return prune_bits(model, self.state.optimizer, stats, self.entropy_weight(), self.state.variance)
 
     @torch.no_grad()
-    def reseed(self, x: torch.Tensor) -> int:
-        """Re-seed the bits idle over the firing window (all processes) on this step's rows of all
-        processes (gathered in rank order, so every rank takes the same decisions)."""
+    def reseed(self, x: torch.Tensor) -> tuple[int, int]:
+        """Re-seed the bits idle over the firing window (all processes), then split working bits
+        into the idle ones left (``split_bits``), on this step's rows of all processes (gathered in
+        rank order, so every rank takes the same decisions): (re-seeded, split)."""
         st = self.state
         idle_counts = torch.cat([st.window.counts.sum(0), st.window.rows.sum().reshape(1)])
         if self.world > 1:
@@ -435,7 +440,9 @@ class Trainer:
             x = self.gather_rows(x)
         fired, rows = idle_counts[:-1], idle_counts[-1]
         idle = (fired == 0) | (fired == rows)
-        return reseed_bits(st.model, st.optimizer, x, idle, self.entropy_weight(), st.variance)
+        beta = self.entropy_weight()
+        reseeded = reseed_bits(st.model, st.optimizer, x, idle, beta, st.variance)
+        return reseeded, split_bits(st.model, st.optimizer, x, idle, beta, st.variance)
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Every process's rows ``x`` (their counts may differ), concatenated in rank order."""
@@ -455,6 +462,7 @@ class Trainer:
             merged_bits=st.merged,
             pruned_bits=st.pruned,
             reseeded_bits=st.reseeded,
+            split_bits=st.split,
             lr=st.scheduler.get_last_lr()[0],
             tokens_per_s=(st.tokens - tokens_log) / max(now - t_log, 1e-9),
             entropy_on=st.step > self.entropy_start,

@@ -1,9 +1,9 @@
-"""Pruning and re-seeding bits: moves of the normalized objective that its gradient cannot make.
+"""Pruning, re-seeding and splitting bits: moves of the normalized objective that its gradient cannot make.
 
 The step's surrogate gradient only reaches rows near a bit's threshold, so a bit that fires with
 confidence on the wrong rows is never turned off, and a bit that never fires is never pointed at
 what the code misses. Measured on synthetic sets (docs/method.md §7): without these moves a sparse
-truth is covered by OR-like fragments of its bits that the entropy term cannot remove. Both moves
+truth is covered by OR-like fragments of its bits that the entropy term cannot remove. The moves
 test a bit against the objective itself, FVU against β times its code bits (docs/method.md §3):
 
 - ``prune_bits``: greedily switch off the bit whose removal raises the batch FVU by less than
@@ -15,9 +15,11 @@ test a bit against the objective itself, FVU against β times its code bits (doc
   column and a shift of the decoder bias are the least-squares fit of the residuals, and it is kept
   only when its own FVU gain (beyond the bias shift's) exceeds twice β·cost(p) (so a bit fitted to
   noise is refused, and a pruned bit does not come straight back). Its encoder row is sized so that
-  Adam's first steps (~lr per coordinate) cannot rotate it before the gradient has shaped it.
+  Adam's first steps (~lr per coordinate) cannot rotate it before the gradient has shaped it;
+- ``split_bits``: replace a working bit that covers several features (an OR of them, their mean as
+  its column) by up to two re-seeded bits where that lowers the batch objective.
 
-Both are deterministic functions of the weights and the rows (bitwise resume keeps), and reset the
+All are deterministic functions of the weights and the rows (bitwise resume keeps), and reset the
 Adam moments of the weights they write.
 """
 
@@ -35,6 +37,8 @@ from bae.trainer.pair_penalties import exact_counts
 RESEED_MARGIN = 2.0  # a re-seeded bit must buy twice its cost on the batch
 RESEED_HORIZON = 100  # steps of Adam drift a re-seeded encoder row's norm is sized for
 RESEED_CANDIDATES = 64  # rows whose residual directions are tried for each re-seeded bit
+SPLIT_TRIES = 32  # working bits tried for a split at each merge (those with the most residual energy)
+SPLIT_SAME = 0.99  # a lone re-seeded bit agreeing with the replaced one on this share of rows is that bit
 
 
 @torch.no_grad()
@@ -156,6 +160,40 @@ def best_split(
     return u[c], float(t[c]), fire[:, c], on[c], off[c]
 
 
+def seed_row_norm(model: Autoencoder, optimizer: torch.optim.Optimizer, working: torch.Tensor) -> float:
+    """The norm of a re-seeded encoder row: the ``working`` rows' median, and at least what Adam's
+    first steps of ~lr per coordinate move a row in ``RESEED_HORIZON`` steps (they do not scramble
+    the new bit)."""
+    norms = model.encoder.weight[working].norm(dim=1)
+    lr = float(optimizer.param_groups[0]["lr"])
+    floor = RESEED_HORIZON * lr * math.sqrt(model.encoder.weight.shape[1])
+    return max(float(norms.median()) if len(norms) else 0.0, floor, 1e-6)
+
+
+def write_seed(
+    model: Autoencoder,
+    optimizer: torch.optim.Optimizer,
+    slot: int,
+    seed: tuple[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor],
+    row_norm: float,
+) -> None:
+    """Make bit ``slot`` the ``best_split`` ``seed`` (u, threshold, fire, on-mean, off-mean): encoder
+    row along u at ``row_norm`` (through the encoder's input scale), bias at the threshold, decoder
+    column on − off and off into the decoder bias; its Adam moments reset."""
+    u, t, _, on, off = seed
+    encoder, decoder = model.encoder, model.decoder
+    assert encoder.bias is not None
+    w = u * (model.encoder_input_scale if model.config.encoder_scale else 1.0)
+    k = row_norm / max(float(w.norm()), 1e-30)
+    encoder.weight[slot], encoder.bias[slot] = w * k, -t * k
+    decoder.weight[:, slot] = on - off
+    if decoder.bias is not None:
+        decoder.bias.add_(off)
+    reset_moments(optimizer, encoder.weight, (slot,))
+    reset_moments(optimizer, encoder.bias, (slot,))
+    reset_moments(optimizer, decoder.weight, (slice(None), slot))
+
+
 @torch.no_grad()
 def reseed_bits(
     model: Autoencoder,
@@ -176,32 +214,84 @@ def reseed_bits(
     if not bool(idle.any()):
         return 0
     residual = (x - out.recon).float()
-    scale = model.encoder_input_scale if model.config.encoder_scale else torch.ones_like(x[0])
-    working = ~(bits.all(0) | ~bits.any(0))
-    # new encoder rows get the working rows' typical norm, and at least what Adam's first steps of
-    # ~lr per coordinate would move them in RESEED_HORIZON steps (they do not scramble the new bit)
-    norms = model.encoder.weight[working].norm(dim=1)
-    lr = float(optimizer.param_groups[0]["lr"])
-    floor = RESEED_HORIZON * lr * math.sqrt(x.shape[1])
-    row_norm = max(float(norms.median()) if len(norms) else 0.0, floor, 1e-6)
+    row_norm = seed_row_norm(model, optimizer, ~(bits.all(0) | ~bits.any(0)))
     seeded = 0
     for j in idle.nonzero().squeeze(1).tolist():
         best = best_split(x, residual, beta, variance, model.decoder.bias is not None)
         if best is None:
             break
-        u, t, fire, on, off = best
         if bool(bits[:, j].all()) and model.decoder.bias is not None:
             model.decoder.bias.add_(model.decoder.weight[:, j])  # an always-on bit was part of the bias
-        w = u * scale
-        k = row_norm / max(float(w.norm()), 1e-30)
-        model.encoder.weight[j] = w * k
-        model.decoder.weight[:, j] = on - off
-        reset_moments(optimizer, model.encoder.weight, (j,))
-        reset_moments(optimizer, model.decoder.weight, (slice(None), j))
-        model.encoder.bias[j] = -t * k
-        reset_moments(optimizer, model.encoder.bias, (j,))
+        write_seed(model, optimizer, j, best, row_norm)
+        _, _, fire, on, off = best
         residual = torch.where(fire[:, None], residual - on, residual - off)
-        if model.decoder.bias is not None:
-            model.decoder.bias.add_(off)
         seeded += 1
     return seeded
+
+
+@torch.no_grad()
+def split_bits(
+    model: Autoencoder,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    idle: torch.Tensor,
+    beta: float,
+    variance: float,
+) -> int:
+    """Replace working bits by up to two re-seeded ones where that lowers the objective on the rows
+    ``x``: a bit firing on the OR of several features explains each of them halfway, and neither
+    the gradient nor the prune (it pays for itself) nor the re-seed (it only fills idle bits)
+    undoes it. Of the ``SPLIT_TRIES`` working bits with the most residual energy on their active side
+    (their rarer value), each is removed (its mean contribution into the decoder bias, as the prune
+    does), up to two bits are re-seeded on the residual as ``best_split`` picks them, and the
+    change is kept only when FVU_b + β·cost(p) of the batch falls; the second bit takes an idle
+    bit's slot (bool [d'], constant over the recent steps and on these rows). Returns the number of
+    bits replaced."""
+    decoder = model.decoder
+    if beta <= 0 or len(x) < 2 or model.encoder.bias is None:
+        return 0
+    out = model(x)
+    bits = out.bits > 0
+    constant = bits.all(0) | ~bits.any(0)
+    slots = (idle & constant).nonzero().squeeze(1).tolist()
+    working = ~constant
+    if not slots or not bool(working.any()):
+        return 0
+    residual = (x - out.recon).float()
+    p = bits.float().mean(0)
+    active = torch.where(p <= 0.5, bits, ~bits).float()
+    energy = torch.where(working, active.T @ residual.pow(2).sum(1), torch.zeros_like(p))
+    tries = energy.argsort(descending=True)[: min(SPLIT_TRIES, int(working.sum()))].tolist()
+    row_norm = seed_row_norm(model, optimizer, working)
+    bias = decoder.bias is not None
+    n, replaced = len(x), 0
+    for j in tries:
+        if not slots:
+            break
+        column = decoder.weight[:, j].float()
+        shift = float(p[j]) if bias else 0.0
+        trial = residual + (bits[:, j].float() - shift)[:, None] * column
+        seeds = []
+        for _ in range(2):
+            best = best_split(x, trial, beta, variance, bias)
+            if best is None:
+                break
+            _, _, fire, on, off = best
+            trial = torch.where(fire[:, None], trial - on, trial - off)
+            seeds.append(best)
+        if not seeds or (len(seeds) == 1 and float((seeds[0][2] == bits[:, j]).float().mean()) >= SPLIT_SAME):
+            continue  # nothing, or the bit itself back (a re-fit, moments reset for nothing)
+        old_cost = float(bit_cost(p[j]))
+        new_cost = sum(float(bit_cost(s[2].float().mean())) for s in seeds)
+        before = float(residual.pow(2).sum()) / (n * variance) + beta * old_cost
+        if not float(trial.pow(2).sum()) / (n * variance) + beta * new_cost < before:
+            continue
+        if bias:
+            decoder.bias.add_(column * shift)
+        for slot, seed in zip([j, *slots[:1]], seeds):
+            write_seed(model, optimizer, slot, seed, row_norm)
+            bits[:, slot] = seed[2]
+        slots = slots[len(seeds) - 1 :]
+        residual, replaced = trial, replaced + 1
+        p = bits.float().mean(0)
+    return replaced
