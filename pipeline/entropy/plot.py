@@ -19,7 +19,8 @@ HISTOGRAM_GROUPINGS = ("document", "token")
 
 def draw_series(ax: Any, x: np.ndarray, s: dict[str, Any], color: str) -> None:
     """One layer: Σ H_b (dotted, an upper bound), the joint estimate with its interval (solid), the
-    log2 n ceiling (dashed), groups that only give a lower bound as hollow markers, groups of rows
+    log2 n ceiling (dashed), groups that only give a lower bound as hollow markers (with the plug-in's
+    bootstrap interval when there is one), groups of rows
     the BAE was not trained on as grey crosses, and the null groups' joint range as a band."""
     order = np.argsort(x, kind="stable")
     x = x[order]
@@ -50,15 +51,20 @@ def draw_series(ax: Any, x: np.ndarray, s: dict[str, Any], color: str) -> None:
     ax.fill_between(x, s["joint_low"][order], s["joint_high"][order], where=resolved, color=color, alpha=0.25)
     lower = (s["verdict"][order] == "lower_bound").astype(bool)
     if lower.any():
+        plugin = s["joint_plugin_bits"][order][lower]
         ax.plot(
             x[lower],
-            s["joint_plugin_bits"][order][lower],
+            plugin,
             linestyle="none",
             marker="^",
             markerfacecolor="none",
             color=color,
             label=f"{label} ≥ plug-in (undersampled)",
         )
+        if "joint_plugin_ci_low" in s:  # the bootstrap interval of the plug-in itself
+            low, high = s["joint_plugin_ci_low"][order][lower], s["joint_plugin_ci_high"][order][lower]
+            spread = np.nan_to_num(np.clip([plugin - low, high - plugin], 0, None))
+            ax.errorbar(x[lower], plugin, yerr=spread, fmt="none", color=color, capsize=2, linewidth=0.8)
     null = s.get("null", {})
     if len(null.get("n", [])):
         resolved = (null["verdict"].astype(str) == "resolved").all()

@@ -277,12 +277,18 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
         )
         atypical = cols["atypical_rows"]
         if atypical.any():
-            marked = cols["verdict"] == "atypical"
+            marked = int((cols["verdict"] == "atypical").sum())
+            share = float(np.max(atypical / np.maximum(cols["n"], 1)))
             lines[f"{name} atypical"] = (
-                f"{int(atypical.sum())} rows outside the checkpoint's typical radius (massive activations "
-                f"its training left out) in {int((atypical > 0).sum())} group(s); {int(marked.sum())} "
-                "group(s) mostly of them are marked `atypical`: their code was never fitted, so their "
-                "entropy says nothing about the hidden states"
+                f"{int(atypical.sum())} rows outside the checkpoint's typical radius (massive "
+                f"activations its training left out) in {int((atypical > 0).sum())} group(s), at most "
+                f"{share:.1%} of one; "
+                + (
+                    f"{marked} group(s) mostly of them marked `atypical`: their code was never fitted, so "
+                    "their entropy says nothing about the hidden states"
+                    if marked
+                    else "no group is mostly of them"
+                )
             )
         if "joint_bits" in cols:
             verdict, counted = np.unique(cols["verdict"].astype(str), return_counts=True)
