@@ -530,7 +530,7 @@ def test_groups_of_rows_outside_training_are_counted_and_marked(tmp_path):
     from bae.pipeline.entropy.in_memory import set_entropy
 
     rng = np.random.default_rng(3)
-    d, n_docs, groups = 8, 400, 3
+    d, n_docs, groups = 8, 400, 4
     pool = rng.random((8, d)) < 0.5  # 3 bits per group: resolved when the rows are typical
     bits = pool[rng.integers(0, 8, n_docs * groups)]
     states = np.where(bits, 1.0, -1.0) + rng.uniform(-0.3, 0.3, bits.shape)
@@ -546,14 +546,25 @@ def test_groups_of_rows_outside_training_are_counted_and_marked(tmp_path):
         rows = {"token_ids": i % 5, "doc_ids": i // groups, "positions": i % groups, "valid": i >= 0}
         store.write_unit(unit, {LAYER: states[a:b]}, **rows)
     ckpt = save_bae(tmp_path / "bae", d=d, typical_radius=4.0 * d)
-    config = EntropyConfig(store=store.url, checkpoints=[str(ckpt)], out=str(tmp_path / "out"), null_groups=0)
+    config = EntropyConfig(store=store.url, checkpoints=[str(ckpt)], out=str(tmp_path / "out"), null_groups=2)
     result = run_entropy(config, show_progress=False)
     table = result.table.to_pydict()
+    real = [i for i, g in enumerate(table["null_group"]) if g is None]
     expected = [int(outside[positions == g].sum()) for g in range(groups)]
-    assert table["atypical_rows"] == expected and expected[0] == n_docs and 0 < expected[2] < n_docs / 2
+    assert [table["atypical_rows"][i] for i in real] == expected
+    assert expected[0] == n_docs and 0 < expected[2] < n_docs / 2
     assert table["verdict"][0] == "atypical"
-    assert table["verdict"][1] == "resolved" and table["verdict"][2] == "resolved"
+    assert table["verdict"][1:4] == ["resolved"] * 3
     assert any("atypical" in key for key in result.summary)
+    nulls = [table["atypical_rows"][i] for i in range(len(real), len(table["n"]))]
+    assert len(nulls) == 2 and all(k > 0 for k in nulls)  # random groups mix the sink rows in: said so
+    null_line = next(v for k, v in result.summary.items() if k.endswith(" null"))
+    assert f"{sum(nulls)} atypical rows" in null_line
+    config = config.model_copy(
+        update={"out": str(tmp_path / "typical"), "positions": [1, 3], "null_groups": 1}
+    )
+    fair = run_entropy(config, show_progress=False).summary
+    assert "atypical" not in next(v for k, v in fair.items() if k.endswith(" null"))
     typical_rows = set_entropy(states[positions == 1].astype(np.float32), ckpt)
     assert typical_rows.atypical_rows == 0 and typical_rows.verdict == "resolved"
     sinks = set_entropy(states[positions == 0].astype(np.float32), ckpt)

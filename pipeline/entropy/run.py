@@ -313,6 +313,12 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
             if "joint_bits" in null:
                 what, value = null_reading(null)
                 lines[f"{name} null"] += f", {what} {np.nanmin(value):.2f}..{np.nanmax(value):.2f}"
+            outside = int(null["atypical_rows"].sum())
+            if outside:  # rows the BAE never fitted, mixed into every null group, bias its numbers
+                lines[f"{name} null"] += (
+                    f"; they hold {outside} atypical rows ({outside / null['n'].sum():.1%}): leave the "
+                    "groups made of them out (--positions) for a fair null"
+                )
         if part.get("null_note"):
             lines[f"{name} null groups"] = part["null_note"]
     return lines
