@@ -26,8 +26,11 @@ Adam moments of the weights they write.
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
+import numpy as np
 import torch
+from numba import njit
 
 from bae.trainer.merge import reset_moments, switch_off
 from bae.trainer.models import Autoencoder
@@ -107,21 +110,66 @@ def prune_bits(
     live = (counts > 0) & (counts < n)
     spread = counts - n * shift * (2 * counts / n - shift)  # Σ_i (b_ij − p_j)²
     shift_e, spread_w = shift * e, spread * dots.diagonal()
-    pruned = []
-    while bool(live.any()):
-        delta = (2 * (a - shift_e) + spread_w) / (n * variance)
-        score = torch.where(live, delta - cost, torch.full_like(delta, math.inf))
-        j = int(score.argmin())
-        if not score[j] < 0:
-            break
-        a += (gram[:, j] - counts * shift[j]) * dots[:, j]
-        live[j] = False
-        if decoder.bias is not None:
-            decoder.bias.add_(decoder.weight[:, j] * float(shift[j]))
-        pruned.append(j)  # its column is read by no later step: switched off below, all at once
-    if pruned:
+    # gram holds integers (exactly symmetric: its row j is column j); dots is read by column
+    host = [t.cpu().numpy() for t in (a, shift_e, spread_w, cost, counts, shift, gram, dots)]
+    order = cast(Any, _greedy_prune)(*host, live.cpu().numpy(), n * variance)
+    if len(order) and decoder.bias is not None:  # in the order removed, as the sums above assumed
+        rates = shift[torch.from_numpy(order)].float()  # float32, as a float32 tensor times a scalar
+        weight = decoder.weight.detach().cpu().numpy()
+        bias = decoder.bias.detach().cpu().numpy().copy()
+        _add_columns(bias, weight, order, rates.cpu().numpy())
+        decoder.bias.copy_(torch.from_numpy(bias))
+    pruned = order.tolist()
+    if pruned:  # their columns are read by no later step: switched off all at once
         switch_off(model.encoder, decoder, pruned, optimizer)
     return len(pruned)
+
+
+@njit(cache=True)
+def _add_columns(bias: np.ndarray, weight: np.ndarray, order: np.ndarray, rates: np.ndarray) -> None:
+    """bias += weight[:, j] · rate_j for each j of ``order`` in turn, in float32 (each product and
+    sum rounded as ``bias.add_(weight[:, j] * rate)`` rounds them)."""  # pragma: no cover - compiled
+    for i in range(len(order)):
+        j, rate = order[i], rates[i]
+        for k in range(len(bias)):
+            bias[k] += weight[k, j] * rate
+
+
+@njit(cache=True)
+def _greedy_prune(
+    a: np.ndarray,
+    shift_e: np.ndarray,
+    spread_w: np.ndarray,
+    cost: np.ndarray,
+    counts: np.ndarray,
+    shift: np.ndarray,
+    gram: np.ndarray,
+    dots: np.ndarray,
+    live: np.ndarray,
+    scale: float,
+) -> np.ndarray:  # pragma: no cover - compiled
+    """``prune_bits``'s greedy loop over float64 arrays: the live bit with the lowest ΔFVU − β·cost
+    (the first on ties), while that is negative (a NaN score stops it, as it does ``argmin``);
+    each removal updates A by column j. The same operations in the same order as the elementwise
+    tensor version, so the same bits in the same order. Returns the removed bits in order."""
+    order = np.empty(len(a), np.int64)
+    removed = 0
+    while True:
+        best, j = np.inf, -1
+        for k in range(len(a)):
+            if live[k]:
+                score = (2.0 * (a[k] - shift_e[k]) + spread_w[k]) / scale - cost[k]
+                if np.isnan(score):
+                    return order[:removed]
+                if score < best:
+                    best, j = score, k
+        if j < 0 or not best < 0:
+            return order[:removed]
+        for k in range(len(a)):
+            a[k] += (gram[j, k] - counts[k] * shift[j]) * dots[k, j]
+        live[j] = False
+        order[removed] = j
+        removed += 1
 
 
 def best_split(
