@@ -11,7 +11,7 @@ import torch
 from bae.trainer.config import ModelConfig
 from bae.trainer.models import BinaryAutoencoder
 from bae.trainer.objectives import bit_cost
-from bae.trainer.pruning import prune_bits, prune_statistics, reseed_bits, split_bits
+from bae.trainer.pruning import BitMoves, prune_statistics
 
 
 def cost(p: float) -> float:
@@ -76,7 +76,7 @@ def test_prune_switches_off_what_the_brute_force_greedy_does() -> None:
 
     optimizer = adam_with_moments(model)
     stats = prune_statistics(model, x)
-    assert prune_bits(model, optimizer, stats, beta, variance) == len(expected)
+    assert BitMoves(model, optimizer, beta, variance).prune(stats) == len(expected)
     off = sorted(j for j in range(48) if bool((model.encoder.weight[j] == 0).all()))
     assert off == sorted(expected)
     np.testing.assert_allclose(model.decoder.bias.detach().double().numpy(), bias, rtol=1e-5, atol=1e-6)
@@ -87,7 +87,7 @@ def test_prune_switches_off_what_the_brute_force_greedy_does() -> None:
     kept = [j for j in range(48) if j not in expected]
     assert bool((optimizer.state[model.encoder.weight]["exp_avg"][kept] == 0.5).all())
     # nothing to prune at β = 0
-    assert prune_bits(model, optimizer, prune_statistics(model, x), 0.0, 1.0) == 0
+    assert BitMoves(model, optimizer, 0.0, 1.0).prune(prune_statistics(model, x)) == 0
 
 
 def sparse_rows(n: int = 4000, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -118,7 +118,8 @@ def test_reseed_finds_the_bit_the_code_misses_and_refuses_noise() -> None:
     variance = float(x.var(0).sum())
     idle = torch.ones(16, dtype=torch.bool)
     idle[:2] = False
-    assert reseed_bits(model, optimizer, x, idle, 3e-3, variance) == 1  # the truth's bit, then noise refused
+    moves = BitMoves(model, optimizer, 3e-3, variance)
+    assert moves.reseed(x, idle) == 1  # the truth's bit, then noise refused
     got = model.encode(x)[:, 2].numpy()
     assert (got == b[:, 2]).mean() > 0.995
     # the row is sized for Adam's first steps: max(working rows' median norm 1, 100 · lr · √d = 4)
@@ -129,7 +130,7 @@ def test_reseed_finds_the_bit_the_code_misses_and_refuses_noise() -> None:
     assert bool((optimizer.state[model.encoder.bias]["exp_avg_sq"][2] == 0).all())
     assert bool((model.encoder.weight[3:] == 0).all())  # the rest stay off
     # a complete code leaves nothing worth re-seeding
-    assert reseed_bits(model, optimizer, x, idle & (torch.arange(16) > 2), 3e-3, variance) == 0
+    assert moves.reseed(x, idle & (torch.arange(16) > 2)) == 0
 
 
 @pytest.mark.parametrize("lr", [1e-2, 1e-3])
@@ -146,7 +147,8 @@ def test_reseed_rebuilds_an_empty_code_at_a_norm_adam_cannot_scramble(lr: float)
         model.decoder.bias.copy_(x.mean(0))
     optimizer = adam_with_moments(model)
     optimizer.param_groups[0]["lr"] = lr
-    seeded = reseed_bits(model, optimizer, x, torch.ones(16, dtype=torch.bool), 3e-3, float(x.var(0).sum()))
+    moves = BitMoves(model, optimizer, 3e-3, float(x.var(0).sum()))
+    seeded = moves.reseed(x, torch.ones(16, dtype=torch.bool))
     assert seeded == 3
     codes = model.encode(x)[:, :3].numpy()
     for k in range(3):  # each truth bit is one seeded bit
@@ -189,16 +191,17 @@ def test_split_replaces_an_or_of_two_features_by_the_two(seed: int) -> None:
     variance, beta = float(x.var(0).sum()), 3e-3
     idle = torch.ones(16, dtype=torch.bool)
     idle[:2] = False
-    assert prune_bits(model, optimizer, prune_statistics(model, x), beta, variance) == 0  # it pays
+    moves = BitMoves(model, optimizer, beta, variance)
+    assert moves.prune(prune_statistics(model, x)) == 0  # it pays
     before = batch_objective(model, x, beta, variance)
-    assert split_bits(model, optimizer, x, idle, beta, variance) == 1
+    assert moves.split(x, idle) == 1
     codes = model.encode(x).numpy()
     for k in range(3):  # each truth bit is now one bit of the code
         assert max((codes[:, j] == b[:, k]).mean() for j in range(16)) > 0.99
     assert int(((codes.any(0)) & ~codes.all(0)).sum()) == 3
     assert batch_objective(model, x, beta, variance) < before
     assert bool((optimizer.state[model.encoder.weight]["exp_avg"][0] == 0).all())  # rewritten: reset
-    assert split_bits(model, optimizer, x, idle & ~torch.tensor(codes.any(0)), beta, variance) == 0
+    assert moves.split(x, idle & ~torch.tensor(codes.any(0))) == 0
 
 
 def test_bit_cost_is_the_written_out_formula() -> None:

@@ -28,7 +28,7 @@ from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import NormalizedObjective, Objective, covariance_term, entropy_term
 from bae.trainer.pair_penalties import exact_counts
-from bae.trainer.pruning import hold_switched_off, prune_bits, prune_statistics, reseed_bits, split_bits
+from bae.trainer.pruning import BitMoves, hold_switched_off, prune_statistics
 from bae.trainer.target import FVUTarget
 
 DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
@@ -426,12 +426,12 @@ class Trainer:
         stats = prune_statistics(model, x)
         if self.world > 1:
             stats = cast(torch.Tensor, self.accelerator.reduce(stats, reduction="sum"))
-        return prune_bits(model, self.state.optimizer, stats, self.entropy_weight(), self.state.variance)
+        return BitMoves(model, self.state.optimizer, self.entropy_weight(), self.state.variance).prune(stats)
 
     @torch.no_grad()
     def reseed(self, x: torch.Tensor) -> tuple[int, int]:
         """Re-seed the bits idle over the firing window (all processes), then split working bits
-        into the idle ones left (``split_bits``), on this step's rows of all processes (gathered in
+        into the idle ones left (``BitMoves.split``), on this step's rows of all processes (gathered in
         rank order, so every rank takes the same decisions): (re-seeded, split)."""
         st = self.state
         idle_counts = torch.cat([st.window.counts.sum(0), st.window.rows.sum().reshape(1)])
@@ -440,9 +440,8 @@ class Trainer:
             x = self.gather_rows(x)
         fired, rows = idle_counts[:-1], idle_counts[-1]
         idle = (fired == 0) | (fired == rows)
-        beta = self.entropy_weight()
-        reseeded = reseed_bits(st.model, st.optimizer, x, idle, beta, st.variance)
-        return reseeded, split_bits(st.model, st.optimizer, x, idle, beta, st.variance)
+        moves = BitMoves(st.model, st.optimizer, self.entropy_weight(), st.variance)
+        return moves.reseed(x, idle), moves.split(x, idle)
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Every process's rows ``x`` (their counts may differ), concatenated in rank order."""

@@ -6,17 +6,17 @@ what the code misses. Measured on synthetic sets (docs/method.md §7): without t
 truth is covered by OR-like fragments of its bits that the entropy term cannot remove. The moves
 test a bit against the objective itself, FVU against β times its code bits (docs/method.md §3):
 
-- ``prune_bits``: greedily switch off the bit whose removal raises the batch FVU by less than
+- ``BitMoves.prune``: greedily switch off the bit whose removal raises the batch FVU by less than
   β·cost(p), its mean contribution p·w moved into the decoder bias, re-scoring the others after
   each removal (from sums over rows, so processes reduce them once and take the same decisions);
-- ``reseed_bits``: point a switched-off bit at what the code misses: of 64 candidate rows among
+- ``BitMoves.reseed``: point a switched-off bit at what the code misses: of 64 candidate rows among
   the worse-reconstructed half, the one whose residual direction splits the rows best (the bit fires
   where the rows' projection on it passes halfway from the median to that row's); its decoder
   column and a shift of the decoder bias are the least-squares fit of the residuals, and it is kept
   only when its own FVU gain (beyond the bias shift's) exceeds twice β·cost(p) (so a bit fitted to
   noise is refused, and a pruned bit does not come straight back). Its encoder row is sized so that
   Adam's first steps (~lr per coordinate) cannot rotate it before the gradient has shaped it;
-- ``split_bits``: replace a working bit that covers several features (an OR of them, their mean as
+- ``BitMoves.split``: replace a working bit that covers several features (an OR of them, their mean as
   its column) by up to two re-seeded bits where that lowers the batch objective.
 
 All are deterministic functions of the weights and the rows (bitwise resume keeps), and reset the
@@ -26,6 +26,7 @@ Adam moments of the weights they write.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -70,7 +71,7 @@ def hold_switched_off(model: Autoencoder) -> None:
 
 @torch.no_grad()
 def prune_statistics(model: Autoencoder, x: torch.Tensor) -> torch.Tensor:
-    """Sums over the rows ``x`` (normalized) that ``prune_bits`` needs, flat so that processes can
+    """Sums over the rows ``x`` (normalized) that ``BitMoves.prune`` needs, flat so that processes can
     add them: [n, count_j, A_j = Σ_i b_ij e_i·w_j, E_j = Σ_i e_i·w_j, the bits' BᵀB (exact
     counts)], e_i = x_i − x̂_i."""
     out = model(x)
@@ -82,47 +83,143 @@ def prune_statistics(model: Autoencoder, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([n, bits.double().sum(0), a, projected.sum(0), gram])
 
 
-@torch.no_grad()
-def prune_bits(
-    model: Autoencoder,
-    optimizer: torch.optim.Optimizer,
-    stats: torch.Tensor,
-    beta: float,
-    variance: float,
-) -> int:
-    """Switch off, one at a time, the bit with the lowest ΔFVU − β·cost while that is negative.
-    Removing bit j (rate p_j) with its mean p_j·w_j moved into the decoder bias adds
-    (b_ij − p_j)·w_j to each residual e_i, so ΔFVU_j = (2(A_j − p_j E_j) + n p_j(1 − p_j)‖w_j‖²)
-    / (n·V) on the rows behind ``stats`` (without a decoder bias p is 0 in these terms), and after
-    it A_k += ((BᵀB)_kj − n p_k p_j) w_j·w_k while E is unchanged. Returns the number of bits
-    switched off."""
-    d_bits = model.n_bits
-    n = float(stats[0])
-    counts, a, e = (stats[1 + i * d_bits : 1 + (i + 1) * d_bits].clone() for i in range(3))
-    gram = stats[1 + 3 * d_bits :].reshape(d_bits, d_bits)
-    if n < 2 or beta <= 0:
-        return 0
-    decoder = model.decoder
-    w = decoder.weight.double()
-    dots = w.T @ w  # w_j·w_k
-    cost = beta * bit_cost(counts / n)
-    shift = counts / n if decoder.bias is not None else torch.zeros_like(counts)
-    live = (counts > 0) & (counts < n)
-    spread = counts - n * shift * (2 * counts / n - shift)  # Σ_i (b_ij − p_j)²
-    shift_e, spread_w = shift * e, spread * dots.diagonal()
-    # gram holds integers (exactly symmetric: its row j is column j); dots is read by column
-    host = [t.cpu().numpy() for t in (a, shift_e, spread_w, cost, counts, shift, gram, dots)]
-    order = cast(Any, _greedy_prune)(*host, live.cpu().numpy(), n * variance)
-    if len(order) and decoder.bias is not None:  # in the order removed, as the sums above assumed
-        rates = shift[torch.from_numpy(order)].float()  # float32, as a float32 tensor times a scalar
-        weight = decoder.weight.detach().cpu().numpy()
-        bias = decoder.bias.detach().cpu().numpy().copy()
-        _add_columns(bias, weight, order, rates.cpu().numpy())
-        decoder.bias.copy_(torch.from_numpy(bias))
-    pruned = order.tolist()
-    if pruned:  # their columns are read by no later step: switched off all at once
-        switch_off(model.encoder, decoder, pruned, optimizer)
-    return len(pruned)
+@dataclass(frozen=True)
+class BitMoves:
+    """The moves at one merge: the model and optimizer they write, and the objective's β and V
+    (the FVU denominator) they test each bit against."""
+
+    model: Autoencoder
+    optimizer: torch.optim.Optimizer
+    beta: float
+    variance: float
+
+    @torch.no_grad()
+    def prune(self, stats: torch.Tensor) -> int:
+        """Switch off, one at a time, the bit with the lowest ΔFVU − β·cost while that is negative.
+        Removing bit j (rate p_j) with its mean p_j·w_j moved into the decoder bias adds
+        (b_ij − p_j)·w_j to each residual e_i, so ΔFVU_j = (2(A_j − p_j E_j) + n p_j(1 − p_j)‖w_j‖²)
+        / (n·V) on the rows behind ``stats`` (without a decoder bias p is 0 in these terms), and after
+        it A_k += ((BᵀB)_kj − n p_k p_j) w_j·w_k while E is unchanged. Returns the number of bits
+        switched off."""
+        model, optimizer, beta, variance = self.model, self.optimizer, self.beta, self.variance
+        d_bits = model.n_bits
+        n = float(stats[0])
+        counts, a, e = (stats[1 + i * d_bits : 1 + (i + 1) * d_bits].clone() for i in range(3))
+        gram = stats[1 + 3 * d_bits :].reshape(d_bits, d_bits)
+        if n < 2 or beta <= 0:
+            return 0
+        decoder = model.decoder
+        w = decoder.weight.double()
+        dots = w.T @ w  # w_j·w_k
+        cost = beta * bit_cost(counts / n)
+        shift = counts / n if decoder.bias is not None else torch.zeros_like(counts)
+        live = (counts > 0) & (counts < n)
+        spread = counts - n * shift * (2 * counts / n - shift)  # Σ_i (b_ij − p_j)²
+        shift_e, spread_w = shift * e, spread * dots.diagonal()
+        # gram holds integers (exactly symmetric: its row j is column j); dots is read by column
+        host = [t.cpu().numpy() for t in (a, shift_e, spread_w, cost, counts, shift, gram, dots)]
+        order = cast(Any, _greedy_prune)(*host, live.cpu().numpy(), n * variance)
+        if len(order) and decoder.bias is not None:  # in the order removed, as the sums above assumed
+            rates = shift[torch.from_numpy(order)].float()  # float32, as a float32 tensor times a scalar
+            weight = decoder.weight.detach().cpu().numpy()
+            bias = decoder.bias.detach().cpu().numpy().copy()
+            _add_columns(bias, weight, order, rates.cpu().numpy())
+            decoder.bias.copy_(torch.from_numpy(bias))
+        pruned = order.tolist()
+        if pruned:  # their columns are read by no later step: switched off all at once
+            switch_off(model.encoder, decoder, pruned, optimizer)
+        return len(pruned)
+
+    @torch.no_grad()
+    def reseed(self, x: torch.Tensor, idle: torch.Tensor) -> int:
+        """Re-seed idle bits (bool [d'], constant over the recent steps) on the rows ``x`` (normalized),
+        lowest index first, until a candidate does not buy ``RESEED_MARGIN`` × β·cost(p). An always-on
+        idle bit's column moves into the decoder bias first. Returns the number of bits re-seeded."""
+        model, optimizer, beta, variance = self.model, self.optimizer, self.beta, self.variance
+        if beta <= 0 or len(x) < 2 or model.encoder.bias is None:
+            return 0
+        out = model(x)
+        bits = out.bits > 0
+        idle = idle & (bits.all(0) | ~bits.any(0))
+        if not bool(idle.any()):
+            return 0
+        residual = (x - out.recon).float()
+        row_norm = seed_row_norm(model, optimizer, ~(bits.all(0) | ~bits.any(0)))
+        seeded = 0
+        for j in idle.nonzero().squeeze(1).tolist():
+            best = best_split(x, residual, beta, variance, model.decoder.bias is not None)
+            if best is None:
+                break
+            if bool(bits[:, j].all()) and model.decoder.bias is not None:
+                model.decoder.bias.add_(model.decoder.weight[:, j])  # an always-on bit was part of the bias
+            write_seed(model, optimizer, j, best, row_norm)
+            _, _, fire, on, off = best
+            residual = torch.where(fire[:, None], residual - on, residual - off)
+            seeded += 1
+        return seeded
+
+    @torch.no_grad()
+    def split(self, x: torch.Tensor, idle: torch.Tensor, tries: int = SPLIT_TRIES) -> int:
+        """Replace working bits by up to two re-seeded ones where that lowers the objective on the rows
+        ``x``: a bit firing on the OR of several features explains each of them halfway, and neither
+        the gradient nor the prune (it pays for itself) nor the re-seed (it only fills idle bits)
+        undoes it. Of the ``tries`` working bits with the most residual energy on their active side
+        (their rarer value), each is removed (its mean contribution into the decoder bias, as the prune
+        does), up to two bits are re-seeded on the residual as ``best_split`` picks them, and the
+        change is kept only when FVU_b + β·cost(p) of the batch falls; the second bit takes an idle
+        bit's slot (bool [d'], constant over the recent steps and on these rows). Returns the number of
+        bits replaced."""
+        model, optimizer, beta, variance = self.model, self.optimizer, self.beta, self.variance
+        decoder = model.decoder
+        if beta <= 0 or len(x) < 2 or model.encoder.bias is None:
+            return 0
+        out = model(x)
+        bits = out.bits > 0
+        constant = bits.all(0) | ~bits.any(0)
+        slots = (idle & constant).nonzero().squeeze(1).tolist()
+        working = ~constant
+        if not slots or not bool(working.any()):
+            return 0
+        residual = (x - out.recon).float()
+        p = bits.float().mean(0)
+        active = torch.where(p <= 0.5, bits, ~bits).float()
+        energy = torch.where(working, active.T @ residual.pow(2).sum(1), torch.zeros_like(p))
+        candidates = energy.argsort(descending=True)[: min(tries, int(working.sum()))].tolist()
+        row_norm = seed_row_norm(model, optimizer, working)
+        bias = decoder.bias is not None
+        n, replaced = len(x), 0
+        for j in candidates:
+            if not slots:
+                break
+            column = decoder.weight[:, j].float()
+            shift = float(p[j]) if bias else 0.0
+            trial = residual + (bits[:, j].float() - shift)[:, None] * column
+            seeds = []
+            for _ in range(2):
+                best = best_split(x, trial, beta, variance, bias)
+                if best is None:
+                    break
+                _, _, fire, on, off = best
+                trial = torch.where(fire[:, None], trial - on, trial - off)
+                seeds.append(best)
+            if not seeds or (
+                len(seeds) == 1 and float((seeds[0][2] == bits[:, j]).float().mean()) >= SPLIT_SAME
+            ):
+                continue  # nothing, or the bit itself back (a re-fit, moments reset for nothing)
+            old_cost = float(bit_cost(p[j]))
+            new_cost = sum(float(bit_cost(s[2].float().mean())) for s in seeds)
+            before = float(residual.pow(2).sum()) / (n * variance) + beta * old_cost
+            if not float(trial.pow(2).sum()) / (n * variance) + beta * new_cost < before:
+                continue
+            if bias:
+                decoder.bias.add_(column * shift)
+            for slot, seed in zip([j, *slots[:1]], seeds):
+                write_seed(model, optimizer, slot, seed, row_norm)
+                bits[:, slot] = seed[2]
+            slots = slots[len(seeds) - 1 :]
+            residual, replaced = trial, replaced + 1
+            p = bits.float().mean(0)
+        return replaced
 
 
 @njit(cache=True)
@@ -148,7 +245,7 @@ def _greedy_prune(
     live: np.ndarray,
     scale: float,
 ) -> np.ndarray:  # pragma: no cover - compiled
-    """``prune_bits``'s greedy loop over float64 arrays: the live bit with the lowest ΔFVU − β·cost
+    """``BitMoves.prune``'s greedy loop over float64 arrays: the live bit with the lowest ΔFVU − β·cost
     (the first on ties), while that is negative (a NaN score stops it, as it does ``argmin``);
     each removal updates A by column j. The same operations in the same order as the elementwise
     tensor version, so the same bits in the same order. Returns the removed bits in order."""
@@ -240,106 +337,3 @@ def write_seed(
     reset_moments(optimizer, encoder.weight, (slot,))
     reset_moments(optimizer, encoder.bias, (slot,))
     reset_moments(optimizer, decoder.weight, (slice(None), slot))
-
-
-@torch.no_grad()
-def reseed_bits(
-    model: Autoencoder,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    idle: torch.Tensor,
-    beta: float,
-    variance: float,
-) -> int:
-    """Re-seed idle bits (bool [d'], constant over the recent steps) on the rows ``x`` (normalized),
-    lowest index first, until a candidate does not buy ``RESEED_MARGIN`` × β·cost(p). An always-on
-    idle bit's column moves into the decoder bias first. Returns the number of bits re-seeded."""
-    if beta <= 0 or len(x) < 2 or model.encoder.bias is None:
-        return 0
-    out = model(x)
-    bits = out.bits > 0
-    idle = idle & (bits.all(0) | ~bits.any(0))
-    if not bool(idle.any()):
-        return 0
-    residual = (x - out.recon).float()
-    row_norm = seed_row_norm(model, optimizer, ~(bits.all(0) | ~bits.any(0)))
-    seeded = 0
-    for j in idle.nonzero().squeeze(1).tolist():
-        best = best_split(x, residual, beta, variance, model.decoder.bias is not None)
-        if best is None:
-            break
-        if bool(bits[:, j].all()) and model.decoder.bias is not None:
-            model.decoder.bias.add_(model.decoder.weight[:, j])  # an always-on bit was part of the bias
-        write_seed(model, optimizer, j, best, row_norm)
-        _, _, fire, on, off = best
-        residual = torch.where(fire[:, None], residual - on, residual - off)
-        seeded += 1
-    return seeded
-
-
-@torch.no_grad()
-def split_bits(
-    model: Autoencoder,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    idle: torch.Tensor,
-    beta: float,
-    variance: float,
-) -> int:
-    """Replace working bits by up to two re-seeded ones where that lowers the objective on the rows
-    ``x``: a bit firing on the OR of several features explains each of them halfway, and neither
-    the gradient nor the prune (it pays for itself) nor the re-seed (it only fills idle bits)
-    undoes it. Of the ``SPLIT_TRIES`` working bits with the most residual energy on their active side
-    (their rarer value), each is removed (its mean contribution into the decoder bias, as the prune
-    does), up to two bits are re-seeded on the residual as ``best_split`` picks them, and the
-    change is kept only when FVU_b + β·cost(p) of the batch falls; the second bit takes an idle
-    bit's slot (bool [d'], constant over the recent steps and on these rows). Returns the number of
-    bits replaced."""
-    decoder = model.decoder
-    if beta <= 0 or len(x) < 2 or model.encoder.bias is None:
-        return 0
-    out = model(x)
-    bits = out.bits > 0
-    constant = bits.all(0) | ~bits.any(0)
-    slots = (idle & constant).nonzero().squeeze(1).tolist()
-    working = ~constant
-    if not slots or not bool(working.any()):
-        return 0
-    residual = (x - out.recon).float()
-    p = bits.float().mean(0)
-    active = torch.where(p <= 0.5, bits, ~bits).float()
-    energy = torch.where(working, active.T @ residual.pow(2).sum(1), torch.zeros_like(p))
-    tries = energy.argsort(descending=True)[: min(SPLIT_TRIES, int(working.sum()))].tolist()
-    row_norm = seed_row_norm(model, optimizer, working)
-    bias = decoder.bias is not None
-    n, replaced = len(x), 0
-    for j in tries:
-        if not slots:
-            break
-        column = decoder.weight[:, j].float()
-        shift = float(p[j]) if bias else 0.0
-        trial = residual + (bits[:, j].float() - shift)[:, None] * column
-        seeds = []
-        for _ in range(2):
-            best = best_split(x, trial, beta, variance, bias)
-            if best is None:
-                break
-            _, _, fire, on, off = best
-            trial = torch.where(fire[:, None], trial - on, trial - off)
-            seeds.append(best)
-        if not seeds or (len(seeds) == 1 and float((seeds[0][2] == bits[:, j]).float().mean()) >= SPLIT_SAME):
-            continue  # nothing, or the bit itself back (a re-fit, moments reset for nothing)
-        old_cost = float(bit_cost(p[j]))
-        new_cost = sum(float(bit_cost(s[2].float().mean())) for s in seeds)
-        before = float(residual.pow(2).sum()) / (n * variance) + beta * old_cost
-        if not float(trial.pow(2).sum()) / (n * variance) + beta * new_cost < before:
-            continue
-        if bias:
-            decoder.bias.add_(column * shift)
-        for slot, seed in zip([j, *slots[:1]], seeds):
-            write_seed(model, optimizer, slot, seed, row_norm)
-            bits[:, slot] = seed[2]
-        slots = slots[len(seeds) - 1 :]
-        residual, replaced = trial, replaced + 1
-        p = bits.float().mean(0)
-    return replaced
