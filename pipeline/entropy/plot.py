@@ -46,9 +46,11 @@ def draw_series(ax: Any, x: np.ndarray, s: dict[str, Any], color: str) -> None:
     if "joint_bits" not in s:
         return
     resolved = (s["verdict"][order] == "resolved").astype(bool)
-    joint = np.where(resolved, s["joint_bits"][order], np.nan)
-    ax.plot(x, joint, color=color, marker=marker, label=f"{label} joint H (resolved)")
-    ax.fill_between(x, s["joint_low"][order], s["joint_high"][order], where=resolved, color=color, alpha=0.25)
+    if resolved.any():  # no legend entry for a line that is not drawn
+        joint = np.where(resolved, s["joint_bits"][order], np.nan)
+        ax.plot(x, joint, color=color, marker=marker, label=f"{label} joint H (resolved)")
+        low, high = s["joint_low"][order], s["joint_high"][order]
+        ax.fill_between(x, low, high, where=resolved, color=color, alpha=0.25)
     lower = (s["verdict"][order] == "lower_bound").astype(bool)
     if lower.any():
         plugin = s["joint_plugin_bits"][order][lower]
