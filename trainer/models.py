@@ -197,6 +197,12 @@ class Autoencoder(nn.Module):
         """Raw hidden states [n, d] -> bool bits [n, n_bits]."""
         return self.bits_of(self.pre_activations(h))
 
+    @torch.no_grad()
+    def encode_typical(self, h: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw hidden states -> (``encode``'s bits, ``typical_raw``'s mask), normalizing them once."""
+        x = self.normalize(self.as_input(h))
+        return self.bits_of(self.encoder(self.encoder_input(x))), self.typical(x)
+
     def encode_bits(self, h: torch.Tensor | np.ndarray) -> np.ndarray:
         """Raw hidden states -> numpy bool bits [n, n_bits]."""
         return self.encode(h).cpu().numpy()

@@ -254,14 +254,16 @@ def unit_counts(spec: CountSpec, unit: int) -> GroupCounts:
         keys, inverse = np.unique(row_keys, return_inverse=True)
         for a in range(0, len(x), spec.batch_rows):
             part = slice(a, a + spec.batch_rows)
-            rows_x = to_device(torch.from_numpy(np.ascontiguousarray(x[part])), device)
+            bits, typical = model.encode_typical(
+                to_device(torch.from_numpy(np.ascontiguousarray(x[part])), device)
+            )
             parts.append(
                 batch_counts(
                     keys,
                     inverse[part],
-                    model.encode(rows_x),
+                    bits,
                     doc_ids[part],
-                    typical=model.typical_raw(rows_x),
+                    typical=typical,
                     bootstrap=spec.bootstrap,
                     bootstrap_seed=spec.bootstrap_seed,
                     pair_bits=spec.pair_bits,

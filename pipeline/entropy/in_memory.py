@@ -68,12 +68,10 @@ def as_bits(
     model = checkpoint if isinstance(checkpoint, Autoencoder) else load_autoencoder(checkpoint)
     if array.shape[1] != model.config.d_model:
         raise BaeError(f"rows have d={array.shape[1]}, the checkpoint expects d={model.config.d_model}")
-    starts = range(0, len(array), batch_rows)
-    bits = np.concatenate([model.encode_bits(array[a : a + batch_rows]) for a in starts])
-    if model.config.typical_radius is None:
-        return bits, None
-    typical = [model.typical_raw(array[a : a + batch_rows]) for a in starts]
-    return bits, torch.cat([t for t in typical if t is not None]).cpu().numpy()
+    parts = [model.encode_typical(array[a : a + batch_rows]) for a in range(0, len(array), batch_rows)]
+    bits = torch.cat([b for b, _ in parts]).cpu().numpy()
+    masks = [t for _, t in parts if t is not None]
+    return bits, torch.cat(masks).cpu().numpy() if masks else None
 
 
 def set_entropy(
