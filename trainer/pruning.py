@@ -223,9 +223,11 @@ class BitMoves:
 
 
 @njit(cache=True)
-def _add_columns(bias: np.ndarray, weight: np.ndarray, order: np.ndarray, rates: np.ndarray) -> None:
+def _add_columns(
+    bias: np.ndarray, weight: np.ndarray, order: np.ndarray, rates: np.ndarray
+) -> None:  # pragma: no cover - compiled
     """bias += weight[:, j] · rate_j for each j of ``order`` in turn, in float32 (each product and
-    sum rounded as ``bias.add_(weight[:, j] * rate)`` rounds them)."""  # pragma: no cover - compiled
+    sum rounded as ``bias.add_(weight[:, j] * rate)`` rounds them)."""
     for i in range(len(order)):
         j, rate = order[i], rates[i]
         for k in range(len(bias)):

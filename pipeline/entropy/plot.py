@@ -19,9 +19,9 @@ HISTOGRAM_GROUPINGS = ("document", "token")
 
 def draw_series(ax: Any, x: np.ndarray, s: dict[str, Any], color: str) -> None:
     """One layer: Σ H_b (dotted, an upper bound), the joint estimate with its interval (solid), the
-    log2 n ceiling (dashed), groups that only give a lower bound as hollow markers (with the plug-in's
-    bootstrap interval when there is one), groups of rows
-    the BAE was not trained on as grey crosses, and the null groups' joint range as a band."""
+    log2 n ceiling (dashed), groups that only give a lower bound as hollow markers (with the
+    plug-in's bootstrap interval when there is one), groups of rows the BAE was not trained on as
+    grey crosses, and the null groups' joint range as a band."""
     order = np.argsort(x, kind="stable")
     x = x[order]
     marker = "o" if len(x) <= 48 else None
