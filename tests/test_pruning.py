@@ -214,7 +214,7 @@ def test_switched_off_bits_stay_off_until_reseeded() -> None:
     every switched-off row the same way: without holding them they would all move alike."""
     from bae.trainer.merge import switch_off
     from bae.trainer.objectives import NormalizedObjective
-    from bae.trainer.pruning import hold_switched_off
+    from bae.trainer.pruning import hold_switched_off, switched_off
 
     torch.manual_seed(1)
     model = BinaryAutoencoder(ModelConfig(d_model=8, expansion=2, estimator="scaled_sigmoid"))
@@ -229,7 +229,8 @@ def test_switched_off_bits_stay_off_until_reseeded() -> None:
     assert model.encoder.weight.grad is not None
     drift = model.encoder.weight.grad[[3, 7]]
     assert bool((drift != 0).any()) and torch.equal(drift[0], drift[1])  # moved, and alike
-    hold_switched_off(model)
+    assert switched_off(model).tolist() == [3, 7]
+    hold_switched_off(model, switched_off(model))
     assert bool((model.encoder.weight.grad[[3, 7]] == 0).all())
     assert model.encoder.bias.grad is not None and bool((model.encoder.bias.grad[[3, 7]] == 0).all())
     assert bool((model.encoder.weight.grad[[0, 1, 2]] != 0).any())  # the others still learn

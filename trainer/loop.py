@@ -28,7 +28,7 @@ from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import NormalizedObjective, Objective, covariance_term, entropy_term
 from bae.trainer.pair_penalties import exact_counts
-from bae.trainer.pruning import BitMoves, hold_switched_off, prune_statistics
+from bae.trainer.pruning import BitMoves, hold_switched_off, prune_statistics, switched_off
 from bae.trainer.target import FVUTarget
 
 DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
@@ -287,6 +287,7 @@ class Trainer:
         state.model.to(device)
         state.window.to(device)
         self.ddp_model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
+        self.held = switched_off(state.model)  # the bits held off until the next merge
         self.last_train: dict[str, Any] = {}
         self.last_val: dict[str, float] = {}
         self.last_checkpoint = state.step
@@ -335,7 +336,7 @@ class Trainer:
         self.accelerator.backward(loss)
         self.note_finite(loss)
         if self.config.prune_reseed:
-            hold_switched_off(st.model)
+            hold_switched_off(st.model, self.held)
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(st.model.parameters(), self.config.grad_clip)
         st.optimizer.step()
@@ -354,6 +355,7 @@ class Trainer:
                 st.pruned += self.prune(x)
                 reseeded, split = self.reseed(x)
                 st.reseeded, st.split = st.reseeded + reseeded, st.split + split
+                self.held = switched_off(st.model)
         st.step += 1
         st.tokens += self.config.batch_size * self.world
         return x, out, terms

@@ -46,27 +46,30 @@ SPLIT_SAME = 0.99  # a lone re-seeded bit agreeing with the replaced one on this
 
 
 @torch.no_grad()
-def hold_switched_off(model: Autoencoder) -> None:
-    """Zero the gradients of switched-off bits (encoder row 0, bias −1, decoder column 0), so that
-    only a re-seed wakes them. Without this the scaled sigmoid's surrogate gradient (never zero for
-    a constant pre-activation) and the entropy term move every switched-off row by the same Adam
+def switched_off(model: Autoencoder) -> torch.Tensor:
+    """The indices of the switched-off bits (encoder row 0, bias −1, decoder column 0). Only the
+    moves switch a bit off or wake it, and a held bit's weights do not change between them, so the
+    trainer finds the set after each merge and holds it until the next."""
+    encoder, decoder = model.encoder, model.decoder
+    if encoder.bias is None:
+        return torch.zeros(0, dtype=torch.long, device=encoder.weight.device)
+    candidates = (encoder.bias == -1).nonzero().squeeze(1)  # the bias first: cheap, and rarely −1
+    keep = (encoder.weight[candidates] == 0).all(dim=1) & (decoder.weight[:, candidates] == 0).all(dim=0)
+    return candidates[keep]
+
+
+@torch.no_grad()
+def hold_switched_off(model: Autoencoder, off: torch.Tensor) -> None:
+    """Zero the gradients of the switched-off bits ``off`` (``switched_off``), so that only a
+    re-seed wakes them. Without this the scaled sigmoid's surrogate gradient (never zero for a
+    constant pre-activation) and the entropy term move every switched-off row by the same Adam
     step along the data's mean, and they come back together as copies of one bit."""
     encoder, decoder = model.encoder, model.decoder
-    if encoder.bias is None or encoder.weight.grad is None:
-        return
-    candidates = (encoder.bias == -1).nonzero().squeeze(1)  # the bias first: cheap, and rarely −1
-    if len(candidates) == 0:
-        return
-    off = candidates[
-        (encoder.weight[candidates] == 0).all(dim=1) & (decoder.weight[:, candidates] == 0).all(dim=0)
-    ]
     if len(off) == 0:
         return
-    encoder.weight.grad[off] = 0
-    if encoder.bias.grad is not None:
-        encoder.bias.grad[off] = 0
-    if decoder.weight.grad is not None:
-        decoder.weight.grad[:, off] = 0
+    for param, dim in ((encoder.weight, 0), (encoder.bias, 0), (decoder.weight, 1)):
+        if param is not None and param.grad is not None:
+            param.grad.index_fill_(dim, off, 0)
 
 
 @torch.no_grad()
