@@ -296,14 +296,15 @@ def pack_columns(bits: torch.Tensor, row_multiple: int = 1) -> np.ndarray:
     return _pack_columns(as_array(bits), m + (-m) % row_multiple)[0]
 
 
-def _use_torch_threads() -> None:
+def use_torch_threads() -> None:
+    """numba's kernels on as many threads as torch's."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
 def bit_counts(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """aᵀb of 0/1 CPU matrices a [t, m], b [t, k] as int32 [m, k] (b omitted: aᵀa), by popcounts
     (``pair_penalties.exact_counts`` picks the product off the CPU)."""
-    _use_torch_threads()
+    use_torch_threads()
     q = pack_columns(a if b is None else b)
     return torch.from_numpy(_counts(pack_columns(a, BLOCK), q)[: a.shape[1]])
 
@@ -335,7 +336,7 @@ class PackedSigns:
         n = values.shape[0]
         out = np.zeros(values.shape, values.dtype)
         offset = self.p_sign.numpy()[self.cols] if centre else np.zeros(len(self.cols))
-        _use_torch_threads()
+        use_torch_threads()
         rows = _pack_rows(values, self.cols, n + (-n) % BLOCK)
         _signed_products(
             rows,
@@ -357,7 +358,7 @@ def packed_signs(bits: torch.Tensor) -> PackedSigns:
     ValueError when ``bits`` holds a value other than 0 and 1."""
     values = as_array(bits)
     n = values.shape[0]
-    _use_torch_threads()
+    use_torch_threads()
     every, ones, binary = _pack_columns(values, values.shape[1])
     if not binary:
         raise ValueError("abs_covariance needs 0/1 bits")

@@ -22,6 +22,7 @@ from torch import nn
 from bae.common.atomic_files import shareable, temporary_dir
 from bae.common.configs import build_config
 from bae.common.errors import BaeError, first_line
+from bae.trainer.binary_decode import decode
 from bae.trainer.config import ModelConfig
 from bae.trainer.provenance import Provenance
 from bae.trainer.run_folder import RunFolder
@@ -175,7 +176,11 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> Codes:
         """Training pass on *normalized* inputs ``x`` [n, d]."""
         bits, code = self.codes(self.encoder(self.encoder_input(x)))
-        return Codes(bits=bits, code=code, recon=self.decoder(code))
+        return Codes(bits=bits, code=code, recon=self.decode_code(code))
+
+    def decode_code(self, code: torch.Tensor) -> torch.Tensor:
+        """The decoder on a training pass's code (normalized space)."""
+        return self.decoder(code)
 
     # -- analysis API: the one encode path every stage uses -------------------------------------
     def as_input(self, h: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -276,6 +281,10 @@ class BinaryAutoencoder(Autoencoder):
         c = self.config
         bits = binary_step(pre, c.threshold, c.estimator, c.temperature)
         return bits, self.code_from_bits(bits)
+
+    def decode_code(self, code: torch.Tensor) -> torch.Tensor:
+        """A one-bit code by its active bits when sparse (``binary_decode.decode``)."""
+        return decode(code, self.decoder) if self.config.k_bits == 1 else self.decoder(code)
 
     def bits_of(self, pre: torch.Tensor) -> torch.Tensor:
         """The step taken in NumPy on CPU (several times faster than torch's compare-and-cast)."""
