@@ -157,7 +157,7 @@ class BitMoves:
                 model.decoder.bias.add_(model.decoder.weight[:, j])  # an always-on bit was part of the bias
             write_seed(model, optimizer, j, best, row_norm)
             _, _, fire, on, off = best
-            residual = torch.where(fire[:, None], residual - on, residual - off)
+            residual.sub_(torch.where(fire[:, None], on, off))
             seeded += 1
         return seeded
 
@@ -203,7 +203,7 @@ class BitMoves:
                 if best is None:
                     break
                 _, _, fire, on, off = best
-                trial = torch.where(fire[:, None], trial - on, trial - off)
+                trial.sub_(torch.where(fire[:, None], on, off))
                 seeds.append(best)
             if not seeds or (
                 len(seeds) == 1 and float((seeds[0][2] == bits[:, j]).float().mean()) >= SPLIT_SAME
@@ -274,6 +274,15 @@ def _greedy_prune(
         removed += 1
 
 
+def lower_medians(values: torch.Tensor) -> torch.Tensor:
+    """Each column's lower median (``torch.median(dim=0)``'s values: the ⌊(n − 1)/2⌋-th smallest),
+    by numpy's partition on the CPU (a third of the time)."""
+    k = (len(values) - 1) // 2
+    if values.device.type != "cpu" or bool(values.isnan().any()):
+        return values.median(dim=0).values
+    return torch.from_numpy(np.partition(values.T.numpy(), k, axis=1)[:, k].copy())
+
+
 def best_split(
     x: torch.Tensor, residual: torch.Tensor, beta: float, variance: float, bias: bool
 ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -292,7 +301,7 @@ def best_split(
     rows = order[torch.linspace(0, len(order) - 1, min(RESEED_CANDIDATES, len(order))).round().long()]
     u = residual[rows] / err[rows].sqrt().clamp_min(1e-30)[:, None]  # [c, d]
     proj = x.float() @ u.T  # [n, c]
-    t = 0.5 * (proj[rows, torch.arange(len(rows))] + proj.median(dim=0).values)
+    t = 0.5 * (proj[rows, torch.arange(len(rows))] + lower_medians(proj))
     fire = proj > t
     m = fire.sum(0).to(residual.dtype)  # [c]
     on_sum = fire.to(residual.dtype).T @ residual  # [c, d]
