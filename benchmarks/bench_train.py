@@ -32,8 +32,8 @@ import torch
 D, EXPANSION, BATCH = 576, 4, 512
 
 
-def make_store(path: Path, n_rows: int, d: int = D) -> None:
-    """A store of standard normal rows (seed 0) at layer 1."""
+def make_store(path: Path, n_rows: int, d: int = D, rows: np.ndarray | None = None) -> None:
+    """A store of ``rows`` (default: standard normal rows, seed 0) at layer 1."""
     from bae.stores import ActivationStore, StoreLayout
 
     rng = np.random.default_rng(0)
@@ -41,14 +41,14 @@ def make_store(path: Path, n_rows: int, d: int = D) -> None:
     store = ActivationStore.create(path, layout, attrs={"config": {"bench": n_rows}})
     for u in range(layout.n_units):
         a, b = layout.unit_range(u)
-        rows = np.arange(a, b)
-        x = rng.standard_normal((b - a, d), dtype=np.float32)
+        index = np.arange(a, b)
+        x = rng.standard_normal((b - a, d), dtype=np.float32) if rows is None else rows[a:b]
         store.write_unit(
             u,
             layers={1: x},
-            token_ids=rows % 1000,
-            doc_ids=rows // 256,
-            positions=rows % 256,
+            token_ids=index % 1000,
+            doc_ids=index // 256,
+            positions=index % 256,
             valid=np.ones(b - a, bool),
         )
 
