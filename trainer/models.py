@@ -22,7 +22,6 @@ from torch import nn
 from bae.common.atomic_files import shareable, temporary_dir
 from bae.common.configs import build_config
 from bae.common.errors import BaeError, first_line
-from bae.trainer.binary_decode import decode
 from bae.trainer.config import ModelConfig
 from bae.trainer.provenance import Provenance
 from bae.trainer.run_folder import RunFolder
@@ -284,7 +283,11 @@ class BinaryAutoencoder(Autoencoder):
 
     def decode_code(self, code: torch.Tensor) -> torch.Tensor:
         """A one-bit code by its active bits when sparse (``binary_decode.decode``)."""
-        return decode(code, self.decoder) if self.config.k_bits == 1 else self.decoder(code)
+        if self.config.k_bits != 1:
+            return self.decoder(code)
+        from bae.trainer.binary_decode import decode  # numba: training only, not `bae entropy`'s start-up
+
+        return decode(code, self.decoder)
 
     def bits_of(self, pre: torch.Tensor) -> torch.Tensor:
         """The step taken in NumPy on CPU (several times faster than torch's compare-and-cast)."""
