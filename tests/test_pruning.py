@@ -249,3 +249,19 @@ def test_prune_reseed_is_refused_where_it_would_do_nothing(options: dict) -> Non
     with pytest.raises(ValueError, match="prune_reseed"):
         TrainConfig(store="s.zarr", layer=0, out="run", prune_reseed=True, **options)
     TrainConfig(store="s.zarr", layer=0, out="run", **options)  # without the option they are fine
+
+
+def test_the_moves_run_on_one_cpu_thread_and_give_the_threads_back() -> None:
+    from bae.trainer.loop import one_cpu_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError), one_cpu_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("a move failed")
+        assert torch.get_num_threads() == 2
+        with one_cpu_thread(torch.device("meta")):
+            assert torch.get_num_threads() == 2  # not a CPU: the host's threads untouched
+    finally:
+        torch.set_num_threads(before)

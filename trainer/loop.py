@@ -237,6 +237,19 @@ class TrainState:
 
 
 @contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """torch on one thread inside (on a CPU): the re-seed and the split are hundreds of small tensor
+    ops one after another, which two threads ran 1.5× slower than one (fork and join per op)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
 def float32_matmuls(device: torch.device, tf32: bool) -> Iterator[None]:
     """Float32 matrix products on CUDA's TF32 tensor cores while inside (``--tf32``; the setting is
     restored on exit); nothing changes off CUDA or without ``tf32``."""
@@ -443,7 +456,8 @@ class Trainer:
         fired, rows = idle_counts[:-1], idle_counts[-1]
         idle = (fired == 0) | (fired == rows)
         moves = BitMoves(st.model, st.optimizer, self.entropy_weight(), st.variance)
-        return moves.reseed(x, idle), moves.split(x, idle)
+        with one_cpu_thread(x.device):
+            return moves.reseed(x, idle), moves.split(x, idle)
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Every process's rows ``x`` (their counts may differ), concatenated in rank order."""
