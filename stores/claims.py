@@ -2,9 +2,12 @@
 Job, spot instances: no rendezvous, no coordinator) share one store's work.
 
 A process claims a unit before computing it by creating ``.<store>.claims/unit-NNNNNNNN.json``
-beside the store (outside its Zarr hierarchy) with ``O_CREAT | O_EXCL`` (atomic on local file
-systems and on NFS v3+), holding its owner and an expiry time; a background thread renews the
-lease while the unit is computed, and the file is removed once the unit is recorded done. A lease
+beside the store (outside its Zarr hierarchy) as a hard link to a private file that already holds
+its owner and an expiry time (``link`` is atomic and exclusive on local file systems and on NFS, and
+the lease is never seen empty: an owner killed between an exclusive create and its write once left
+an empty file that no one took over; such a file is now taken over once a lease's length old); a
+background thread renews the lease while the unit is computed, and the file is removed once the unit
+is recorded done. A lease
 past its expiry (a killed or preempted owner), or one whose owner is a dead process on this host,
 is taken over by replacing the file and reading it back. Claims only divide the work: the store's
 ``units/done`` flags stay the single record of completion, and a unit's bytes do not depend on
@@ -79,20 +82,40 @@ class UnitClaims:
             return False
         return False
 
+    def unreadable_and_old(self, unit: int) -> bool:
+        """A lease file that holds no lease (left by an owner killed while writing it, before
+        leases were written whole) and has not been touched for a lease's length."""
+        try:
+            return self.path(unit).stat().st_mtime < time.time() - self.lease_seconds
+        except FileNotFoundError:
+            return False
+
+    def create(self, unit: int) -> bool:
+        """Create ``unit``'s lease file with this process's lease already in it (written to a
+        private file, then hard-linked into place: the link is the atomic, exclusive step, so no
+        process ever sees the file empty). False when the file exists."""
+        private = self.dir / f".{self.owner.replace(':', '-')}-{unit}.tmp"
+        private.write_text(json.dumps(self._lease()))
+        try:
+            os.link(private, self.path(unit))
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            private.unlink(missing_ok=True)
+
     def try_claim(self, unit: int) -> bool:
         """Claim ``unit`` if nobody holds a live lease on it."""
-        try:
-            fd = os.open(self.path(unit), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            lease = self.read(unit)
-            if lease is None or not self.is_stale(lease):
-                return False
-            atomic_write_json(self.path(unit), self._lease())  # take over; the last writer wins
-            lease = self.read(unit)
-            return lease is not None and lease.get("owner") == self.owner
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._lease(), f)
-        return True
+        if self.create(unit):
+            return True
+        lease = self.read(unit)
+        if lease is None and not self.unreadable_and_old(unit):
+            return False  # caught mid-replace, or gone: try again later
+        if lease is not None and not self.is_stale(lease):
+            return False
+        atomic_write_json(self.path(unit), self._lease())  # take over; the last writer wins
+        lease = self.read(unit)
+        return lease is not None and lease.get("owner") == self.owner
 
     def release(self, unit: int) -> None:
         """Drop this process's lease on ``unit`` (after the unit is recorded done, or on a stop)."""

@@ -80,3 +80,27 @@ def test_a_bae_pass_decodes_a_sparse_code_by_its_active_bits(monkeypatch: pytest
     assert torch.allclose(out.recon, model.decoder(out.code), rtol=1e-6, atol=1e-6)
     monkeypatch.setattr(binary_decode, "SPARSE_DENSITY", 0.0)  # the same pass as a GEMM
     assert "SparseDecode" not in type(model(x).recon.grad_fn).__name__
+
+
+def test_the_sums_are_the_same_bits_on_one_thread_and_two() -> None:
+    """Each row's and each column's sum is one thread's, in a fixed order: repeated calls and thread
+    counts give bitwise the same output and weight gradient (the sums' own part of a resumed run)."""
+    torch.manual_seed(5)
+    linear = nn.Linear(2304, 96)
+    bits = sparse_bits(509, 2304, SPARSE_DENSITY / 2, seed=5).requires_grad_()
+    grad = torch.randn(509, 96)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            linear.zero_grad()
+            bits.grad = None
+            out = decode(bits, linear)
+            out.backward(grad)
+            results.append([out.detach(), linear.weight.grad])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a is not None and b is not None and torch.equal(a, b)

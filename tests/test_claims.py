@@ -46,6 +46,21 @@ def test_a_unit_is_held_by_one_process_until_its_lease_is_stale(tmp_path: Path) 
     assert b.try_claim(7)
 
 
+def test_a_lease_file_is_never_empty_and_an_old_empty_one_is_taken_over(tmp_path: Path) -> None:
+    """An owner killed between creating its lease file and writing it left an empty file that every
+    other process read as 'caught mid-replace' and waited on forever (seen in a test run): leases
+    now appear whole, and an unreadable one a lease's length old is taken over."""
+    a, b = UnitClaims(tmp_path / "s.zarr", 30.0), UnitClaims(tmp_path / "s.zarr", 30.0)
+    assert a.try_claim(0)
+    assert a.read(0)["owner"] == a.owner  # type: ignore[index]  # whole from the first instant
+    assert [p.name for p in claims_dir(tmp_path / "s.zarr").iterdir()] == ["unit-00000000.json"]
+    a.path(4).write_text("")  # what a killed owner used to leave
+    assert not b.try_claim(4)  # fresh: perhaps a file caught mid-replace
+    old = time.time() - 31
+    os.utime(a.path(4), (old, old))
+    assert b.try_claim(4) and b.read(4)["owner"] == b.owner  # type: ignore[index]
+
+
 def test_a_held_lease_is_renewed_and_released(tmp_path: Path) -> None:
     claims = UnitClaims(tmp_path / "s.zarr", 0.6)
     assert claims.try_claim(3)

@@ -174,12 +174,18 @@ def test_sigterm_checkpoints_and_exits_nonzero(store: Path, tmp_path: Path) -> N
     assert load_autoencoder(out).n_bits == 64  # loadable from the run dir via the checkpoint
 
 
-def test_torchrun_two_processes_end_identical(sparse_store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("decoder", ["gemm", "sparse"])
+def test_torchrun_two_processes_end_identical(sparse_store: Path, tmp_path: Path, decoder: str) -> None:
+    """Both ranks end with the same weights, with the decoder as a GEMM and as the sparse sums
+    (``binary_decode``, forced here at any density: its gradient reduced across processes)."""
     store = sparse_store
     script = tmp_path / "ddp.py"
+    density = 1.0 if decoder == "sparse" else -1.0
     script.write_text(
         "import os\n"
         "from safetensors.torch import save_file\n"
+        "from bae.trainer import binary_decode\n"
+        f"binary_decode.SPARSE_DENSITY = {density}\n"
         "from bae.trainer.config import TrainConfig\n"
         "from bae.trainer.run import train\n"
         f"cfg = TrainConfig(store={str(store)!r}, layer=3, steps=60, batch_size=32, log_every=10,"
