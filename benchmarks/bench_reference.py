@@ -131,28 +131,22 @@ def warm_up() -> None:
             run_child(["--steps", "60", "--store", str(store), "--child", child], 1)
 
 
-def store_width(path: Path) -> int:
-    """d of a bae store."""
+def store_rows(path: Path, layer: int, n_rows: int, least: int) -> np.ndarray:
+    """Up to ``n_rows`` rows of ``layer`` of the bae store at ``path`` past each window's first
+    position (the attention sink), at least ``least``, in a seeded random order (bae's longer run
+    takes more than one epoch of them). BaeError when the store cannot give them."""
+    from bae.common.errors import BaeError
     from bae.stores import ActivationStore
 
-    return ActivationStore.open(path).d_model
-
-
-def bench_rows(args: argparse.Namespace, d: int, n_rows: int, least: int) -> np.ndarray:
-    """The rows every child trains on (``n_rows``): standard normal (seed 0), or up to ``n_rows`` of
-    ``--rows-from``'s rows of ``--layer`` past each window's first position (the attention sink), at
-    least ``least``, in a seeded random order (bae's longer run takes more than one epoch of them)."""
-    if args.rows_from is None:
-        return np.random.default_rng(0).standard_normal((n_rows, d), dtype=np.float32)
-    from bae.stores import ActivationStore
-
-    store = ActivationStore.open(args.rows_from)
+    store = ActivationStore.open(path)
+    if layer not in store.layers:
+        raise BaeError(f"{path} holds layers {store.layers}, not --layer {layer}")
     meta = store.read_rows(0, store.n_rows)
     index = np.flatnonzero(meta["valid"] & (meta["positions"] > 0))
     if len(index) < least:
-        raise SystemExit(f"error: {args.rows_from} holds {len(index)} rows past position 0; {least} needed")
+        raise BaeError(f"{path} holds {len(index)} valid rows past position 0; the run needs {least}")
     index = np.sort(np.random.default_rng(0).choice(index, min(n_rows, len(index)), replace=False))
-    rows = store.read_layer(args.layer, 0, store.n_rows)[index].astype(np.float32)
+    rows = store.read_layer(layer, 0, store.n_rows)[index].astype(np.float32)
     return rows[np.random.default_rng(1).permutation(len(rows))]
 
 
@@ -184,18 +178,30 @@ def main() -> None:
     if args.reference is None or not (args.reference / "train" / "trainer.py").is_file():
         print("reference code not found (pass --reference PATH to a Binary_Autoencoder checkout); skipped")
         return
+    shapes = [(d, None) for d in args.dims]
+    if args.rows_from is not None:  # one shape: the store's
+        from bae.common.errors import BaeError  # not at the top: `import bae` sets the children's OpenMP
+
+        n_rows = max(args.steps[0], args.default_steps) * BATCH
+        try:
+            loaded = store_rows(args.rows_from, args.layer, n_rows, args.steps[0] * BATCH)
+        except BaeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        shapes = [(loaded.shape[1], loaded)]
     source = "standard normal rows" if args.rows_from is None else f"{args.rows_from} layer {args.layer}"
     print(f"torch {torch.__version__}; {source}; batch {BATCH}, Adam lr 5e-4, λ_H = λ_D = {LAMBDA:g}")
     header = ["d", "d'", "threads", "steps", "reference", "paper", "x", "normalized", "x", "defaults", "x"]
     header += ["l0", "products", "x"]
     print(" ".join(f"{h:>10}" for h in header))
-    dims = args.dims if args.rows_from is None else [store_width(args.rows_from)]
     warm_up()
-    for d, steps in zip(dims, args.steps):
+    for (d, loaded), steps in zip(shapes, args.steps):
         with tempfile.TemporaryDirectory() as tmp:
             n_rows = max(steps, args.default_steps) * BATCH
             rows_file, store = Path(tmp) / "rows.npy", Path(tmp) / "rows.zarr"
-            rows = bench_rows(args, d, n_rows, steps * BATCH)
+            if loaded is None:
+                loaded = np.random.default_rng(0).standard_normal((n_rows, d), dtype=np.float32)
+            rows = loaded
             np.save(rows_file, rows)
             make_store(store, len(rows), d, rows)
             for threads in args.threads:

@@ -3,18 +3,17 @@ Job, spot instances: no rendezvous, no coordinator) share one store's work.
 
 A process claims a unit before computing it by creating ``.<store>.claims/unit-NNNNNNNN.json``
 beside the store (outside its Zarr hierarchy) as a hard link to a private file that already holds
-its owner and an expiry time (``link`` is atomic and exclusive on local file systems and on NFS, and
-the lease is never seen empty: an owner killed between an exclusive create and its write once left
-an empty file that no one took over; such a file is now taken over once a lease's length old); a
-background thread renews the lease while the unit is computed, and the file is removed once the unit
-is recorded done. A lease
-past its expiry (a killed or preempted owner), or one whose owner is a dead process on this host,
-is taken over by replacing the file and reading it back. Claims only divide the work: the store's
-``units/done`` flags stay the single record of completion, and a unit's bytes do not depend on
-who computes it, so the rare race of two processes taking over one stale lease at the same
-instant costs a duplicated unit, never a different store. Requires clocks that agree to well
-within the lease (NTP). Stores behind URLs are not claimed (object stores have no exclusive
-create that every fsspec backend offers): processes there split nothing, as before.
+its owner and an expiry time: ``link`` is atomic and exclusive on local file systems and on NFS, and
+no process ever sees the lease empty (an exclusive create followed by a write left an empty file
+when its owner was killed in between; an unreadable lease a lease's length old is taken over). A
+background thread renews the lease while the unit is computed, and the file is removed once the
+unit is recorded done. A lease past its expiry (a killed or preempted owner), or one whose owner is
+a dead process on this host, is taken over by replacing the file and reading it back. Claims only
+divide the work: the store's ``units/done`` flags stay the single record of completion, and a unit's
+bytes do not depend on who computes it, so the rare race of two processes taking over one stale
+lease at the same instant costs a duplicated unit, never a different store. Requires clocks that
+agree to well within the lease (NTP). Stores behind URLs are not claimed (object stores have no
+exclusive create that every fsspec backend offers): processes there split nothing, as before.
 """
 
 from __future__ import annotations
@@ -83,8 +82,8 @@ class UnitClaims:
         return False
 
     def unreadable_and_old(self, unit: int) -> bool:
-        """A lease file that holds no lease (left by an owner killed while writing it, before
-        leases were written whole) and has not been touched for a lease's length."""
+        """``unit``'s lease file holds no lease (an owner killed while writing it) and has not been
+        touched for a lease's length."""
         try:
             return self.path(unit).stat().st_mtime < time.time() - self.lease_seconds
         except FileNotFoundError:

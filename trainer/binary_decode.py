@@ -121,12 +121,14 @@ def _weight_grad(first: np.ndarray, rows: np.ndarray, g: np.ndarray) -> np.ndarr
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, bits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, starts: np.ndarray
+        ctx: Any,
+        bits: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        starts: np.ndarray,
+        columns: np.ndarray,
     ) -> torch.Tensor:
-        values = as_array(bits)
-        columns = _active_columns(values, starts)
-        zero = np.zeros(weight.shape[0], np.float32)
-        b = zero if bias is None else as_array(bias)
+        b = np.zeros(weight.shape[0], np.float32) if bias is None else as_array(bias)
         ctx.starts, ctx.columns, ctx.has_bias = starts, columns, bias is not None
         ctx.save_for_backward(weight)
         return torch.from_numpy(_decode_rows(starts, columns, _transpose(as_array(weight)), b))
@@ -141,7 +143,7 @@ class _SparseDecode(torch.autograd.Function):
             first, rows = _by_column(ctx.starts, ctx.columns, weight.shape[1])
             grad_weight = torch.from_numpy(_weight_grad(first, rows, as_array(grad)))
         grad_bias = grad.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_bits, grad_weight, grad_bias, None
+        return grad_bits, grad_weight, grad_bias, None, None
 
 
 def decode(bits: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
@@ -152,7 +154,8 @@ def decode(bits: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     if plain or bits.dtype != torch.float32 or weight.dtype != torch.float32:
         return linear(bits)
     use_torch_threads()
-    starts = _row_starts(as_array(bits))
+    values = as_array(bits)
+    starts = _row_starts(values)
     if starts[-1] > SPARSE_DENSITY * bits.numel():
         return linear(bits)
-    return _SparseDecode.apply(bits, weight, linear.bias, starts)
+    return _SparseDecode.apply(bits, weight, linear.bias, starts, _active_columns(values, starts))
