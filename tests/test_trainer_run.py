@@ -24,6 +24,12 @@ from bae.trainer.config import TrainConfig
 from bae.trainer.run import train
 
 BAE = [sys.executable, "-m", "bae.cli"]
+SPARSE_DECODER_BAE = [  # the CLI with the decoder's sparse sums taken at any density
+    sys.executable,
+    "-c",
+    "import sys; from bae.trainer import binary_decode; binary_decode.SPARSE_DENSITY = 1.0; "
+    "from bae.cli import main; sys.argv[0] = 'bae'; main()",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -112,8 +118,16 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.005)
 
 
-def test_sigkill_then_resume_is_bit_identical(sparse_store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("decoder", ["default", "sparse"])
+def test_sigkill_then_resume_is_bit_identical(sparse_store: Path, tmp_path: Path, decoder: str) -> None:
+    """``sparse``: the decoder as the sparse sums at any density (``binary_decode``), so the whole
+    run, killed and resumed, goes through them."""
     store = sparse_store
+    cmd = BAE if decoder == "default" else SPARSE_DECODER_BAE
+
+    def run_bae(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, env=ENV, timeout=300)
+
     # the normalized objective at a target FVU: the dual-ascent state must resume exactly too
     # with prunes and re-seeds (opt-in), which write weights and Adam moments
     extra = ("--steps", "300", "--checkpoint-every", "20", "--target-fvu", "0.3", "--merge-every", "7")
@@ -124,7 +138,7 @@ def test_sigkill_then_resume_is_bit_identical(sparse_store: Path, tmp_path: Path
     assert moves["pruned_bits"] > 0 and moves["reseeded_bits"] > 0 and moves["split_bits"] > 0, moves
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        [*BAE, *train_args(store, out, *extra)],
+        [*cmd, *train_args(store, out, *extra)],
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
