@@ -89,12 +89,39 @@ def written(stdout: str) -> int:
     return int(re.search(r"units\s+(\d+) written now", stdout).group(1))  # type: ignore[union-attr]
 
 
+# The whole job computes in well under a second and a process takes seconds to import: started
+# plainly, one process could finish every unit before the others were up (CI saw [0, 0, 88]). Each
+# process imports the CLI, reports ready, and starts the harvest when the test says go.
+AT_THE_LINE = """
+import sys, time
+from pathlib import Path
+from bae.cli import main
+import bae.pipeline.harvest.run
+ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+sys.argv = ["bae", *sys.argv[3:]]
+main()
+"""
+
+
 def test_independent_processes_share_the_units_and_make_the_same_store(job: dict, tmp_path: Path) -> None:
-    store = tmp_path / "shared.zarr"
+    store, go = tmp_path / "shared.zarr", tmp_path / "go"
+    ready = [tmp_path / f"ready-{i}" for i in range(3)]
     procs = [
-        subprocess.Popen([*BAE, *job["args"], "-o", str(store)], env=ENV, stdout=subprocess.PIPE, text=True)
-        for _ in range(3)
+        subprocess.Popen(
+            [sys.executable, "-c", AT_THE_LINE, str(r), str(go), *job["args"], "-o", str(store)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in ready
     ]
+    deadline = time.time() + 300
+    while not all(r.exists() for r in ready) and time.time() < deadline:
+        time.sleep(0.01)
+    go.touch()
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     counts = [written(out) for out in outs]
