@@ -3,8 +3,11 @@ its output.
 
 A pipeline file has a ``workdir`` and one section per stage, each holding that stage's own config
 fields (as in ``bae harvest/train/entropy/evaluate --config``). The paths that link the stages are
-derived from the workdir: ``<workdir>/activations.zarr``, ``<workdir>/bae-layer<L>/``,
-``<workdir>/entropy/``, ``<workdir>/evaluate/``.
+derived from the workdir: ``<workdir>/activations.zarr``, ``<workdir>/bae-layer<L>/`` (and
+``bae-layer<L>-seed<S>/`` for each further training), ``<workdir>/entropy/``, ``<workdir>/evaluate/``.
+Each layer is trained ``trainings`` times (seeds ``seed``, ``seed`` + 1, ...): the entropy stage reads
+them together, so its intervals hold the spread between trainings as well as the documents'
+sampling (on the default job the spread between two trainings exceeded the bootstrap intervals).
 With no file, the embedded default runs: SmolLM2-135M on AG News (``staicc:agnews``, thousands of
 news texts, so each position group holds thousands of rows), one middle layer, a short training run
 of the normalized objective, entropy per token position against shuffled-group nulls, and what
@@ -60,6 +63,11 @@ class PipelineConfig(StrictModel):
 
     workdir: str = Field(default="runs/default", description="where the store, checkpoints and results go")
     stages: list[Stage] = Field(default=list(STAGES), description="stages to run, in pipeline order")
+    trainings: int = Field(
+        default=3,
+        ge=1,
+        description="BAEs trained per layer (seeds seed, seed + 1, ...), read together by the entropy stage",
+    )
     harvest: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_HARVEST))
     train: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_TRAIN))
     entropy: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_ENTROPY))
@@ -74,9 +82,10 @@ def _linked(section: dict[str, Any], stage: str, links: dict[str, Any]) -> dict[
     return {**section, **links}
 
 
-def layer_run(workdir: Path, layer: int) -> RunFolder:
-    """The run folder ``bae run`` trains one layer into."""
-    return RunFolder.at(workdir / f"{LAYER_RUN_PREFIX}{layer}")
+def layer_run(workdir: Path, layer: int, seed: int | None = None) -> RunFolder:
+    """The run folder ``bae run`` trains one layer into (a further training: ``seed`` given)."""
+    suffix = "" if seed is None else f"-seed{seed}"
+    return RunFolder.at(workdir / f"{LAYER_RUN_PREFIX}{layer}{suffix}")
 
 
 def _harvest_config(cfg: PipelineConfig, store_path: str) -> HarvestConfig:
@@ -85,10 +94,27 @@ def _harvest_config(cfg: PipelineConfig, store_path: str) -> HarvestConfig:
     )
 
 
-def _train_config(cfg: PipelineConfig, store_path: str, layer: int, out: Path) -> TrainConfig:
+def _train_config(
+    cfg: PipelineConfig, store_path: str, layer: int, out: Path, seed: int | None = None
+) -> TrainConfig:
     section = {k: v for k, v in cfg.train.items() if k != "layer"}
+    if seed is not None:
+        section["seed"] = seed
     links = {"store": store_path, "layer": layer, "out": str(out)}
     return build_config(TrainConfig, _linked(section, "train", links), "pipeline train")
+
+
+def _layer_trainings(
+    cfg: PipelineConfig, store_path: str, workdir: Path, layer: int
+) -> list[tuple[RunFolder, TrainConfig]]:
+    """A layer's trainings: the first into ``bae-layer<L>`` with the section's seed, the i-th
+    further one into ``bae-layer<L>-seed<S>`` with seed S = the section's seed + i."""
+    first = _train_config(cfg, store_path, layer, layer_run(workdir, layer).root)
+    runs = [(layer_run(workdir, layer), first)]
+    for seed in range(first.seed + 1, first.seed + cfg.trainings):
+        run = layer_run(workdir, layer, seed)
+        runs.append((run, _train_config(cfg, store_path, layer, run.root, seed)))
+    return runs
 
 
 def _entropy_config(cfg: PipelineConfig, store_path: str, checkpoints: list[str], out: Path) -> EntropyConfig:
@@ -128,9 +154,9 @@ def _train(cfg: PipelineConfig, store_path: str, workdir: Path) -> list[RunFolde
     layers = [cfg.train["layer"]] if "layer" in cfg.train else store.layers
     runs = []
     for layer in layers:
-        run = layer_run(workdir, layer)
-        train(_train_config(cfg, store_path, layer, run.root))
-        runs.append(run)
+        for run, config in _layer_trainings(cfg, store_path, workdir, layer):
+            train(config)
+            runs.append(run)
     return runs
 
 
@@ -159,11 +185,22 @@ def _evaluate(cfg: PipelineConfig, store_path: str, runs: list[RunFolder], workd
     if result.interrupted:
         raise BaeError("evaluate interrupted; completed units are recorded, re-run `bae run` to resume")
     spliced = [r for r in result.rows if r["checkpoint"]]
-    shown = [
-        {k: v if v is None else round(v, 4) for k, v in r.items() if k in ("ce_recovered", "kl")}
-        for r in spliced
-    ]
-    return ", ".join(f"layer {r['layer']}: {s}" for r, s in zip(spliced, shown))
+    return "; ".join(
+        _spliced_text(layer, [r for r in spliced if r["layer"] == layer])
+        for layer in sorted({r["layer"] for r in spliced})
+    )
+
+
+def _spliced_text(layer: int, rows: list[dict[str, Any]]) -> str:
+    """A layer's CE recovered and KL: the value, or the range over its trainings."""
+    parts = []
+    for key, what in (("ce_recovered", "CE recovered"), ("kl", "KL")):
+        values = [r[key] for r in rows if r[key] is not None]
+        if values:
+            low, high = min(values), max(values)
+            parts.append(f"{what} {low:.4f}" + (f"..{high:.4f}" if len(values) > 1 else ""))
+    trainings = f" over {len(rows)} trainings" if len(rows) > 1 else ""
+    return f"layer {layer}: {', '.join(parts) or 'no spliced result'}{trainings}"
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:

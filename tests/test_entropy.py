@@ -21,6 +21,8 @@ from bae.common.configs import build_config
 from bae.common.errors import BaeError
 from bae.pipeline.entropy.counts import ConstantKey, CountSpec, DocumentKey, RowKey, count_groups
 from bae.pipeline.entropy.run import EntropyConfig, run_entropy
+from bae.pipeline.entropy.trainings import combined_verdict
+from bae.pipeline.entropy.verdict import VerdictRules
 from bae.stores import RowFilter
 
 
@@ -57,7 +59,7 @@ def test_entropy_per_position_is_exact(known, tmp_path):
     out = tmp_path / "out"
     np.testing.assert_equal(pq.read_table(out / "entropy.parquet").to_pydict(), table)  # NaN == NaN
     header = (out / "entropy.csv").read_text().splitlines()[0]
-    assert header.startswith('"layer","checkpoint","checkpoint_fvu","position"')
+    assert header.startswith('"layer","checkpoint","checkpoint_fvu","trainings","position"')
     assert (out / "entropy.png").stat().st_size > 0
     assert json.loads((out / "entropy_config.json").read_text())["config"]["bootstrap"] == 16
 
@@ -168,6 +170,60 @@ def test_per_position_checkpoints_cover_their_positions(known, tmp_path):
     overlap = EntropyConfig(store=store.url, checkpoints=[str(early), str(known[2])], out=str(tmp_path / "x"))
     with pytest.raises(BaeError, match="both cover layer 4"):
         run_entropy(overlap, show_progress=False)
+
+
+def test_trainings_of_one_model_are_read_together(known, tmp_path):
+    """Two checkpoints of one layer and positions are two trainings: each keeps its rows, and one
+    more row per group holds their mean, the hull of their intervals and their spread."""
+    store, data, ckpt = known
+    other = save_bae(tmp_path / "seed5", identity=False, seed=5)
+    w = load_file(str(other / "model.safetensors"))
+    pre = data["states"] @ w["encoder.weight"].T.astype(np.float64) + w["encoder.bias"]
+    assert np.abs(pre).min() > 1e-5  # float32 and float64 agree on every bit
+    config = EntropyConfig(
+        store=store.url, checkpoints=[str(ckpt), str(other)], out=str(tmp_path / "o"), bootstrap=8
+    )
+    result = run_entropy(config, show_progress=False)
+    table = result.table.to_pydict()
+    rows = {k: np.array(table["trainings"]) == k for k in (1, 2)}
+    assert rows[1].sum() == 2 * rows[2].sum() and table["trainings"][-1] == 2
+    combined = {name: np.array(col, dtype=object)[rows[2]] for name, col in table.items()}
+    single = {name: np.array(col, dtype=object)[rows[1]].reshape(2, -1) for name, col in table.items()}
+    assert combined["checkpoint"][0] == f"{ckpt};{other}"
+    real = np.array([g is None for g in combined["null_group"]])
+    v = data["valid"]
+    for bits, row in ((data["bits"], 0), (pre > 0, 1)):
+        exact = exact_entropy(bits[v], data["positions"][v])
+        positions = list(single["position"][row][real])
+        np.testing.assert_allclose(
+            list(single["entropy_bits"][row][real]), [exact[p] for p in positions], rtol=1e-12
+        )
+    f = lambda name: single[name].astype(np.float64)  # noqa: E731
+    np.testing.assert_allclose(combined["entropy_bits"].astype(float), f("entropy_bits").mean(0), rtol=1e-12)
+    np.testing.assert_allclose(combined["entropy_spread_bits"].astype(float), np.ptp(f("entropy_bits"), 0))
+    np.testing.assert_allclose(
+        combined["plugin_spread_bits"].astype(float), np.ptp(f("joint_plugin_bits"), 0)
+    )
+    np.testing.assert_allclose(combined["ci_low"].astype(float), f("ci_low").min(0))
+    np.testing.assert_allclose(combined["ci_high"].astype(float), f("ci_high").max(0))
+    np.testing.assert_allclose(
+        combined["joint_plugin_ci_high"].astype(float), f("joint_plugin_ci_high").max(0)
+    )
+    for g, verdicts in enumerate(single["verdict"].T):
+        if len(set(verdicts)) == 1 and verdicts[0] != "resolved":
+            assert combined["verdict"][g] == verdicts[0]
+    assert "2 trainings" in " ".join(result.summary) and "hull" in " ".join(map(str, result.summary.values()))
+    assert (tmp_path / "o" / "entropy.png").stat().st_size > 0
+
+
+def test_the_verdict_of_several_trainings_is_the_weakest_they_support_together():
+    rules = VerdictRules()
+    assert combined_verdict(["resolved", "resolved"], 3.0, 3.8, rules) == "resolved"
+    assert combined_verdict(["resolved", "resolved"], 3.0, 4.2, rules) == "unstable"  # apart
+    assert combined_verdict(["resolved", "lower_bound"], 3.0, 3.2, rules) == "lower_bound"
+    assert combined_verdict(["resolved", "collapsed"], 0.0, 0.1, rules) == "unstable"
+    assert combined_verdict(["lower_bound", "atypical"], np.nan, np.nan, rules) == "atypical"
+    assert combined_verdict(["collapsed", "collapsed"], np.nan, np.nan, rules) == "collapsed"
 
 
 def test_bad_input_is_one_clear_line(known, tmp_path):

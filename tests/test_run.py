@@ -88,6 +88,9 @@ def test_killed_during_training_resumes_from_cache_and_matches(inputs, tmp_path)
     a = load_file(tmp_path / "ref" / "bae-layer2" / "model" / "model.safetensors")
     b = load_file(work / "bae-layer2" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    third = load_file(work / "bae-layer2-seed2" / "model" / "model.safetensors")  # the default 3 trainings
+    assert not np.array_equal(third["encoder.weight"], b["encoder.weight"])  # another seed
+    assert "over 3 trainings" in again.stdout and "layer 2 (3 trainings)" in again.stdout
     csv_a = (tmp_path / "ref" / "entropy" / "entropy.csv").read_text()
     csv_b = (work / "entropy" / "entropy.csv").read_text()
     assert csv_a.replace(str(tmp_path / "ref"), "W") == csv_b.replace(str(work), "W")

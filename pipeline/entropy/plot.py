@@ -20,7 +20,8 @@ HISTOGRAM_GROUPINGS = ("document", "token")
 def draw_series(ax: Any, x: np.ndarray, s: dict[str, Any], color: str) -> None:
     """One layer: Σ H_b (dotted, an upper bound), the joint estimate with its interval (solid), the
     log2 n ceiling (dashed), groups that only give a lower bound as hollow markers (with the
-    plug-in's bootstrap interval when there is one), groups of rows the BAE was not trained on as
+    plug-in's bootstrap interval when there is one), groups whose trainings resolve them at readings
+    too far apart as hollow squares with their hull, groups of rows the BAE was not trained on as
     grey crosses, and the null groups' joint range as a band."""
     order = np.argsort(x, kind="stable")
     x = x[order]
@@ -51,6 +52,24 @@ def draw_series(ax: Any, x: np.ndarray, s: dict[str, Any], color: str) -> None:
         ax.plot(x, joint, color=color, marker=marker, label=f"{label} joint H (resolved)")
         low, high = s["joint_low"][order], s["joint_high"][order]
         ax.fill_between(x, low, high, where=resolved, color=color, alpha=0.25)
+    unstable = (s["verdict"][order] == "unstable").astype(bool)
+    if unstable.any():  # each training resolved it, at readings further apart than an interval
+        joint = s["joint_bits"][order][unstable]
+        spread = np.nan_to_num(
+            np.clip(
+                [joint - s["joint_low"][order][unstable], s["joint_high"][order][unstable] - joint], 0, None
+            )
+        )
+        ax.errorbar(
+            x[unstable],
+            joint,
+            yerr=spread,
+            fmt="s",
+            markerfacecolor="none",
+            color=color,
+            capsize=2,
+            label=f"{label} joint H, trainings disagree",
+        )
     lower = (s["verdict"][order] == "lower_bound").astype(bool)
     if lower.any():
         plugin = s["joint_plugin_bits"][order][lower]

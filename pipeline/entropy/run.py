@@ -44,6 +44,7 @@ from bae.pipeline.entropy.counts import (
 from bae.pipeline.entropy.estimates import estimate_columns
 from bae.pipeline.entropy.plot import plot_entropy
 from bae.pipeline.entropy.sampling import SamplePlan, plan_sample
+from bae.pipeline.entropy.trainings import combine, replicate_sets
 from bae.stores import ActivationStore, RowFilter, iter_unit_rows
 
 ROW_GROUPINGS = {"position": "positions", "document": "doc_ids", "token": "token_ids"}
@@ -81,12 +82,13 @@ def resolve_models(store: ActivationStore, checkpoints: list[str]) -> list[Entro
         )
     for i, a in enumerate(models):
         for b in models[i + 1 :]:
-            if a.layer == b.layer and (
-                a.positions is None or b.positions is None or set(a.positions) & set(b.positions)
-            ):
+            if a.layer != b.layer or a.positions == b.positions:
+                continue  # other layers, or trainings of one model (read together: trainings.py)
+            if a.positions is None or b.positions is None or set(a.positions) & set(b.positions):
                 raise BaeError(
-                    f"checkpoints {a.checkpoint} and {b.checkpoint} both cover layer {a.layer} at the same "
-                    "positions; give one per layer, or per (layer, disjoint positions)"
+                    f"checkpoints {a.checkpoint} and {b.checkpoint} both cover layer {a.layer} at some of "
+                    "the same positions; give one per layer, or per (layer, disjoint positions), or several "
+                    "trainings of one model (same layer and positions)"
                 )
     return models
 
@@ -171,10 +173,13 @@ def real_groups_first(keys: np.ndarray) -> np.ndarray:
 
 
 def build_table(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | None) -> Any:
-    """One pyarrow table: a row per (checkpoint, group), null groups last with ``null_group`` set."""
+    """One pyarrow table: a row per (checkpoint, group), null groups last with ``null_group`` set;
+    the rows of several trainings read together (``trainings`` > 1) after their members' rows, with
+    columns only they have left empty elsewhere."""
     import pyarrow as pa
 
     columns: dict[str, list[Any]] = {}
+    rows = 0
     for part in parts:
         keys = part["keys"]
         real = keys >= 0
@@ -183,11 +188,15 @@ def build_table(parts: list[dict[str, Any]], group_by: str, values: np.ndarray |
             "layer": [part["layer"]] * len(keys),
             "checkpoint": [part["checkpoint"]] * len(keys),
             "checkpoint_fvu": [part["fvu"]] * len(keys),
+            "trainings": [part["trainings"]] * len(keys),
             group_by: [g if r else None for g, r in zip(np.asarray(group).tolist(), real)],
             "null_group": [None if r else -1 - int(k) for k, r in zip(keys, real)],
         }
         for name, col in {**fixed, **part["columns"]}.items():
-            columns.setdefault(name, []).extend(np.asarray(col).tolist())
+            columns.setdefault(name, [None] * rows).extend(np.asarray(col).tolist())
+        rows += len(keys)
+        for col in columns.values():
+            col.extend([None] * (rows - len(col)))
     return pa.table(columns)
 
 
@@ -215,8 +224,10 @@ def plot_series(
         several = layer_parts.count(part["layer"]) > 1 and group_by != "position"
         key = (part["layer"], part["checkpoint"]) if several else part["layer"]
         label = f"layer {part['layer']}" + (f" ({Path(part['checkpoint']).name})" if several else "")
+        if part["trainings"] > 1:
+            label += f", {part['trainings']} trainings"
         if math.isfinite(part["fvu"]):
-            label += f", FVU {part['fvu']:.2f}"
+            label += f", FVU {fvu_text(part, 2)}"
         real = part["keys"] >= 0
         x = part["keys"][real] if values is None else values[part["keys"][real]]
         s = merged.setdefault(key, {"label": label, "x": [], "null": {}})
@@ -256,22 +267,53 @@ def null_reading(null: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
     return "plug-in", null["joint_plugin_bits"]
 
 
+def fvu_text(part: dict[str, Any], digits: int) -> str:
+    """A part's validation FVU, or the range over its trainings."""
+    if part["trainings"] == 1:
+        return f"{part['fvu']:.{digits}f}"
+    low, high = part["fvu_range"]
+    return f"{low:.{digits}f}..{high:.{digits}f}"
+
+
+def part_name(part: dict[str, Any]) -> str:
+    if part["trainings"] > 1:
+        return f"layer {part['layer']} ({part['trainings']} trainings)"
+    return f"layer {part['layer']} ({Path(part['checkpoint']).name})"
+
+
+def trainings_line(part: dict[str, Any], real: np.ndarray) -> str:
+    """How far K trainings read apart, and what the intervals then hold."""
+    cols = part["columns"]
+    spreads = [
+        f"{np.nanmax(np.asarray(cols[c])[real]):.2f} bits of {what}"
+        for c, what in (("plugin_spread_bits", "plug-in"), ("entropy_spread_bits", "Σ H_b"))
+        if c in cols and np.isfinite(np.asarray(cols[c])[real]).any()
+    ]
+    return (
+        f"{', '.join(part['names'])}: each number is their mean, each interval the hull of theirs "
+        f"(documents' sampling and training spread); they differ by up to {' and '.join(spreads)} at "
+        "one group"
+    )
+
+
 def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | None) -> dict[str, Any]:
-    """Per checkpoint: groups and rows, the range of Σ H_b and of the joint estimate, verdict counts,
-    and the null groups' range when there are any."""
+    """Per checkpoint (or set of trainings read together): groups and rows, the range of Σ H_b and
+    of the joint estimate, verdict counts, and the null groups' range when there are any."""
     lines: dict[str, Any] = {}
     for part in parts:
         real = part["keys"] >= 0
         cols = {k: np.asarray(v)[real] for k, v in part["columns"].items()}
-        name = f"layer {part['layer']} ({Path(part['checkpoint']).name})"
+        name = part_name(part)
+        if part["trainings"] > 1:
+            lines[f"{name}"] = trainings_line(part, real)
         h, n = cols["entropy_bits"], cols["n"]
-        lines[name] = (
+        lines[f"{name} groups" if part["trainings"] > 1 else name] = (
             f"{len(h)} {group_by} groups, {int(n.sum())} rows (n {int(n.min())}..{int(n.max())}), d'="
             f"{cols['code_bits'][0]}; Σ H_b {np.nanmin(h):.1f}..{np.nanmax(h):.1f} bits (an upper bound)"
         )
         fvu = part["fvu"]
         lines[f"{name} FVU"] = (
-            f"{fvu:.4f} on its validation split ({FVU_DEFINITION}): compare entropies at equal FVU"
+            f"{fvu_text(part, 4)} on the validation split ({FVU_DEFINITION}): compare entropies at equal FVU"
             if math.isfinite(fvu)
             else "not recorded in the checkpoint: entropies cannot be compared at equal FVU"
         )
@@ -399,16 +441,22 @@ def measure_entropy(config: EntropyConfig, out: Path, show_progress: bool) -> En
                 "keys": counts.keys[order],
                 "columns": {name: np.asarray(col)[order] for name, col in columns.items()},
                 "expected": row_filter.positions,
+                "covers": tuple(model.positions) if model.positions is not None else None,
+                "trainings": 1,
             }
         )
     if config.group_by == "position":
         check_no_empty_positions(parts)
-    table = build_table(parts, config.group_by, values)
+    sets = replicate_sets(parts)
+    combined = [combine(members) for members in sets]
+    in_sets = {id(m) for members in sets for m in members}
+    shown = [p for p in parts if id(p) not in in_sets] + combined
+    table = build_table(parts + combined, config.group_by, values)
     csv_path, parquet_path = write_table(table, out)
-    plot = plot_entropy(plot_series(parts, config.group_by, values), config.group_by, out / "entropy.png")
+    plot = plot_entropy(plot_series(shown, config.group_by, values), config.group_by, out / "entropy.png")
     summary = {
         "store": f"{store.url} (units {format_ranges(units)} of {store.n_units})",
-        **summarize(parts, config.group_by, values),
+        **summarize(shown, config.group_by, values),
         "table": f"{csv_path}, {parquet_path}",
         "plot": str(plot),
     }

@@ -1,5 +1,6 @@
 """What a group's numbers support: ``resolved``, ``lower_bound``, ``upper_bound_only``, ``collapsed``,
-or ``atypical`` (most rows lie outside what the BAE was trained on, so its code there was never fitted).
+``atypical`` (most rows lie outside what the BAE was trained on, so its code there was never fitted),
+or, for several trainings of one BAE read together, ``unstable`` (``bae.pipeline.entropy.trainings``).
 
 The thresholds come from simulations on distributions with known entropy (docs/method.md): below
 Good–Turing coverage 0.95 or with fewer than 10 coincidences, no joint estimator was within 0.5
@@ -42,7 +43,9 @@ class VerdictRules:
     max_atypical: float = 0.5
 
 
-VERDICTS = ("resolved", "lower_bound", "upper_bound_only", "collapsed", "atypical")
+# ``unstable`` is given only to several trainings read together (trainings.py): each resolves the
+# group, but their intervals together span more than max_halfwidth
+VERDICTS = ("resolved", "lower_bound", "upper_bound_only", "collapsed", "atypical", "unstable")
 
 
 def verdict(
