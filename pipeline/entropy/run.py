@@ -227,7 +227,7 @@ def plot_series(
         if part["trainings"] > 1:
             label += f", {part['trainings']} trainings"
         if math.isfinite(part["fvu"]):
-            label += f", FVU {fvu_text(part, 2)}"
+            label += f", FVU {fvu_text(part, 2 if part['trainings'] == 1 else 3)}"
         real = part["keys"] >= 0
         x = part["keys"][real] if values is None else values[part["keys"][real]]
         s = merged.setdefault(key, {"label": label, "x": [], "null": {}})
