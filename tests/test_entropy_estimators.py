@@ -417,7 +417,14 @@ def test_verdicts():
     assert verdict(5000, 64, 0, 8, good, 6.0, atypical_rows=2501) == "atypical"
     assert verdict(5000, 64, 0, 8, good, 6.0, atypical_rows=2500) == "resolved"
     assert verdict(5000, 1, 0, 8, good, 6.0, atypical_rows=5000) == "atypical"
-    assert set(VERDICTS) == {"resolved", "lower_bound", "upper_bound_only", "collapsed", "atypical"}
+    assert set(VERDICTS) == {
+        "resolved",
+        "lower_bound",
+        "upper_bound_only",
+        "collapsed",
+        "atypical",
+        "unstable",
+    }
 
 
 # --------------------------------------------------------------------------- end to end
