@@ -24,13 +24,18 @@ bae entropy --store agnews32.zarr \
   --out ent-pos-per --no-progress
 
 # --- Experiment 2: ICL, entropy of the label-prefix state against k (SST-2) ---
-bae icl-prompts sst2 -o icl-sst2.jsonl -n 600 --ks 0,1,2,4,8 --label-prefix "Sentiment:"
+# re-run 2026-12-01 (today's defaults, 2,000 prompts per k, three trainings); the first run's
+# commands (600 per k, 300 steps at --target-fvu 0.3) are in docs/experiments.md
+bae icl-prompts sst2 -o icl-sst2.jsonl -n 2000 --ks 0,1,2,4,8 --label-prefix "Sentiment:"
 bae harvest -o icl-sst2.zarr --corpus icl-sst2.jsonl --text-field prompt --mode document \
-  --context-length 512 --positions last --layers 15 --no-progress
-bae train --store icl-sst2.zarr --layer 15 --out runs/bae-icl --steps 300 --target-fvu 0.3 \
-  --val-every 100 --checkpoint-every 300 --no-progress
-bae entropy --store icl-sst2.zarr --checkpoint runs/bae-icl --group-by k --equal-n 600 \
-  --null-groups 8 --bootstrap 20 --out ent-icl --no-progress
+  --context-length 512 --positions last --layers 15 --unit-rows 500 --no-progress
+for s in 0 1 2; do
+  bae train --store icl-sst2.zarr --layer 15 --out runs/bae-icl-s$s --seed $s --steps 1000 \
+    --batch-size 512 --no-progress
+done
+bae entropy --store icl-sst2.zarr --checkpoint runs/bae-icl-s0 --checkpoint runs/bae-icl-s1 \
+  --checkpoint runs/bae-icl-s2 --group-by k --equal-n 2000 --null-groups 4 --bootstrap 32 \
+  --out ent-icl --no-progress
 
 # --- Experiment 3: dense and dead features, BAE vs ReLU SAE vs TopK SAE (experiment-1 store) ---
 for a in relu_sae topk_sae; do
