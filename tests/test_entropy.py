@@ -214,6 +214,10 @@ def test_trainings_of_one_model_are_read_together(known, tmp_path):
             assert combined["verdict"][g] == verdicts[0]
     assert "2 trainings" in " ".join(result.summary) and "hull" in " ".join(map(str, result.summary.values()))
     assert (tmp_path / "o" / "entropy.png").stat().st_size > 0
+    wider = save_bae(tmp_path / "wider", expansion=2)  # another model, not a training of this one
+    config = EntropyConfig(store=store.url, checkpoints=[str(ckpt), str(wider)], out=str(tmp_path / "w"))
+    with pytest.raises(BaeError, match="models differ \\(expansion 1 vs 2\\)"):
+        run_entropy(config, show_progress=False)
 
 
 def test_the_verdict_of_several_trainings_is_the_weakest_they_support_together():

@@ -59,6 +59,7 @@ class EntropyModel:
     positions: list[int] | None
     n_bits: int
     fvu: float  # the FVU its training achieved on the validation split (NaN: not recorded)
+    shape: dict[str, Any]  # its model config (architecture, width, estimator, ...)
 
 
 @dataclass
@@ -77,13 +78,23 @@ def resolve_models(store: ActivationStore, checkpoints: list[str]) -> list[Entro
         model, layer = load_for_store(store, checkpoint)
         positions = model.provenance.positions
         fvu = float(model.metrics.get("val_fvu", math.nan))
-        models.append(
-            EntropyModel(checkpoint, int(layer), sorted(positions) if positions else None, model.n_bits, fvu)
-        )
+        covers = sorted(positions) if positions else None
+        shape = model.config.model_dump(mode="json")
+        models.append(EntropyModel(checkpoint, int(layer), covers, model.n_bits, fvu, shape))
     for i, a in enumerate(models):
         for b in models[i + 1 :]:
-            if a.layer != b.layer or a.positions == b.positions:
-                continue  # other layers, or trainings of one model (read together: trainings.py)
+            if a.layer != b.layer:
+                continue
+            if a.positions == b.positions:  # trainings of one model, read together (trainings.py)
+                differ = sorted(k for k in a.shape if a.shape[k] != b.shape.get(k))
+                if differ:
+                    raise BaeError(
+                        f"checkpoints {a.checkpoint} and {b.checkpoint} cover layer {a.layer} at the same "
+                        f"positions, so they would be read as trainings of one model, but their models "
+                        f"differ ({', '.join(f'{k} {a.shape[k]} vs {b.shape.get(k)}' for k in differ)}); "
+                        "measure different models in separate runs"
+                    )
+                continue
             if a.positions is None or b.positions is None or set(a.positions) & set(b.positions):
                 raise BaeError(
                     f"checkpoints {a.checkpoint} and {b.checkpoint} both cover layer {a.layer} at some of "
