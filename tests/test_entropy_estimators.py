@@ -566,7 +566,12 @@ def test_groups_of_rows_outside_training_are_counted_and_marked(tmp_path):
     nulls = [table["atypical_rows"][i] for i in range(len(real), len(table["n"]))]
     assert len(nulls) == 2 and all(k > 0 for k in nulls)  # random groups mix the sink rows in: said so
     null_line = next(v for k, v in result.summary.items() if k.endswith(" null"))
-    assert f"{sum(nulls)} atypical rows" in null_line
+    assert f"{sum(nulls)} atypical rows" in null_line and "(--positions)" in null_line  # position 0
+    scattered = config.model_copy(update={"out": str(tmp_path / "scattered"), "positions": [1, 2, 3]})
+    null_line = next(
+        v for k, v in run_entropy(scattered, show_progress=False).summary.items() if k.endswith(" null")
+    )
+    assert "atypical rows" in null_line and "no group is made of them" in null_line  # position 2's 30%
     config = config.model_copy(
         update={"out": str(tmp_path / "typical"), "positions": [1, 3], "null_groups": 1}
     )

@@ -368,9 +368,13 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
                 lines[f"{name} null"] += f", {what} {np.nanmin(value):.2f}..{np.nanmax(value):.2f}"
             outside = int(null["atypical_rows"].sum())
             if outside:  # rows the BAE never fitted, mixed into every null group, bias its numbers
+                advice = (
+                    "leave the groups made of them out (--positions) for a fair null"
+                    if (cols["verdict"] == "atypical").any()
+                    else "scattered, no group is made of them"
+                )
                 lines[f"{name} null"] += (
-                    f"; they hold {outside} atypical rows ({outside / null['n'].sum():.1%}): leave the "
-                    "groups made of them out (--positions) for a fair null"
+                    f"; they hold {outside} atypical rows ({outside / null['n'].sum():.1%}): {advice}"
                 )
         if part.get("null_note"):
             lines[f"{name} null groups"] = part["null_note"]
