@@ -23,7 +23,10 @@ class EntropyConfig(SplitSelection):
     )
     checkpoints: list[str] = Field(
         default_factory=list,
-        description="autoencoder: one per layer, or per (layer, positions); repeat it",
+        description=(
+            "autoencoder: one per layer or per (layer, positions), or several trainings of one (read "
+            "together); repeat it"
+        ),
         json_schema_extra=cli("-a", flag="--checkpoint"),
     )
     out: LocalOutput = Field(default="entropy", description="output directory", json_schema_extra=cli("-o"))
