@@ -167,6 +167,9 @@ def test_per_position_checkpoints_cover_their_positions(known, tmp_path):
     v = data["valid"]
     expected = exact_entropy(data["bits"][v], data["positions"][v])
     np.testing.assert_allclose(table["entropy_bits"], [expected[p] for p in range(1, 10)], rtol=1e-12)
+    nulls = config.model_copy(update={"out": str(tmp_path / "n"), "null_groups": 1})
+    summary = run_entropy(nulls, show_progress=False).summary
+    assert "of its own position(s) 1-4 only" in summary["layer 4 (early) null"]  # not a shuffled null
     overlap = EntropyConfig(store=store.url, checkpoints=[str(early), str(known[2])], out=str(tmp_path / "x"))
     with pytest.raises(BaeError, match="both cover layer 4"):
         run_entropy(overlap, show_progress=False)

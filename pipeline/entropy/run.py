@@ -359,8 +359,10 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
                 )
         null = {k: np.asarray(v)[~real] for k, v in part["columns"].items()}
         if len(null["n"]):
+            covers = part["covers"]
+            drawn = "" if covers is None else f" of its own position(s) {format_ranges(covers)} only"
             lines[f"{name} null"] = (
-                f"{len(null['n'])} random groups of n={int(np.median(null['n']))}: "
+                f"{len(null['n'])} random groups of n={int(np.median(null['n']))}{drawn}: "
                 f"Σ H_b {np.nanmin(null['entropy_bits']):.1f}..{np.nanmax(null['entropy_bits']):.1f}"
             )
             if "joint_bits" in null:
