@@ -204,6 +204,46 @@ def test_split_replaces_an_or_of_two_features_by_the_two(seed: int) -> None:
     assert moves.split(x, idle & ~torch.tensor(codes.any(0))) == 0
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_join_replaces_two_fragments_of_one_feature_by_it(seed: int) -> None:
+    """Feature 0 covered by two fragments, one firing on it with feature 1 and one without (each
+    with feature 0's column, each needed given the other, so the prune keeps both): the join replaces
+    them by one bit equal to feature 0 and the batch objective (computed here from the codes) falls;
+    on the code that results nothing is joined again."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(rng.standard_normal((16, 3)))[0].T * 3.0
+    b = rng.random((4000, 3)) < 0.5
+    x = torch.tensor(b @ directions + 0.05 * rng.standard_normal((4000, 16)), dtype=torch.float32)
+    model = BinaryAutoencoder(ModelConfig(d_model=16, expansion=1))
+    d = torch.tensor(directions, dtype=torch.float32)
+    with torch.no_grad():
+        model.encoder.weight.zero_()
+        model.encoder.bias.fill_(-1.0)
+        model.decoder.weight.zero_()
+        model.encoder.weight[0], model.encoder.bias[0] = (d[0] + d[1]) / 6, -2.25  # 0 and 1
+        model.encoder.weight[1], model.encoder.bias[1] = (d[0] - d[1]) / 6, -0.75  # 0, not 1
+        model.encoder.weight[2], model.encoder.bias[2] = d[1] / 3, -1.5
+        model.encoder.weight[3], model.encoder.bias[3] = d[2] / 3, -1.5
+        model.decoder.weight[:, :4] = torch.stack([d[0], d[0], d[1], d[2]], 1)
+        fired = model.encode(x).numpy()
+        rates = torch.tensor(fired[:, :4].mean(0), dtype=torch.float32)
+        model.decoder.bias.copy_(x.mean(0) - model.decoder.weight[:, :4] @ rates)
+    assert (fired[:, 0] == (b[:, 0] & b[:, 1])).all() and (fired[:, 1] == (b[:, 0] & ~b[:, 1])).all()
+    optimizer = adam_with_moments(model)
+    variance, beta = float(x.var(0).sum()), 3e-3
+    moves = BitMoves(model, optimizer, beta, variance)
+    assert moves.prune(prune_statistics(model, x)) == 0  # each fragment pays given the other
+    before = batch_objective(model, x, beta, variance)
+    assert moves.join(x) == 1
+    codes = model.encode(x).numpy()
+    for k in range(3):  # each truth bit is one bit of the code
+        assert max((codes[:, j] == b[:, k]).mean() for j in range(16)) > 0.99
+    assert int(((codes.any(0)) & ~codes.all(0)).sum()) == 3
+    assert batch_objective(model, x, beta, variance) < before
+    assert bool((optimizer.state[model.encoder.weight]["exp_avg"][:2] == 0).all())  # rewritten: reset
+    assert moves.join(x) == 0
+
+
 def test_bit_cost_is_the_written_out_formula() -> None:
     p = torch.tensor([0.0, 0.05, 0.5, 0.9, 1.0], dtype=torch.float64)
     assert torch.allclose(bit_cost(p), torch.tensor([cost(float(q)) for q in p], dtype=torch.float64))

@@ -159,6 +159,12 @@ class TrainConfig(RowSelection):
         "bits that cover several features (an OR of them) where that pays "
         "[default: on for bae with k_bits 1 and merges, off with target_fvu; docs/method.md §3, §7]",
     )
+    join: bool = Field(
+        default=False,
+        description="with prune_reseed, at each merge after the split: replace two or three correlated "
+        "bits that cover one feature between them by one re-seeded bit where that pays (experimental: "
+        "docs/method.md §3, §7)",
+    )
     typical_ratio: float | None = Field(
         default=None,
         ge=0,
@@ -246,6 +252,8 @@ class TrainConfig(RowSelection):
         if self.prune_reseed is None:  # the moves fight target_fvu's dual ascent (docs/method.md §3)
             moves = self.objective == "normalized" and can_move and self.target_fvu is None
             object.__setattr__(self, "prune_reseed", moves)
+        if self.join and not self.prune_reseed:
+            raise ValueError("join acts with the moves: it needs prune_reseed")
         if self.gamma is None and self.objective == "normalized":  # R charges a correlated truth
             object.__setattr__(self, "gamma", 0.0 if self.prune_reseed else 1.0)
         if self.typical_ratio and (self.typical_ratio <= 1 or self.standardize == "none"):
@@ -286,6 +294,7 @@ class TrainConfig(RowSelection):
         new.setdefault("encoder_scale", False)  # runs recorded before the option had none
         new.setdefault("tf32", False)  # likewise
         new.setdefault("prune_reseed", False)  # likewise
+        new.setdefault("join", False)  # likewise
         for key in ("positions", "steps"):
             if key in new and new[key] is None:
                 new[key] = cls.model_fields[key].default

@@ -221,18 +221,19 @@ class TrainState:
     pruned: int = 0  # bits switched off by pruning so far
     reseeded: int = 0  # idle bits re-seeded so far
     split: int = 0  # working bits replaced by re-seeded ones so far
+    joined: int = 0  # groups of correlated bits replaced by one re-seeded bit so far
 
     def objective_state(self) -> dict[str, Any]:
         """What a checkpoint records of the objective (JSON: floats round-trip exactly)."""
         target = self.target.state_dict() if self.target is not None else None
         counts = {"merged": self.merged, "pruned": self.pruned, "reseeded": self.reseeded}
-        counts["split"] = self.split
+        counts["split"], counts["joined"] = self.split, self.joined
         return {"variance": self.variance, "target": target, **counts}
 
     def load_objective_state(self, state: dict[str, Any]) -> None:
         self.variance, self.merged = float(state["variance"]), int(state["merged"])
         self.pruned, self.reseeded = int(state.get("pruned", 0)), int(state.get("reseeded", 0))
-        self.split = int(state.get("split", 0))
+        self.split, self.joined = int(state.get("split", 0)), int(state.get("joined", 0))
         self.target = FVUTarget.from_state(state["target"]) if state["target"] is not None else None
 
 
@@ -366,8 +367,12 @@ class Trainer:
             st.merged += self.merge(out.bits.detach())
             if self.config.prune_reseed:
                 st.pruned += self.prune(x)
-                reseeded, split = self.reseed(x)
-                st.reseeded, st.split = st.reseeded + reseeded, st.split + split
+                reseeded, split, joined = self.reseed(x)
+                st.reseeded, st.split, st.joined = (
+                    st.reseeded + reseeded,
+                    st.split + split,
+                    st.joined + joined,
+                )
                 self.held = switched_off(st.model)
         st.step += 1
         st.tokens += self.config.batch_size * self.world
@@ -444,10 +449,11 @@ class Trainer:
         return BitMoves(model, self.state.optimizer, self.entropy_weight(), self.state.variance).prune(stats)
 
     @torch.no_grad()
-    def reseed(self, x: torch.Tensor) -> tuple[int, int]:
+    def reseed(self, x: torch.Tensor) -> tuple[int, int, int]:
         """Re-seed the bits idle over the firing window (all processes), then split working bits
-        into the idle ones left (``BitMoves.split``), on this step's rows of all processes (gathered in
-        rank order, so every rank takes the same decisions): (re-seeded, split)."""
+        into the idle ones left (``BitMoves.split``) and, with ``join``, join correlated ones
+        (``BitMoves.join``), on this step's rows of all processes (gathered in rank order, so every
+        rank takes the same decisions): (re-seeded, split, joined)."""
         st = self.state
         idle_counts = torch.cat([st.window.counts.sum(0), st.window.rows.sum().reshape(1)])
         if self.world > 1:
@@ -457,7 +463,8 @@ class Trainer:
         idle = (fired == 0) | (fired == rows)
         moves = BitMoves(st.model, st.optimizer, self.entropy_weight(), st.variance)
         with one_cpu_thread(x.device):
-            return moves.reseed(x, idle), moves.split(x, idle)
+            reseeded, split = moves.reseed(x, idle), moves.split(x, idle)
+            return reseeded, split, moves.join(x) if self.config.join else 0
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Every process's rows ``x`` (their counts may differ), concatenated in rank order."""
@@ -478,6 +485,7 @@ class Trainer:
             pruned_bits=st.pruned,
             reseeded_bits=st.reseeded,
             split_bits=st.split,
+            joined_groups=st.joined,
             lr=st.scheduler.get_last_lr()[0],
             tokens_per_s=(st.tokens - tokens_log) / max(now - t_log, 1e-9),
             entropy_on=st.step > self.entropy_start,

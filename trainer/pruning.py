@@ -17,7 +17,10 @@ test a bit against the objective itself, FVU against β times its code bits (doc
   noise is refused, and a pruned bit does not come straight back). Its encoder row is sized so that
   Adam's first steps (~lr per coordinate) cannot rotate it before the gradient has shaped it;
 - ``BitMoves.split``: replace a working bit that covers several features (an OR of them, their mean as
-  its column) by up to two re-seeded bits where that lowers the batch objective.
+  its column) by up to two re-seeded bits where that lowers the batch objective;
+- ``BitMoves.join`` (``--join``, off by default): replace two or more correlated working bits that
+  cover one feature between them (fragments, each needed given the others) by one re-seeded bit
+  where that lowers the batch objective.
 
 All are deterministic functions of the weights and the rows (bitwise resume keeps), and reset the
 Adam moments of the weights they write.
@@ -43,6 +46,9 @@ RESEED_HORIZON = 100  # steps of Adam drift a re-seeded encoder row's norm is si
 RESEED_CANDIDATES = 64  # rows whose residual directions are tried for each re-seeded bit
 SPLIT_TRIES = 32  # working bits tried for a split at each merge (those with the most residual energy)
 SPLIT_SAME = 0.99  # a lone re-seeded bit agreeing with the replaced one on this share of rows is that bit
+JOIN_TRIES = 32  # pairs of working bits tried for a join at each merge (the most correlated)
+JOIN_MIN_PHI = 0.3  # |φ| between two bits below which they are not tried together
+JOIN_EXTRA = 2  # further bits correlated with a pair that are tried with it
 
 
 @torch.no_grad()
@@ -223,6 +229,94 @@ class BitMoves:
             residual, replaced = trial, replaced + 1
             p = bits.float().mean(0)
         return replaced
+
+    @torch.no_grad()
+    def join(self, x: torch.Tensor, tries: int = JOIN_TRIES) -> int:
+        """Replace groups of correlated working bits by one re-seeded bit where that lowers the
+        objective on the rows ``x``: a feature the code covers by two or three fragments, each
+        firing on part of it and each needed given the others, is one bit, and neither the prune
+        (each fragment pays for itself) nor the split (one bit into two) undoes them. For each of
+        the ``tries`` most correlated pairs of working bits (|φ| > ``JOIN_MIN_PHI``, no bit in two
+        groups), the pair and the pair with up to ``JOIN_EXTRA`` bits correlated with either are
+        each removed (their mean contributions into the decoder bias, as the prune does), one bit
+        is re-seeded on the residual as ``best_split`` picks it, and the option that lowers
+        FVU_b + β·cost(p) most is kept, in the group's first slot. Returns the number of groups
+        joined."""
+        model = self.model
+        if self.beta <= 0 or len(x) < 2 or model.encoder.bias is None:
+            return 0
+        out = model(x)
+        bits = out.bits > 0
+        working = (~(bits.all(0) | ~bits.any(0))).nonzero().squeeze(1)
+        if len(working) < 2:
+            return 0
+        phi = correlations(bits[:, working].double())
+        ranked = phi.flatten().argsort(descending=True)[:tries].tolist()
+        pairs = [divmod(t, len(working)) for t in ranked if float(phi.flatten()[t]) > JOIN_MIN_PHI]
+        residual = (x - out.recon).float()
+        row_norm = seed_row_norm(model, self.optimizer, bits.any(0) & ~bits.all(0))
+        p, used, joined = bits.float().mean(0), set(), 0
+        for a, b in pairs:
+            if {int(working[a]), int(working[b])} & used:
+                continue
+            beside = torch.maximum(phi[a] + phi[:, a], phi[b] + phi[:, b]).tolist()  # |φ| with a or b
+            extra = sorted((i for i in range(len(working)) if i not in (a, b)), key=lambda i: -beside[i])
+            extra = [
+                i for i in extra[:JOIN_EXTRA] if beside[i] > JOIN_MIN_PHI and int(working[i]) not in used
+            ]
+            options = [[a, b], [a, b, *extra]] if extra else [[a, b]]
+            tried = [self._one_for(x, residual, bits, p, [int(working[i]) for i in g]) for g in options]
+            kept = [t for t in tried if t is not None]
+            if not kept:
+                continue
+            _, group, seed, residual = min(kept, key=lambda t: t[0])
+            self._replace(group, seed, bits, row_norm)
+            p = bits.float().mean(0)
+            used |= set(group)
+            joined += 1
+        return joined
+
+    def _one_for(
+        self, x: torch.Tensor, residual: torch.Tensor, bits: torch.Tensor, p: torch.Tensor, group: list[int]
+    ) -> tuple[float, list[int], Any, torch.Tensor] | None:
+        """(change of FVU_b + β·cost, group, seed, residual after) of replacing the bits ``group`` by
+        one ``best_split`` seed, or None when that does not lower the objective."""
+        decoder, n = self.model.decoder, len(x)
+        trial = residual.clone()
+        for j in group:
+            shift = float(p[j]) if decoder.bias is not None else 0.0
+            trial += (bits[:, j].float() - shift)[:, None] * decoder.weight[:, j].float()
+        seed = best_split(x, trial, self.beta, self.variance, decoder.bias is not None)
+        if seed is None:
+            return None
+        trial.sub_(torch.where(seed[2][:, None], seed[3], seed[4]))
+        before = float(residual.pow(2).sum()) + n * self.variance * self.beta * float(
+            bit_cost(p[group]).sum()
+        )
+        after = float(trial.pow(2).sum()) + n * self.variance * self.beta * float(
+            bit_cost(seed[2].float().mean())
+        )
+        return ((after - before) / (n * self.variance), group, seed, trial) if after < before else None
+
+    def _replace(self, group: list[int], seed: Any, bits: torch.Tensor, row_norm: float) -> None:
+        """Write ``seed`` into the first bit of ``group`` and switch the others off, the group's mean
+        contributions moved into the decoder bias; ``bits`` (the batch's code) updated to match."""
+        model, decoder = self.model, self.model.decoder
+        if decoder.bias is not None:
+            rates = bits[:, group].float().mean(0)
+            decoder.bias.add_(decoder.weight[:, group].float() @ rates)
+        write_seed(model, self.optimizer, group[0], seed, row_norm)
+        switch_off(model.encoder, decoder, group[1:], self.optimizer)
+        bits[:, group[0]] = seed[2]
+        bits[:, group[1:]] = False
+
+
+def correlations(bits: torch.Tensor) -> torch.Tensor:
+    """|φ| between the columns of a 0/1 matrix [n, k] (float64), upper triangle only (the rest 0)."""
+    centred = bits - bits.mean(0)
+    cov = centred.T @ centred / len(bits)
+    sd = cov.diagonal().clamp_min(1e-24).sqrt()
+    return (cov / (sd[:, None] * sd[None, :])).abs().triu(1)
 
 
 @njit(cache=True)
