@@ -121,7 +121,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 @pytest.mark.parametrize("decoder", ["default", "sparse"])
 def test_sigkill_then_resume_is_bit_identical(sparse_store: Path, tmp_path: Path, decoder: str) -> None:
     """``sparse``: the decoder as the sparse sums at any density (``binary_decode``), so the whole
-    run, killed and resumed, goes through them."""
+    run, killed and resumed, goes through them, and the join move on (``--join``)."""
     store = sparse_store
     cmd = BAE if decoder == "default" else SPARSE_DECODER_BAE
 
@@ -131,11 +131,12 @@ def test_sigkill_then_resume_is_bit_identical(sparse_store: Path, tmp_path: Path
     # the normalized objective at a target FVU: the dual-ascent state must resume exactly too
     # with prunes and re-seeds (opt-in), which write weights and Adam moments
     extra = ("--steps", "300", "--checkpoint-every", "20", "--target-fvu", "0.3", "--merge-every", "7")
-    extra = (*extra, "--prune-reseed")
+    extra = (*extra, "--prune-reseed") if decoder == "default" else (*extra, "--prune-reseed", "--join")
     ref = run_bae(*train_args(store, tmp_path / "ref", *extra))
     assert ref.returncode == 0, ref.stderr
     moves = json.loads((tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()[-2])
     assert moves["pruned_bits"] > 0 and moves["reseeded_bits"] > 0 and moves["split_bits"] > 0, moves
+    assert moves["joined_groups"] > 0 if decoder == "sparse" else moves["joined_groups"] == 0, moves
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [*cmd, *train_args(store, out, *extra)],
