@@ -90,13 +90,25 @@ def test_prune_switches_off_what_the_brute_force_greedy_does() -> None:
     assert BitMoves(model, optimizer, 0.0, 1.0).prune(prune_statistics(model, x)) == 0
 
 
-def sparse_rows(n: int = 4000, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Three sparse bits (p = 0.1) on orthogonal directions of norm 3, plus small noise."""
+def sparse_rows(
+    n: int = 4000, d: int = 16, seed: int = 0, p: float = 0.1
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Three bits (rate ``p``, sparse by default) on orthogonal directions of norm 3, plus small noise."""
     rng = np.random.default_rng(seed)
     directions = np.linalg.qr(rng.standard_normal((d, 3)))[0].T * 3.0  # [3, d]
-    b = rng.random((n, 3)) < 0.1
+    b = rng.random((n, 3)) < p
     x = b @ directions + 0.05 * rng.standard_normal((n, d))
     return torch.tensor(x, dtype=torch.float32), b, directions
+
+
+def empty_code(directions: np.ndarray) -> tuple[BinaryAutoencoder, torch.Tensor]:
+    """A 16-bit BAE whose bits never fire and decode to nothing, and the directions as a tensor."""
+    model = BinaryAutoencoder(ModelConfig(d_model=16, expansion=1))
+    with torch.no_grad():
+        model.encoder.weight.zero_()
+        model.encoder.bias.fill_(-1.0)
+        model.decoder.weight.zero_()
+    return model, torch.tensor(directions, dtype=torch.float32)
 
 
 def test_reseed_finds_the_bit_the_code_misses_and_refuses_noise() -> None:
@@ -172,12 +184,8 @@ def test_split_replaces_an_or_of_two_features_by_the_two(seed: int) -> None:
     keeps it; the split removes it and re-seeds the two features, lowering the batch objective
     (computed here from the codes); on the code that results nothing is split again."""
     x, b, directions = sparse_rows(seed=seed)
-    model = BinaryAutoencoder(ModelConfig(d_model=16, expansion=1))
-    d = torch.tensor(directions, dtype=torch.float32)
+    model, d = empty_code(directions)
     with torch.no_grad():
-        model.encoder.weight.zero_()
-        model.encoder.bias.fill_(-1.0)
-        model.decoder.weight.zero_()
         model.encoder.weight[0] = (d[0] + d[1]) / (3 * math.sqrt(2))  # x·u = 2.1 on either feature
         model.encoder.bias[0] = -1.0
         model.decoder.weight[:, 0] = (d[0] + d[1]) / 2
@@ -210,16 +218,9 @@ def test_join_replaces_two_fragments_of_one_feature_by_it(seed: int) -> None:
     with feature 0's column, each needed given the other, so the prune keeps both): the join replaces
     them by one bit equal to feature 0 and the batch objective (computed here from the codes) falls;
     on the code that results nothing is joined again."""
-    rng = np.random.default_rng(seed)
-    directions = np.linalg.qr(rng.standard_normal((16, 3)))[0].T * 3.0
-    b = rng.random((4000, 3)) < 0.5
-    x = torch.tensor(b @ directions + 0.05 * rng.standard_normal((4000, 16)), dtype=torch.float32)
-    model = BinaryAutoencoder(ModelConfig(d_model=16, expansion=1))
-    d = torch.tensor(directions, dtype=torch.float32)
+    x, b, directions = sparse_rows(seed=seed, p=0.5)
+    model, d = empty_code(directions)
     with torch.no_grad():
-        model.encoder.weight.zero_()
-        model.encoder.bias.fill_(-1.0)
-        model.decoder.weight.zero_()
         model.encoder.weight[0], model.encoder.bias[0] = (d[0] + d[1]) / 6, -2.25  # 0 and 1
         model.encoder.weight[1], model.encoder.bias[1] = (d[0] - d[1]) / 6, -0.75  # 0, not 1
         model.encoder.weight[2], model.encoder.bias[2] = d[1] / 3, -1.5
