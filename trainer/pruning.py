@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from bae.trainer.merge import reset_moments, switch_off
+from bae.trainer.merge import bit_correlation, reset_moments, switch_off
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import bit_cost
 from bae.trainer.pair_penalties import exact_counts
@@ -247,14 +247,17 @@ class BitMoves:
             return 0
         out = model(x)
         bits = out.bits > 0
-        working = (~(bits.all(0) | ~bits.any(0))).nonzero().squeeze(1)
+        varies = bits.any(0) & ~bits.all(0)
+        working = varies.nonzero().squeeze(1)
         if len(working) < 2:
             return 0
-        phi = correlations(bits[:, working].double())
-        ranked = phi.flatten().argsort(descending=True)[:tries].tolist()
-        pairs = [divmod(t, len(working)) for t in ranked if float(phi.flatten()[t]) > JOIN_MIN_PHI]
+        code = bits[:, working].double()
+        phi = bit_correlation(len(x), code.sum(0), code.T @ code).abs().triu(1)  # each pair once
+        flat = phi.flatten()
+        ranked = flat.argsort(descending=True)[:tries].tolist()
+        pairs = [divmod(t, len(working)) for t in ranked if float(flat[t]) > JOIN_MIN_PHI]
         residual = (x - out.recon).float()
-        row_norm = seed_row_norm(model, self.optimizer, bits.any(0) & ~bits.all(0))
+        row_norm = seed_row_norm(model, self.optimizer, varies)
         p, used, joined = bits.float().mean(0), set(), 0
         for a, b in pairs:
             if {int(working[a]), int(working[b])} & used:
@@ -309,14 +312,6 @@ class BitMoves:
         switch_off(model.encoder, decoder, group[1:], self.optimizer)
         bits[:, group[0]] = seed[2]
         bits[:, group[1:]] = False
-
-
-def correlations(bits: torch.Tensor) -> torch.Tensor:
-    """|φ| between the columns of a 0/1 matrix [n, k] (float64), upper triangle only (the rest 0)."""
-    centred = bits - bits.mean(0)
-    cov = centred.T @ centred / len(bits)
-    sd = cov.diagonal().clamp_min(1e-24).sqrt()
-    return (cov / (sd[:, None] * sd[None, :])).abs().triu(1)
 
 
 @njit(cache=True)
