@@ -316,7 +316,7 @@ def summarize(parts: list[dict[str, Any]], group_by: str, values: np.ndarray | N
         cols = {k: np.asarray(v)[real] for k, v in part["columns"].items()}
         name = part_name(part)
         if part["trainings"] > 1:
-            lines[f"{name}"] = trainings_line(part, real)
+            lines[name] = trainings_line(part, real)
         h, n = cols["entropy_bits"], cols["n"]
         lines[f"{name} groups" if part["trainings"] > 1 else name] = (
             f"{len(h)} {group_by} groups, {int(n.sum())} rows (n {int(n.min())}..{int(n.max())}), d'="
