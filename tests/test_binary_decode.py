@@ -33,7 +33,7 @@ def test_sparse_decode_equals_the_product_and_its_gradients(n: int, m: int, d: i
     linear = nn.Linear(m, d, bias=bias)
     bits = sparse_bits(n, m, SPARSE_DENSITY / 2, seed=m).requires_grad_()
     grad = torch.randn(n, d)
-    out = decode(bits, linear)
+    out = decode(bits, linear.weight, linear.bias)
     assert out.grad_fn is not None and "SparseDecode" in type(out.grad_fn).__name__
     out.backward(grad)
     expected = float64_reference(bits.detach(), linear, grad)
@@ -49,17 +49,21 @@ def test_dense_codes_and_other_dtypes_take_the_product() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 8)
     dense = sparse_bits(32, 64, 0.3, seed=1)
-    assert torch.equal(decode(dense, linear), linear(dense))
+    assert torch.equal(decode(dense, linear.weight, linear.bias), linear(dense))
     sparse = sparse_bits(32, 64, SPARSE_DENSITY / 2, seed=2)
-    assert torch.equal(decode(sparse.double(), linear.double()), linear.double()(sparse.double()))
+    wide = linear.double()
+    assert torch.equal(decode(sparse.double(), wide.weight, wide.bias), wide(sparse.double()))
+    linear = linear.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert decode(sparse, linear.float()).dtype == torch.bfloat16  # autocast keeps its own path
+        assert (
+            decode(sparse, linear.weight, linear.bias).dtype == torch.bfloat16
+        )  # autocast keeps its own path
 
 
 def test_a_code_with_no_bit_on_decodes_to_the_bias() -> None:
     linear = nn.Linear(100, 6)
     bits = torch.zeros(9, 100, requires_grad=True)
-    out = decode(bits, linear)
+    out = decode(bits, linear.weight, linear.bias)
     assert torch.equal(out.detach(), linear.bias.detach().expand(9, 6))
     out.sum().backward()
     assert linear.weight.grad is not None and not bool(linear.weight.grad.any())
@@ -96,7 +100,7 @@ def test_the_sums_are_the_same_bits_on_one_thread_and_two() -> None:
             torch.set_num_threads(threads)
             linear.zero_grad()
             bits.grad = None
-            out = decode(bits, linear)
+            out = decode(bits, linear.weight, linear.bias)
             out.backward(grad)
             results.append([out.detach(), linear.weight.grad])
     finally:

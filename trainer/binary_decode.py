@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numba import njit, prange
 
 from bae.trainer.bit_products import as_array, use_torch_threads
@@ -146,16 +147,15 @@ class _SparseDecode(torch.autograd.Function):
         return grad_bits, grad_weight, grad_bias, None, None
 
 
-def decode(bits: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
-    """``linear(bits)`` for a 0/1 code ``bits`` [n, m]: by the active bits when it is a float32
-    code on the CPU with at most ``SPARSE_DENSITY`` ones, else the plain GEMM."""
-    weight = linear.weight
+def decode(bits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(bits, weight, bias)`` for a 0/1 code ``bits`` [n, m]: by the active bits when it is
+    a float32 code on the CPU with at most ``SPARSE_DENSITY`` ones, else the plain GEMM."""
     plain = bits.device.type != "cpu" or torch.is_autocast_enabled("cpu")
     if plain or bits.dtype != torch.float32 or weight.dtype != torch.float32:
-        return linear(bits)
+        return F.linear(bits, weight, bias)
     use_torch_threads()
     values = as_array(bits)
     starts = _row_starts(values)
     if starts[-1] > SPARSE_DENSITY * bits.numel():
-        return linear(bits)
-    return _SparseDecode.apply(bits, weight, linear.bias, starts, _active_columns(values, starts))
+        return F.linear(bits, weight, bias)
+    return _SparseDecode.apply(bits, weight, bias, starts, _active_columns(values, starts))

@@ -28,7 +28,7 @@ from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import NormalizedObjective, Objective, covariance_term, entropy_term
 from bae.trainer.pair_penalties import exact_counts
-from bae.trainer.pruning import BitMoves, hold_switched_off, prune_statistics, switched_off
+from bae.trainer.pruning import BitMoves, prune_statistics, switched_off
 from bae.trainer.target import FVUTarget
 
 DENSE_THRESHOLDS = (0.1, 0.2, 0.5)
@@ -301,7 +301,7 @@ class Trainer:
         state.model.to(device)
         state.window.to(device)
         self.ddp_model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
-        self.held = switched_off(state.model)  # the bits held off until the next merge
+        self.hold_off(switched_off(state.model))
         self.last_train: dict[str, Any] = {}
         self.last_val: dict[str, float] = {}
         self.last_checkpoint = state.step
@@ -345,12 +345,10 @@ class Trainer:
                 x = x.index_select(0, rows)
         st.optimizer.zero_grad(set_to_none=True)
         with self.accelerator.autocast():
-            out = self.ddp_model(x)
+            out = self.ddp_model(x) if self.live is None else self.ddp_model(x, live=self.live)
             loss, terms = self.objective(x, out, self.entropy_weight())
         self.accelerator.backward(loss)
         self.note_finite(loss)
-        if self.config.prune_reseed:
-            hold_switched_off(st.model, self.held)
         if self.config.grad_clip is not None:
             self.accelerator.clip_grad_norm_(st.model.parameters(), self.config.grad_clip)
         st.optimizer.step()
@@ -373,10 +371,22 @@ class Trainer:
                     st.split + split,
                     st.joined + joined,
                 )
-                self.held = switched_off(st.model)
+                self.hold_off(switched_off(st.model))
         st.step += 1
         st.tokens += self.config.batch_size * self.world
         return x, out, terms
+
+    def hold_off(self, off: torch.Tensor) -> None:
+        """Hold the switched-off bits ``off`` until the next merge (with the moves): the steps run
+        over the other bits alone (``BinaryAutoencoder.forward``'s ``live``), which leaves the held
+        bits' gradients zero, so that only a re-seed wakes them. A full pass would move them: the
+        scaled sigmoid's surrogate gradient is never zero for a constant pre-activation, and with the
+        entropy term it moves every switched-off row by the same Adam step along the data's mean, so
+        they would come back together as copies of one bit."""
+        model, self.live = self.state.model, None
+        if self.config.prune_reseed and len(off) and model.architecture == "bae" and model.config.k_bits == 1:
+            keep = torch.ones(model.n_bits, dtype=torch.bool, device=off.device)
+            self.live = keep.index_fill_(0, off, False).nonzero().squeeze(1)
 
     def note_finite(self, loss: torch.Tensor) -> None:
         """Whether the loss and every gradient are finite (gradients are reduced over processes, so

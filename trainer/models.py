@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -281,13 +282,32 @@ class BinaryAutoencoder(Autoencoder):
         bits = binary_step(pre, c.threshold, c.estimator, c.temperature)
         return bits, self.code_from_bits(bits)
 
+    def forward(self, x: torch.Tensor, live: torch.Tensor | None = None) -> Codes:
+        """Training pass on *normalized* inputs ``x`` [n, d]; with ``live`` (the indices of the bits
+        not switched off, one-bit codes only), the products run over those bits alone. A switched-off
+        bit (encoder row 0, bias −1, decoder column 0: ``pruning.switched_off``) is 0 on every row and
+        its weights get zero gradients, as the full pass gives with its gradients held at zero."""
+        if live is None or self.config.k_bits != 1:
+            return super().forward(x)
+        encoder, decoder = self.encoder, self.decoder
+        bias = None if encoder.bias is None else encoder.bias.index_select(0, live)
+        pre = F.linear(self.encoder_input(x), encoder.weight.index_select(0, live), bias)
+        bits_live, _ = self.codes(pre)
+        recon = self._decode(bits_live, decoder.weight.index_select(1, live), decoder.bias)
+        bits = bits_live.new_zeros(len(x), self.n_bits).index_copy(1, live, bits_live)
+        return Codes(bits=bits, code=bits, recon=recon)
+
     def decode_code(self, code: torch.Tensor) -> torch.Tensor:
         """A one-bit code by its active bits when sparse (``binary_decode.decode``)."""
         if self.config.k_bits != 1:
             return self.decoder(code)
+        return self._decode(code, self.decoder.weight, self.decoder.bias)
+
+    @staticmethod
+    def _decode(code: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         from bae.trainer.binary_decode import decode  # numba: training only, not `bae entropy`'s start-up
 
-        return decode(code, self.decoder)
+        return decode(code, weight, bias)
 
     def bits_of(self, pre: torch.Tensor) -> torch.Tensor:
         """The step taken in NumPy on CPU (several times faster than torch's compare-and-cast)."""

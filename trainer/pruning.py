@@ -40,10 +40,9 @@ from bae.trainer.merge import bit_correlation, reset_moments, switch_off
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import bit_cost
 from bae.trainer.pair_penalties import exact_counts
+from bae.trainer.split_search import best_split, subtract_seed
 
-RESEED_MARGIN = 2.0  # a re-seeded bit must buy twice its cost on the batch
 RESEED_HORIZON = 100  # steps of Adam drift a re-seeded encoder row's norm is sized for
-RESEED_CANDIDATES = 64  # rows whose residual directions are tried for each re-seeded bit
 SPLIT_TRIES = 32  # working bits tried for a split at each merge (those with the most residual energy)
 SPLIT_SAME = 0.99  # a lone re-seeded bit agreeing with the replaced one on this share of rows is that bit
 JOIN_TRIES = 32  # pairs of working bits tried for a join at each merge (the most correlated)
@@ -62,20 +61,6 @@ def switched_off(model: Autoencoder) -> torch.Tensor:
     candidates = (encoder.bias == -1).nonzero().squeeze(1)  # the bias first: cheap, and rarely −1
     keep = (encoder.weight[candidates] == 0).all(dim=1) & (decoder.weight[:, candidates] == 0).all(dim=0)
     return candidates[keep]
-
-
-@torch.no_grad()
-def hold_switched_off(model: Autoencoder, off: torch.Tensor) -> None:
-    """Zero the gradients of the switched-off bits ``off`` (``switched_off``), so that only a
-    re-seed wakes them. Without this the scaled sigmoid's surrogate gradient (never zero for a
-    constant pre-activation) and the entropy term move every switched-off row by the same Adam
-    step along the data's mean, and they come back together as copies of one bit."""
-    encoder, decoder = model.encoder, model.decoder
-    if len(off) == 0:
-        return
-    for param, dim in ((encoder.weight, 0), (encoder.bias, 0), (decoder.weight, 1)):
-        if param is not None and param.grad is not None:
-            param.grad.index_fill_(dim, off, 0)
 
 
 @torch.no_grad()
@@ -162,8 +147,7 @@ class BitMoves:
             if bool(bits[:, j].all()) and model.decoder.bias is not None:
                 model.decoder.bias.add_(model.decoder.weight[:, j])  # an always-on bit was part of the bias
             write_seed(model, optimizer, j, best, row_norm)
-            _, _, fire, on, off = best
-            residual.sub_(torch.where(fire[:, None], on, off))
+            subtract_seed(residual, best)
             seeded += 1
         return seeded
 
@@ -208,8 +192,7 @@ class BitMoves:
                 best = best_split(x, trial, beta, variance, bias)
                 if best is None:
                     break
-                _, _, fire, on, off = best
-                trial.sub_(torch.where(fire[:, None], on, off))
+                subtract_seed(trial, best)
                 seeds.append(best)
             if not seeds or (
                 len(seeds) == 1 and float((seeds[0][2] == bits[:, j]).float().mean()) >= SPLIT_SAME
@@ -292,7 +275,7 @@ class BitMoves:
         seed = best_split(x, trial, self.beta, self.variance, decoder.bias is not None)
         if seed is None:
             return None
-        trial.sub_(torch.where(seed[2][:, None], seed[3], seed[4]))
+        subtract_seed(trial, seed)
         before = float(residual.pow(2).sum()) + n * self.variance * self.beta * float(
             bit_cost(p[group]).sum()
         )
@@ -361,51 +344,6 @@ def _greedy_prune(
         live[j] = False
         order[removed] = j
         removed += 1
-
-
-def lower_medians(values: torch.Tensor) -> torch.Tensor:
-    """Each column's lower median (``torch.median(dim=0)``'s values: the ⌊(n − 1)/2⌋-th smallest),
-    by numpy's partition on the CPU (a third of the time)."""
-    k = (len(values) - 1) // 2
-    if values.device.type != "cpu" or bool(values.isnan().any()):
-        return values.median(dim=0).values
-    return torch.from_numpy(np.partition(values.T.numpy(), k, axis=1)[:, k].copy())
-
-
-def best_split(
-    x: torch.Tensor, residual: torch.Tensor, beta: float, variance: float, bias: bool
-) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The best new bit for ``residual`` [n, d], or None when none buys ``RESEED_MARGIN`` × β·cost(p).
-
-    Candidates: the residual directions of the ``RESEED_CANDIDATES`` rows at evenly spaced ranks
-    of the upper half of residual norms (the single worst row alone is, on sparse data, a row with
-    several features on, whose split is an AND of them). A candidate u fires where x·u passes
-    halfway from the median to its row's projection; its gain is the between-group sum of squares
-    of the residual beyond a bias shift's (the least-squares fit of (bias shift, new column)).
-    Returns (u, threshold, fire [n], on-mean, off-mean) of the candidate with the largest net gain.
-    """
-    n = len(x)
-    err = residual.pow(2).sum(1)
-    order = err.argsort(descending=True)[: max(n // 2, 1)]
-    rows = order[torch.linspace(0, len(order) - 1, min(RESEED_CANDIDATES, len(order))).round().long()]
-    u = residual[rows] / err[rows].sqrt().clamp_min(1e-30)[:, None]  # [c, d]
-    proj = x.float() @ u.T  # [n, c]
-    t = 0.5 * (proj[rows, torch.arange(len(rows))] + lower_medians(proj))
-    fire = proj > t
-    m = fire.sum(0).to(residual.dtype)  # [c]
-    on_sum = fire.to(residual.dtype).T @ residual  # [c, d]
-    total = residual.sum(0)
-    on = on_sum / m.clamp_min(1)[:, None]
-    off = (total - on_sum) / (n - m).clamp_min(1)[:, None] if bias else torch.zeros_like(on)
-    between = m * on.pow(2).sum(1) + (n - m) * off.pow(2).sum(1)
-    if bias:
-        between = between - total.pow(2).sum() / n
-    net = between / (n * variance) - RESEED_MARGIN * beta * bit_cost(m / n)
-    net = torch.where((m > 0) & (m < n), net, torch.full_like(net, -math.inf))
-    c = int(net.argmax())
-    if not float(net[c]) > 0:
-        return None
-    return u[c], float(t[c]), fire[:, c], on[c], off[c]
 
 
 def seed_row_norm(model: Autoencoder, optimizer: torch.optim.Optimizer, working: torch.Tensor) -> float:
