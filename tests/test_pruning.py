@@ -265,8 +265,8 @@ def test_switched_off_bits_stay_off_until_reseeded(sparse: bool) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(256, 8) + 0.5  # a non-zero mean: the direction switched-off rows drift along
     with torch.no_grad():
-        if sparse:  # few enough ones that the decoder takes its sparse path
-            model.encoder.bias.sub_(3.0)
+        if sparse:  # each bit fires on its top 0.5% of rows: the decoder takes its sparse path
+            model.encoder.bias.sub_(model.encoder(x).quantile(0.995, dim=0))
         for j in (3, 7):
             switch_off(model.encoder, model.decoder, j, optimizer)
     objective = NormalizedObjective("bae", variance=float(x.var(0).sum()))
@@ -278,7 +278,9 @@ def test_switched_off_bits_stay_off_until_reseeded(sparse: bool) -> None:
     assert switched_off(model).tolist() == [3, 7]
     live = torch.tensor([0, 1, 2, 4, 5, 6, *range(8, 16)])
     out = model(x, live=live)
-    assert torch.equal(out.bits, model(x).bits)
+    assert torch.equal(out.bits, model(x).bits) and bool(out.bits.any())
+    assert out.recon.grad_fn is not None
+    assert ("SparseDecode" in type(out.recon.grad_fn).__name__) == sparse
     loss, _ = objective(x, out, 3e-3)
     assert torch.allclose(loss, full_loss, rtol=1e-6, atol=0)
     loss.backward()
@@ -298,7 +300,13 @@ def test_switched_off_bits_stay_off_until_reseeded(sparse: bool) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"architecture": "topk_sae"}, {"merge_every": 0}, {"k_bits": 2}, {"objective": "paper"}],
+    [
+        {"architecture": "topk_sae"},
+        {"merge_every": 0},
+        {"k_bits": 2},
+        {"objective": "paper"},
+        {"encoder_bias": False},
+    ],
 )
 def test_prune_reseed_is_refused_where_it_would_do_nothing(options: dict) -> None:
     from bae.trainer.config import TrainConfig

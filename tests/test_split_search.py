@@ -15,7 +15,7 @@ def dense_best_split(x: torch.Tensor, residual: torch.Tensor, beta: float, varia
     """Every candidate scored at once in float64: [n, c] projections, [c, d] means."""
     n, r, xd = len(x), residual.double(), x.double()
     err = r.pow(2).sum(1)
-    half = err.argsort(descending=True)[: max(n // 2, 1)]
+    half = err.argsort(descending=True, stable=True)[: max(n // 2, 1)]  # ties: lower row first
     rows = half[torch.linspace(0, len(half) - 1, min(RESEED_CANDIDATES, len(half))).round().long()]
     u = r[rows] / err[rows].sqrt()[:, None]
     proj = xd @ u.T

@@ -245,9 +245,11 @@ class TrainConfig(RowSelection):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         can_move = self.architecture == "bae" and self.k_bits == 1 and self.merge_every != 0
+        can_move = can_move and self.encoder_bias  # a switched-off bit is a zero row at bias −1
         if self.prune_reseed and not can_move:
             raise ValueError(
-                "prune_reseed needs the bae architecture, k_bits 1 and merge_every > 0 (it acts at merges)"
+                "prune_reseed needs the bae architecture, k_bits 1, an encoder bias and merge_every > 0 "
+                "(it acts at merges)"
             )
         if self.prune_reseed is None:  # the moves fight target_fvu's dual ascent (docs/method.md §3)
             moves = self.objective == "normalized" and can_move and self.target_fvu is None

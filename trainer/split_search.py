@@ -137,11 +137,14 @@ def best_split(
     several features on, whose split is an AND of them). A candidate u fires where x·u passes
     halfway from the median to its row's projection; its gain is the between-group sum of squares
     of the residual beyond a bias shift's (the least-squares fit of (bias shift, new column)).
-    Returns (u, threshold, fire [n], on-mean, off-mean) of the candidate with the largest net gain,
-    on the device of ``x``.
+    Rows of equal residual norm rank by index, candidates of equal net gain likewise. Returns (u,
+    threshold, fire [n], on-mean, off-mean) of the candidate with the largest net gain, on the
+    device of ``x``; None for a residual that is not finite.
     """
     n, device = len(x), x.device
     r = residual.detach().float().cpu().contiguous().numpy()
+    if not np.isfinite(r).all():
+        return None
     rows, u = _directions(r, candidate_ranks(n))
     proj = (torch.from_numpy(u).to(device) @ x.detach().float().T).cpu().contiguous().numpy()  # [c, n]
     counts = torch.arange(n + 1, dtype=torch.float64)
