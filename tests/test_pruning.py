@@ -316,6 +316,20 @@ def test_prune_reseed_is_refused_where_it_would_do_nothing(options: dict) -> Non
     TrainConfig(store="s.zarr", layer=0, out="run", **options)  # without the option they are fine
 
 
+def test_the_join_goes_with_the_moves_unless_turned_off() -> None:
+    from bae.trainer.config import TrainConfig
+
+    def config(**options: Any) -> TrainConfig:
+        return TrainConfig(store="s.zarr", layer=0, out="run", **options)
+
+    assert config().join and config().prune_reseed
+    assert not config(join=False).join and config(join=False).prune_reseed
+    for options in ({"target_fvu": 0.2}, {"objective": "paper"}, {"prune_reseed": False}):
+        assert not config(**options).join and not config(**options).prune_reseed
+    with pytest.raises(ValueError, match="join acts with the moves"):
+        config(join=True, prune_reseed=False)
+
+
 def test_the_moves_run_on_one_cpu_thread_and_give_the_threads_back() -> None:
     from bae.trainer.loop import one_cpu_thread
 

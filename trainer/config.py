@@ -159,11 +159,11 @@ class TrainConfig(RowSelection):
         "bits that cover several features (an OR of them) where that pays "
         "[default: on for bae with k_bits 1 and merges, off with target_fvu; docs/method.md §3, §7]",
     )
-    join: bool = Field(
-        default=False,
+    join: bool | None = Field(
+        default=None,
         description="with prune_reseed, at each merge after the split: replace two or three correlated "
-        "bits that cover one feature between them by one re-seeded bit where that pays (experimental: "
-        "docs/method.md §3, §7)",
+        "bits that cover one feature between them by one re-seeded bit where that pays "
+        "[default: on with prune_reseed; docs/method.md §3, §7]",
     )
     typical_ratio: float | None = Field(
         default=None,
@@ -254,7 +254,9 @@ class TrainConfig(RowSelection):
         if self.prune_reseed is None:  # the moves fight target_fvu's dual ascent (docs/method.md §3)
             moves = self.objective == "normalized" and can_move and self.target_fvu is None
             object.__setattr__(self, "prune_reseed", moves)
-        if self.join and not self.prune_reseed:
+        if self.join is None:
+            object.__setattr__(self, "join", bool(self.prune_reseed))
+        elif self.join and not self.prune_reseed:
             raise ValueError("join acts with the moves: it needs prune_reseed")
         if self.gamma is None and self.objective == "normalized":  # R charges a correlated truth
             object.__setattr__(self, "gamma", 0.0 if self.prune_reseed else 1.0)

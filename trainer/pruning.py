@@ -18,7 +18,7 @@ test a bit against the objective itself, FVU against β times its code bits (doc
   Adam's first steps (~lr per coordinate) cannot rotate it before the gradient has shaped it;
 - ``BitMoves.split``: replace a working bit that covers several features (an OR of them, their mean as
   its column) by up to two re-seeded bits where that lowers the batch objective;
-- ``BitMoves.join`` (``--join``, off by default): replace two or more correlated working bits that
+- ``BitMoves.join`` (on with the others; ``--no-join``): replace two or more correlated working bits that
   cover one feature between them (fragments, each needed given the others) by one re-seeded bit
   where that lowers the batch objective.
 
