@@ -383,9 +383,9 @@ class Trainer:
         scaled sigmoid's surrogate gradient is never zero for a constant pre-activation, and with the
         entropy term it moves every switched-off row by the same Adam step along the data's mean, so
         they would come back together as copies of one bit."""
-        model, self.live = self.state.model, None
-        if self.config.prune_reseed and len(off) and model.architecture == "bae" and model.config.k_bits == 1:
-            keep = torch.ones(model.n_bits, dtype=torch.bool, device=off.device)
+        self.live = None
+        if self.config.prune_reseed and len(off):  # the config allows it for one-bit BAEs only
+            keep = torch.ones(self.state.model.n_bits, dtype=torch.bool, device=off.device)
             self.live = keep.index_fill_(0, off, False).nonzero().squeeze(1)
 
     def note_finite(self, loss: torch.Tensor) -> None:

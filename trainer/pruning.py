@@ -184,9 +184,7 @@ class BitMoves:
         for j in candidates:
             if not slots:
                 break
-            column = decoder.weight[:, j].float()
-            shift = float(p[j]) if bias else 0.0
-            trial = residual + (bits[:, j].float() - shift)[:, None] * column
+            trial = self._without(residual, bits, p, [j])
             seeds = []
             for _ in range(2):
                 best = best_split(x, trial, beta, variance, bias)
@@ -204,7 +202,7 @@ class BitMoves:
             if not float(trial.pow(2).sum()) / (n * variance) + beta * new_cost < before:
                 continue
             if bias:
-                decoder.bias.add_(column * shift)
+                decoder.bias.add_(decoder.weight[:, j].float() * float(p[j]))
             for slot, seed in zip([j, *slots[:1]], seeds):
                 write_seed(model, optimizer, slot, seed, row_norm)
                 bits[:, slot] = seed[2]
@@ -268,10 +266,7 @@ class BitMoves:
         """(change of FVU_b + β·cost, group, seed, residual after) of replacing the bits ``group`` by
         one ``best_split`` seed, or None when that does not lower the objective."""
         decoder, n = self.model.decoder, len(x)
-        trial = residual.clone()
-        for j in group:
-            shift = float(p[j]) if decoder.bias is not None else 0.0
-            trial += (bits[:, j].float() - shift)[:, None] * decoder.weight[:, j].float()
+        trial = self._without(residual, bits, p, group)
         seed = best_split(x, trial, self.beta, self.variance, decoder.bias is not None)
         if seed is None:
             return None
@@ -283,6 +278,18 @@ class BitMoves:
             bit_cost(seed[2].float().mean())
         )
         return ((after - before) / (n * self.variance), group, seed, trial) if after < before else None
+
+    def _without(
+        self, residual: torch.Tensor, bits: torch.Tensor, p: torch.Tensor, group: list[int]
+    ) -> torch.Tensor:
+        """The batch's ``residual`` with the bits ``group`` removed and their mean contributions
+        (rates ``p``) kept, as moving them into the decoder bias keeps them (the prune's rule)."""
+        decoder = self.model.decoder
+        trial = residual.clone()
+        for j in group:
+            shift = float(p[j]) if decoder.bias is not None else 0.0
+            trial += (bits[:, j].float() - shift)[:, None] * decoder.weight[:, j].float()
+        return trial
 
     def _replace(self, group: list[int], seed: Any, bits: torch.Tensor, row_norm: float) -> None:
         """Write ``seed`` into the first bit of ``group`` and switch the others off, the group's mean
