@@ -21,7 +21,7 @@ import pytest
 from bae.pipeline.entropy.calibrate import COLUMNS, CalibrateConfig
 from bae.pipeline.entropy.synthetic import KINDS, SyntheticSpec, true_entropy
 from bae.pipeline.entropy.verdict import VERDICTS
-from bae.stores import ActivationStore, StoreLayout
+from bae.stores import ActivationStore, StoreLayout, split_mask
 
 D, LAYER = 16, 3
 SCALE = np.logspace(0, 2, D)  # per-dimension std over 100x
@@ -143,7 +143,7 @@ def test_calibrate_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert truth["sparse"] == pytest.approx(4 * h_b(0.05), abs=1e-9)
     for row in rows:
         assert row["verdict"] in VERDICTS and row["passed"] in ("True", "False")
-        assert int(row["n"]) > 0 and int(row["code_bits"]) == 4 * D
+        assert int(row["n"]) == 4000 and int(row["code_bits"]) == 4 * D  # every row, as `bae entropy`
         assert math.isfinite(float(row["entropy_bits"])) and math.isfinite(float(row["val_fvu"]))
         assert float(row["fvu_floor"]) == pytest.approx(0.02)
         expected = row["joint_bits"] if row["verdict"] == "resolved" else row["entropy_bits"]
@@ -168,6 +168,16 @@ def test_calibrate_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert mtimes() == before  # no set rewritten, no run retrained
     with (out / "calibration.csv").open() as f:
         assert list(csv.DictReader(f)) == rows
+
+    held_out = bae(*args, "--split", "val")  # the same runs, measured on their validation rows only
+    assert held_out.returncode == 0, held_out.stderr[-2000:]
+    assert mtimes() == before and "the val split of 4000 rows" in held_out.stdout
+    with (out / "calibration.csv").open() as f:
+        val_rows = list(csv.DictReader(f))
+    for kind, row in zip(KINDS, val_rows):
+        doc_ids = ActivationStore.open(out / "sets" / f"{kind}-r4" / "store.zarr").read_rows(0, 4000)["doc_ids"]
+        assert int(row["n"]) == int(split_mask(doc_ids, "val").sum()) < 4000
+        assert row["val_fvu"] == rows[KINDS.index(kind)]["val_fvu"]
 
 
 @pytest.mark.parametrize(

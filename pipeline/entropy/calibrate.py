@@ -4,8 +4,9 @@ From a store's layer L it estimates the per-dimension mean and standard deviatio
 rows (training's rule) among up to ``stats_rows`` valid rows (float64), builds synthetic stores of
 the same d and scale whose code entropy is known (``bae.pipeline.entropy.synthetic``: independent,
 Markov and sparse bits for each rank r), trains a model on each with exactly the given ``bae train``
-options, measures the validation split as one group with the entropy estimators, and compares the
-reported estimate with the truth. Layout of ``--out``::
+options, measures its rows as one group with the entropy estimators (all of them, as ``bae entropy``
+does by default, or one side of the split with ``--split``), and compares the reported estimate with
+the truth. Layout of ``--out``::
 
     sets/<kind>-r<r>/store.zarr    a real activation store (one document per row, position 0, valid)
     runs/<kind>-r<r>/              the ``bae train`` run on it
@@ -82,6 +83,9 @@ class CalibrateConfig(TrainConfig):
     sparse_p: float = Field(default=0.05, gt=0, lt=1, description="firing probability of a sparse bit")
     markov_q: float = Field(default=0.2, gt=0, lt=1, description="flip probability between Markov bits")
     seed: int = Field(default=0, description="seed of the synthetic sets and of training")
+    split: Literal["train", "val"] | None = Field(
+        default=None, description="measure one split of the set's rows only [all rows, as bae entropy]"
+    )
 
     @field_validator("ranks", "kinds", mode="before")
     @classmethod
@@ -105,7 +109,7 @@ class CalibrateConfig(TrainConfig):
     @model_validator(mode="after")
     def _has_validation(self) -> CalibrateConfig:
         if self.val_fraction <= 0:
-            raise ValueError("calibration measures the validation split: val_fraction must be > 0")
+            raise ValueError("calibration reports the validation FVU: val_fraction must be > 0")
         return self
 
     def train_config(self, store: str, out: str) -> TrainConfig:
@@ -213,14 +217,14 @@ def last_val_fvu(run: Path) -> float:
 def measure(
     store: ActivationStore, run: Path, config: CalibrateConfig, show_progress: bool
 ) -> dict[str, Any]:
-    """The entropy estimates of the run's code over the set's validation split, as one group."""
+    """The entropy estimates of the run's code over the set's rows (or ``config.split``), as one group."""
     from bae.pipeline.entropy.counts import ConstantKey, CountSpec, count_groups
     from bae.pipeline.entropy.estimates import estimate_columns
     from bae.pipeline.entropy.run import choose_pair_bits, resolve_models
     from bae.stores import RowFilter
 
     (model,) = resolve_models(store, [str(run)])
-    row_filter = RowFilter.of(config, "val")
+    row_filter = RowFilter.of(config, config.split)
     units = tuple(int(u) for u in np.flatnonzero(store.done_mask()))
     spec = CountSpec(
         store=store.url,
@@ -234,7 +238,8 @@ def measure(
     )
     counts = count_groups(spec, None, show_progress, f"calibrate: {Path(store.url).parent.name}")
     if len(counts.keys) == 0:
-        raise BaeError(f"store {store.url}: no validation rows; raise --rows or --val-fraction")
+        side = f"{config.split} split" if config.split else "set"
+        raise BaeError(f"store {store.url}: no rows in the {side} to measure; raise --rows")
     columns = estimate_columns(counts, 0.95, spec.pair_bits)
     return {name: _scalar(np.asarray(col)[0]) for name, col in columns.items()}
 
@@ -398,6 +403,8 @@ def run_calibrate(config: CalibrateConfig, show_progress: bool = True) -> list[d
                 for row in failed
             )
             or "none",
+            "measured": f"{'the ' + config.split + ' split of ' if config.split else 'all '}"
+            f"{config.rows} rows of each set; FVU on the validation split",
             "reported": "joint_bits where the verdict is resolved, else Σ H_b",
             "table": f"{csv_path}, {json_path}",
         },
