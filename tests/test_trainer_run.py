@@ -135,7 +135,10 @@ def test_sigkill_then_resume_is_bit_identical(sparse_store: Path, tmp_path: Path
     extra = (*extra, "--prune-reseed", "--no-join") if decoder == "default" else (*extra, "--prune-reseed")
     ref = run_bae(*train_args(store, tmp_path / "ref", *extra))
     assert ref.returncode == 0, ref.stderr
-    moves = json.loads((tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()[-2])
+    records = [json.loads(line) for line in (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()]
+    moves = [r for r in records if "pruned_bits" in r][-1]
+    (polished,) = [r for r in records if "polish_rounds" in r]  # the polish (on with the moves), resumed too
+    assert polished["step"] == 300 and polished["polish_rounds"] > 0, polished
     assert moves["pruned_bits"] > 0 and moves["reseeded_bits"] > 0 and moves["split_bits"] > 0, moves
     assert moves["joined_groups"] > 0 if decoder == "sparse" else moves["joined_groups"] == 0, moves
     out = tmp_path / "killed"
@@ -158,7 +161,7 @@ def test_sigkill_then_resume_is_bit_identical(sparse_store: Path, tmp_path: Path
         int(line.split('"step": ')[1].split(",")[0])
         for line in (out / "train_log.jsonl").read_text().splitlines()
     ]
-    assert steps == sorted(steps) and steps.count(300) == 2  # train + val record, no duplicates
+    assert steps == sorted(steps) and steps.count(300) == 3  # train, polish, val record, no duplicates
     # a finished run re-run is a no-op; a different config is refused naming the field
     again = run_bae(*train_args(store, out, *extra))
     assert again.returncode == 0 and "already complete" in again.stdout
@@ -227,7 +230,9 @@ def test_torchrun_two_processes_end_identical(sparse_store: Path, tmp_path: Path
     # both ranks trained on different batches: 60 steps × 2 processes × 32 rows
     log = (tmp_path / "out" / "train_log.jsonl").read_text()
     assert '"step": 60, "tokens": 3840' in log
-    moves = json.loads(log.splitlines()[-2])  # decided on both ranks' rows, identically
+    records = [json.loads(line) for line in log.splitlines()]
+    moves = [r for r in records if "pruned_bits" in r][-1]  # decided on both ranks' rows, identically
+    assert [r["step"] for r in records if "polish_rounds" in r] == [60]  # polished on rank 0, sent to 1
     assert moves["pruned_bits"] > 0 and moves["reseeded_bits"] > 0 and moves["split_bits"] > 0, moves
 
 

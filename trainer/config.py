@@ -165,6 +165,16 @@ class TrainConfig(RowSelection):
         "bits that cover one feature between them by one re-seeded bit where that pays "
         "[default: on with prune_reseed; docs/method.md §3, §7]",
     )
+    polish: bool | None = Field(
+        default=None,
+        description="after the last step, refit the code on a sample of training rows by alternating "
+        "minimization of the objective over hard codes (least-squares decoder, bits reassigned, "
+        "linear-discriminant encoder rows, exact prune) while that lowers it "
+        "[default: on with prune_reseed; docs/method.md §3]",
+    )
+    polish_rows: int = Field(
+        default=16384, ge=2, description="training rows the polish fits on, taken evenly from every unit"
+    )
     typical_ratio: float | None = Field(
         default=None,
         ge=0,
@@ -258,6 +268,13 @@ class TrainConfig(RowSelection):
             object.__setattr__(self, "join", bool(self.prune_reseed))
         elif self.join and not self.prune_reseed:
             raise ValueError("join acts with the moves: it needs prune_reseed")
+        one_bit = self.architecture == "bae" and self.k_bits == 1 and self.encoder_bias
+        if self.polish is None:
+            object.__setattr__(self, "polish", bool(self.prune_reseed))
+        elif self.polish and not (self.objective == "normalized" and one_bit):
+            raise ValueError(
+                "polish needs the normalized objective, the bae architecture, k_bits 1 and an encoder bias"
+            )
         if self.gamma is None and self.objective == "normalized":  # R charges a correlated truth
             object.__setattr__(self, "gamma", 0.0 if self.prune_reseed else 1.0)
         if self.typical_ratio and (self.typical_ratio <= 1 or self.standardize == "none"):
@@ -299,6 +316,8 @@ class TrainConfig(RowSelection):
         new.setdefault("tf32", False)  # likewise
         new.setdefault("prune_reseed", False)  # likewise
         new.setdefault("join", False)  # likewise
+        new.setdefault("polish", False)  # likewise
+        new.setdefault("polish_rows", cls.model_fields["polish_rows"].default)  # likewise
         for key in ("positions", "steps"):
             if key in new and new[key] is None:
                 new[key] = cls.model_fields[key].default

@@ -28,6 +28,7 @@ from bae.trainer.merge import bit_correlation, merge_duplicate_bits
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import NormalizedObjective, Objective, covariance_term, entropy_term
 from bae.trainer.pair_penalties import exact_counts
+from bae.trainer.polish import polish
 from bae.trainer.pruning import BitMoves, prune_statistics, switched_off
 from bae.trainer.target import FVUTarget
 
@@ -269,7 +270,9 @@ def float32_matmuls(device: torch.device, tf32: bool) -> Iterator[None]:
 class Trainer:
     """Fits ``state.model`` on batches of raw rows until ``total_steps``; logs every ``log_every``
     steps, validates with ``validate_fn`` every ``val_every``, checkpoints with ``save_fn``, and on
-    SIGINT/SIGTERM checkpoints and exits 128 + signal (agreed across processes).
+    SIGINT/SIGTERM checkpoints and exits 128 + signal (agreed across processes). With
+    ``polish_rows`` (raw training rows, read when needed) the last step is followed by the polish
+    (``bae.trainer.polish``) before its validation and checkpoint.
 
     A non-finite loss or gradient stops the run in one line naming its step. ``check_every_step``
     (default: on the CPU) reads that check back at every step, before the optimizer touches the
@@ -286,6 +289,7 @@ class Trainer:
         save_fn: Callable[[TrainState], None],
         validate_fn: Callable[[Autoencoder], dict[str, float]] | None = None,
         check_every_step: bool | None = None,
+        polish_rows: Callable[[], torch.Tensor] | None = None,
     ):
         self.config, self.accelerator, self.state, self.log = config, accelerator, state, log
         device = accelerator.device
@@ -293,7 +297,7 @@ class Trainer:
         # the first non-finite step and its loss, when not checked at every step (-1: none yet)
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)  # float32: MPS has no float64
-        self.save_fn, self.validate_fn = save_fn, validate_fn
+        self.save_fn, self.validate_fn, self.polish_rows = save_fn, validate_fn, polish_rows
         self.world = accelerator.num_processes
         self.total_steps = config.total_steps(self.world)
         self.entropy_start = config.entropy_start_step(self.world)
@@ -304,6 +308,7 @@ class Trainer:
         self.hold_off(switched_off(state.model))
         self.last_train: dict[str, Any] = {}
         self.last_val: dict[str, float] = {}
+        self.last_polish: dict[str, float | int] = {}
         self.last_checkpoint = state.step
         self._clock = (time.perf_counter(), state.tokens)
 
@@ -504,6 +509,22 @@ class Trainer:
         self.record(self.last_train)
         bar.set_postfix(fvu=f"{self.last_train['fvu']:.4g}", H=f"{self.last_train['batch_entropy']:.1f}")
 
+    @torch.no_grad()
+    def polish(self, rows: Callable[[], torch.Tensor]) -> None:
+        """Polish the code on the typical ``rows()`` (read by the main process, which polishes and
+        sends the weights to the others)."""
+        model = self.state.model
+        if self.main:
+            x = model.normalize(rows().to(self.accelerator.device))
+            typical = model.typical(x)
+            x = x if typical is None else x[typical]
+            report = polish(model, x, self.entropy_weight(), self.state.variance, self.state.optimizer)
+            self.last_polish = report.metrics()
+            self.record(self.last_polish)
+        if self.world > 1:
+            for tensor in model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
     def stop_signal(self, stop: StopRequest) -> int:
         """The largest signal any process received (0: none)."""
         signum = stop.signum
@@ -519,6 +540,8 @@ class Trainer:
             self.require_finite_so_far()
         if step % cfg.log_every == 0 or last:
             self.log_step(x, out, terms, bar)
+        if last and self.polish_rows is not None:
+            self.polish(self.polish_rows)
         if self.validate_fn is not None and (step % cfg.val_every == 0 or last):
             if self.main:
                 self.last_val = self.validate_fn(self.state.model)

@@ -104,6 +104,13 @@ def first_rows(sampler: StoreSampler, limit: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
+def spread_rows(sampler: StoreSampler, limit: int) -> torch.Tensor:
+    """Up to ``limit`` eligible rows taken evenly from the sampler's units (the first ⌈limit / units⌉
+    of each, in store order), as one tensor."""
+    per_unit = -(-limit // max(1, len(sampler.units)))
+    return torch.cat([x[:per_unit] for x, _ in sampler.iter_epoch_once()])[:limit]
+
+
 def provenance(config: TrainConfig, store: ActivationStore, units: np.ndarray) -> Provenance:
     """What the checkpoint records about the rows it is trained on."""
     return Provenance(
@@ -273,8 +280,15 @@ def _train(
     validate_fn = None
     if val_sampler is not None:
         validate_fn = lambda model: validate(model, val_sampler, config.val_max_rows)  # noqa: E731
+    polish_rows = (lambda: spread_rows(sampler, config.polish_rows)) if config.polish else None
     trainer = Trainer(
-        config, accelerator, state, log, checkpoint_writer(config, run, sampler, world), validate_fn
+        config,
+        accelerator,
+        state,
+        log,
+        checkpoint_writer(config, run, sampler, world),
+        validate_fn,
+        polish_rows=polish_rows,
     )
     trainer.fit(iter(sampler), show_progress)
     state.model.metrics = achieved(trainer)
@@ -291,14 +305,15 @@ def _train(
 def achieved(trainer: Trainer) -> dict[str, Any]:
     """What the final model achieved, saved in its config.json for the stages that use it."""
     keys = ("val_fvu", "val_rows", "val_atypical_rows", "val_set_entropy", "val_varying_bits", "fvu", "beta")
-    last = {**trainer.last_train, **trainer.last_val}
+    last = {**trainer.last_train, **trainer.last_val, **trainer.last_polish}
+    keys += tuple(trainer.last_polish)
     return {k: last[k] for k in keys if k in last} | {"fvu_definition": FVU_DEFINITION}
 
 
 def train_summary(config: TrainConfig, state: TrainState, trainer: Trainer, d: int) -> dict[str, Any]:
     """The one-screen summary: budget, model shape, last train and validation metrics."""
     model = state.model
-    last = {**trainer.last_train, **trainer.last_val}
+    last = {**trainer.last_train, **trainer.last_val, **trainer.last_polish}
     source = model.provenance
     return {
         "store": f"{config.store} (units {source.units} of {source.n_units})",
