@@ -75,6 +75,7 @@ def child_reference(reference: Path, rows_file: Path, steps: int) -> dict:
 def child_bae(store: Path, steps: int, objective: str) -> dict:
     """Rows/s of the real `bae train` loop: its own log's throughput over the run's steps (past
     start-up: store open, model build)."""
+    from bae.trainer.loop import last_record_with
     from bae.trainer.run import train
     from bae.trainer.run_folder import LOG_FILE
 
@@ -85,8 +86,9 @@ def child_bae(store: Path, steps: int, objective: str) -> dict:
         else:
             cfg = cfg.model_copy(update={"lr": 5e-4, "lambda_entropy": LAMBDA, "lambda_covariance": LAMBDA})
         train(cfg, show_progress=False)
-        last = json.loads((Path(out) / LOG_FILE).read_text().splitlines()[-1])
-    return {"rows_per_s": last["tokens_per_s"], "l0": last["l0"]}
+        last = last_record_with(Path(out) / LOG_FILE, "tokens_per_s")
+        polished = last_record_with(Path(out) / LOG_FILE, "polish_seconds")
+    return {"rows_per_s": last["tokens_per_s"], "l0": last["l0"], "polish_s": polished.get("polish_seconds")}
 
 
 def child_products(rows_file: Path, steps: int) -> dict:

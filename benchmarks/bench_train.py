@@ -76,12 +76,13 @@ def config(store: Path, steps: int, out: str, objective: str = "paper"):
 
 
 def child_store(store: Path, steps: int, objective: str = "paper") -> dict:
+    from bae.trainer.loop import last_record_with
     from bae.trainer.run import train
     from bae.trainer.run_folder import LOG_FILE
 
     with tempfile.TemporaryDirectory() as out:
         train(config(store, steps, out=str(out), objective=objective), show_progress=False)
-        last = json.loads((Path(out) / LOG_FILE).read_text().splitlines()[-1])
+        last = last_record_with(Path(out) / LOG_FILE, "tokens_per_s")
     return {"rows_per_s": last["tokens_per_s"]}
 
 

@@ -359,6 +359,7 @@ def train_lines(
 ) -> list[Line]:
     """The real loop from the store vs the same step in memory, and the step's share of the GEMM rate."""
     from bae.stores import ActivationStore
+    from bae.trainer.loop import last_record_with
     from bae.trainer.run import train
     from bae.trainer.run_folder import LOG_FILE
 
@@ -366,7 +367,7 @@ def train_lines(
     reset_peak(device)
     train(config, show_progress=False)
     loop_peak = peak_bytes(device)
-    record = json.loads((tmp / "run" / LOG_FILE).read_text().splitlines()[-1])
+    record = last_record_with(tmp / "run" / LOG_FILE, "tokens_per_s")
     source = ActivationStore.open(str(store))
     data = torch.from_numpy(source.read_layer(1, 0, source.n_rows)).to(device, torch.float32)
     reset_peak(device)

@@ -175,7 +175,9 @@ def test_calibrate_end_to_end_and_reuse(tmp_path: Path) -> None:
     with (out / "calibration.csv").open() as f:
         val_rows = list(csv.DictReader(f))
     for kind, row in zip(KINDS, val_rows):
-        doc_ids = ActivationStore.open(out / "sets" / f"{kind}-r4" / "store.zarr").read_rows(0, 4000)["doc_ids"]
+        doc_ids = ActivationStore.open(out / "sets" / f"{kind}-r4" / "store.zarr").read_rows(0, 4000)[
+            "doc_ids"
+        ]
         assert int(row["n"]) == int(split_mask(doc_ids, "val").sum()) < 4000
         assert row["val_fvu"] == rows[KINDS.index(kind)]["val_fvu"]
 

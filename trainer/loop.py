@@ -184,6 +184,12 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def last_record_with(path: Path, key: str) -> dict[str, Any]:
+    """The log's last record that has ``key`` (e.g. ``tokens_per_s``: the last step's metrics;
+    ``polish_rounds``: the polish's), {} when none has."""
+    return next((r for r in reversed(read_log(path)) if key in r), {})
+
+
 class JsonlLog:
     """Append-only JSONL metrics log; on resume, entries after the checkpoint's step are dropped."""
 

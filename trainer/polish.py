@@ -28,6 +28,7 @@ solves and float32 where it sweeps the rows.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -52,10 +53,12 @@ class PolishReport:
     bits_after: int
     objective_before: float
     objective_after: float
+    seconds: float
 
     def metrics(self) -> dict[str, float | int]:
         return {
             "polish_rounds": self.rounds,
+            "polish_seconds": self.seconds,
             "polish_bits_before": self.bits_before,
             "polish_bits_after": self.bits_after,
             "polish_objective_before": self.objective_before,
@@ -212,6 +215,7 @@ def polish(
 ) -> PolishReport:
     """Polish ``model``'s code on the rows ``x`` (normalized, typical) at the objective's β and V,
     in place (module docstring); the report says what it did."""
+    start = time.perf_counter()
     encoder, decoder = model.encoder, model.decoder
     if encoder.bias is None or len(x) < 2 or beta <= 0:
         raise ValueError("the polish needs an encoder bias, rows and β > 0")
@@ -235,7 +239,7 @@ def polish(
         (code, fit), best, kept = step, value, kept + 1
     if kept:
         write_code(model, code, fit, optimizer)
-    return PolishReport(kept, len(varying), code.bits.shape[1], before, best)
+    return PolishReport(kept, len(varying), code.bits.shape[1], before, best, time.perf_counter() - start)
 
 
 def write_code(
