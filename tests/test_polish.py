@@ -18,14 +18,15 @@ BETA = 3e-3
 def planted(
     n: int = 6000, d: int = 16, r: int = 6, seed: int = 0
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Rows x = Σ_k t_k a_k v_k + 2% noise over dimensions of scales 1..10, the fair bits t [n, r],
+    """Rows x = Σ_k t_k a_k v_k over dimensions of scales 1..10 + isotropic noise of 2% of the
+    variance, the fair bits t [n, r],
     and the decoding map P [d, r] (least squares from x back to t)."""
     rng = np.random.default_rng(seed)
     t = rng.random((n, r)) < 0.5
     v = rng.standard_normal((r, d)) * np.logspace(0, 1, d)
     v *= np.exp(rng.uniform(0, np.log(4), r))[:, None] / np.linalg.norm(v, axis=1, keepdims=True)
     x = t @ v
-    x += rng.standard_normal((n, d)) * np.sqrt(0.02 * x.var(0))
+    x += rng.standard_normal((n, d)) * np.sqrt(0.02 * x.var(0).sum() / d)  # isotropic: no split of it pays
     centred = x - x.mean(0)
     p = np.linalg.lstsq(centred, t - t.mean(0), rcond=None)[0]
     return torch.from_numpy(centred.astype(np.float32)), t, p
@@ -41,7 +42,7 @@ def objective(bits: np.ndarray, x: np.ndarray) -> float:
 
 def polisher(x: torch.Tensor) -> Polisher:
     variance = float((x - x.mean(0)).pow(2).sum(1).mean())
-    return Polisher(x, x, BETA, variance, intercept=True)
+    return Polisher(x, x, torch.ones(x.shape[1]), BETA, variance, intercept=True, n_bits=16)
 
 
 def test_reassign_is_one_bit_at_a_time_in_order() -> None:
@@ -138,6 +139,25 @@ def test_polish_untangles_a_planted_code() -> None:
         recon = model(x).recon
     fvu = float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert fvu < 0.03  # the model's own decoder is the fit: near the 2% noise floor
+
+
+def test_polish_grows_a_missing_bit() -> None:
+    """Five of six true bits encoded exactly: no round pays, so a bit is grown in a switched-off
+    slot, and it is the sixth."""
+    x, t, p = planted()
+    model = BinaryAutoencoder(ModelConfig(d_model=x.shape[1], expansion=1))
+    with torch.no_grad():
+        model.encoder.weight.zero_()
+        model.encoder.bias.fill_(-1.0)
+        model.decoder.weight.zero_()
+        model.encoder.weight[:5] = torch.from_numpy(p[:, :5].T.astype(np.float32)) * 10
+        model.encoder.bias[:5] = 0.0
+    report = polish(model, x, BETA, float((x - x.mean(0)).pow(2).sum(1).mean()))
+    code = model.encode(x).numpy() > 0
+    assert (report.bits_before, report.bits_after) == (5, 6) and code[:, 5:].any(0).sum() == 1
+    grown = code[:, 5:][:, code[:, 5:].any(0)][:, 0]
+    assert max((grown == t[:, 5]).mean(), (grown != t[:, 5]).mean()) > 0.995
+    assert report.objective_after == pytest.approx(objective(t, x.numpy()), rel=0.01)
 
 
 def test_polish_leaves_the_model_alone_when_no_round_pays() -> None:

@@ -14,10 +14,16 @@ trained code on a sample of training rows and repeats, for at most ``POLISH_ROUN
    linear threshold of the row each, what the model can encode;
 4. the bits that no longer vary dropped, then one at a time the bit whose removal lowers
    L = FVU + β·S most, its cost from the least-squares fit exactly (‖c_j‖² / (G⁻¹)_jj, G the
-   normal matrix), while one does.
+   normal matrix), while one does;
+5. when a round of 1–4 does not lower L: one bit added in a free slot instead, the better of two
+   candidates where it lowers L — the re-seed's search (``bae.trainer.split_search.best_split``,
+   at margin 1: the exact L decides) and the two halves of the residual's first principal
+   direction, read by its linear discriminant (a feature the code misses entirely whose share is
+   below the noise's in every row, which the search, led by single rows, does not see). Grown
+   only then: grown early, a bit can lock in a tangle the rounds would have undone.
 
-A round is kept only when it lowers L on the rows; the first that does not ends the polish. What
-it cannot undo: a feature split into exclusive fragments (an AND and an AND-NOT of it with another
+Each kept round or grown bit must lower L on the rows; when neither does, the polish ends. What it
+cannot undo: a feature split into exclusive fragments (an AND and an AND-NOT of it with another
 bit) is a fixed point of these steps — the join, a move during training, replaces such groups. The
 model is written only when some round was kept: encoder rows (at their former norms) and biases
 of the kept bits, the least-squares decoder, the other bits switched off. Deterministic in the
@@ -30,6 +36,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -39,6 +46,7 @@ from bae.trainer.merge import switch_off
 from bae.trainer.models import Autoencoder
 from bae.trainer.objectives import bit_cost
 from bae.trainer.pruning import switched_off
+from bae.trainer.split_search import best_split
 
 POLISH_ROUNDS = 10
 IMPROVEMENT = 1e-6  # a round must lower L by this much (relative) to be kept
@@ -129,13 +137,16 @@ class LeastSquares:
 
 @dataclass(frozen=True)
 class Polisher:
-    """The rows [n, d] (normalized), the encoder's input on them, and the objective's β and V."""
+    """The rows [n, d] (normalized), the encoder's input on them (x / ``input_scale``), the
+    objective's β and V, and the model's number of bits (slots a grown bit may take)."""
 
     x: torch.Tensor
     u: torch.Tensor
+    input_scale: torch.Tensor
     beta: float
     variance: float
     intercept: bool
+    n_bits: int
 
     def objective(self, code: Code, fit: LeastSquares) -> float:
         """L = FVU + β·S of the code with the least-squares decoder ``fit`` on the rows."""
@@ -199,8 +210,44 @@ class Polisher:
         kept = code.take(fit.kept.nonzero().squeeze(1))
         return kept, LeastSquares(kept.bits, self.x, self.intercept)
 
+    def grow(self, code: Code, fit: LeastSquares) -> tuple[Code, LeastSquares]:
+        """Add one bit in the first free slot where that lowers L most, else keep the code. Two
+        candidates: the re-seed's best new bit for the residual (``best_split``, which looks along
+        the residual directions of badly reconstructed rows), and the split of the residual's
+        first principal direction into its two means' halves (a feature the code misses entirely
+        but whose share is below the noise's in every row), read by its linear discriminant."""
+        free = torch.ones(self.n_bits, dtype=torch.bool)
+        free[code.slots] = False
+        if code.directions is None or code.thresholds is None or not bool(free.any()):
+            return code, fit  # the polish's codes always have their encoder rows
+        slot = free.nonzero()[:1, 0]
+        residual = self.x - (code.bits @ fit.columns.float() + fit.bias.float())
+        candidates = []
+        seed = best_split(self.x, residual, self.beta, self.variance, self.intercept, margin=1.0)
+        if seed is not None:
+            direction = (seed[0] * self.input_scale)[None]
+            threshold = torch.tensor([seed[1]], dtype=code.thresholds.dtype)
+            candidates.append(Code(seed[2].float()[:, None], slot, direction, threshold))
+        principal = self.refit_encoder(Code(principal_split(residual)[:, None], slot))
+        if principal is not None:
+            candidates.append(principal)
+        best = (self.objective(code, fit), code, fit)
+        for new in candidates:
+            grown = Code(
+                torch.cat([code.bits, new.bits], 1),
+                torch.cat([code.slots, new.slots]),
+                torch.cat([code.directions, cast(torch.Tensor, new.directions)]),
+                torch.cat([code.thresholds, cast(torch.Tensor, new.thresholds)]),
+            )
+            grown_fit = LeastSquares(grown.bits, self.x, self.intercept)
+            value = self.objective(grown, grown_fit)
+            if value < best[0]:
+                best = (value, grown, grown_fit)
+        return best[1], best[2]
+
     def round(self, code: Code, fit: LeastSquares) -> tuple[Code, LeastSquares] | None:
-        """One round from ``code`` and its fit: reassign, refit the encoder, prune (None: no bit left)."""
+        """One round from ``code`` and its fit: reassign, refit the encoder, prune (None: no bit
+        left)."""
         refit = self.refit_encoder(replace(code, bits=self.reassign(code.bits, fit)))
         return None if refit is None else self.prune(refit)
 
@@ -224,18 +271,33 @@ def polish(
     off = torch.zeros(model.n_bits, dtype=torch.bool)
     off[switched_off(model).cpu()] = True
     varying = (~off & bits.any(0) & ~bits.all(0)).nonzero().squeeze(1)
-    polisher = Polisher(x.float().cpu(), u.float().cpu(), beta, variance, decoder.bias is not None)
-    code = Code(bits[:, varying].float(), varying)
+    scale = model.encoder_input_scale if model.config.encoder_scale else torch.ones(x.shape[1])
+    polisher = Polisher(
+        x.float().cpu(),
+        u.float().cpu(),
+        scale.float().cpu(),
+        beta,
+        variance,
+        decoder.bias is not None,
+        model.n_bits,
+    )
+    assert encoder.bias is not None
+    rows = encoder.weight[varying.to(encoder.weight.device)].detach().float().cpu()
+    thresholds = -encoder.bias[varying.to(encoder.weight.device)].detach().float().cpu()
+    code = Code(bits[:, varying].float(), varying, rows, thresholds)
     fit = LeastSquares(code.bits, polisher.x, polisher.intercept)
     before = best = polisher.objective(code, fit)
     kept = 0
     for _ in range(POLISH_ROUNDS):
-        step = polisher.round(code, fit)
-        if step is None:
+        # a round, or when it does not pay, a grown bit (module docstring, step 5)
+        for move in (polisher.round, polisher.grow):
+            step = move(code, fit)
+            value = math.inf if step is None else polisher.objective(*step)
+            if value < best - IMPROVEMENT * abs(best):
+                break
+        else:
             break
-        value = polisher.objective(*step)
-        if value >= best - IMPROVEMENT * abs(best):
-            break
+        assert step is not None
         (code, fit), best, kept = step, value, kept + 1
     if kept:
         write_code(model, code, fit, optimizer)
@@ -246,13 +308,16 @@ def write_code(
     model: Autoencoder, code: Code, fit: LeastSquares, optimizer: torch.optim.Optimizer | None
 ) -> None:
     """Make the model encode ``code`` and decode with ``fit``: each kept slot's encoder row along its
-    direction at the row's former norm, bias at its threshold; decoder columns and bias from the
-    fit; every other bit switched off."""
+    direction at the row's former norm (a grown bit's at the others' median), bias at its
+    threshold; decoder columns and bias from the fit; every other bit switched off."""
     encoder, decoder = model.encoder, model.decoder
     assert encoder.bias is not None and code.directions is not None and code.thresholds is not None
     device, dtype = encoder.weight.device, encoder.weight.dtype
     slots = code.slots.to(device)
     norms = encoder.weight[slots].double().norm(dim=1).cpu()
+    if bool((norms == 0).any()):  # a grown bit's slot was switched off: the working rows' median
+        working = norms[norms > 0]
+        norms[norms == 0] = working.median() if len(working) else 1.0
     scale = norms / code.directions.double().norm(dim=1).clamp_min(1e-30)
     encoder.weight[slots] = (code.directions.double() * scale[:, None]).to(device, dtype)
     encoder.bias[slots] = (-code.thresholds.double() * scale).to(device, dtype)
@@ -265,6 +330,24 @@ def write_code(
     rest = others.nonzero().squeeze(1).tolist()
     if rest:
         switch_off(encoder, decoder, rest, optimizer)
+
+
+def principal_split(residual: torch.Tensor) -> torch.Tensor:
+    """The rows [n] (float 0/1) on the upper side of the residual's first principal direction, cut
+    where the two sides' means are furthest apart (the largest between-group sum of squares)."""
+    r = residual.double()
+    r = r - r.mean(0)
+    direction = torch.linalg.eigh(r.T @ r)[1][:, -1]
+    proj = r @ direction
+    values, order = proj.sort()
+    n = len(values)
+    k = torch.arange(1, n, dtype=values.dtype)
+    below = values.cumsum(0)[:-1]
+    between = below.pow(2) / k + below.pow(2) / (n - k)  # the total is 0: the other side sums to −below
+    cut = int(between.argmax()) + 1
+    bits = torch.zeros(n, dtype=torch.float32)
+    bits[order[cut:]] = 1
+    return bits
 
 
 @njit(cache=True)
