@@ -16,8 +16,9 @@ trained code on a sample of training rows and repeats, for at most ``POLISH_ROUN
    L = FVU + β·S most, its cost from the least-squares fit exactly (‖c_j‖² / (G⁻¹)_jj, G the
    normal matrix), while one does;
 5. when a round of 1–4 does not lower L: one bit added in a free slot instead, the better of two
-   candidates where it lowers L — the re-seed's search (``bae.trainer.split_search.best_split``,
-   at margin 1: the exact L decides) and the two halves of the residual's first principal
+   candidates where it lowers L by more than its own cost β·cost(p) (it buys twice its cost, as a
+   re-seed must: a split of the noise's largest direction can buy it once) — the re-seed's search
+   (``bae.trainer.split_search.best_split``) and the two halves of the residual's first principal
    direction, read by its linear discriminant (a feature the code misses entirely whose share is
    below the noise's in every row, which the search, led by single rows, does not see). Grown
    only then: grown early, a bit can lock in a tangle the rounds would have undone.
@@ -223,7 +224,7 @@ class Polisher:
         slot = free.nonzero()[:1, 0]
         residual = self.x - (code.bits @ fit.columns.float() + fit.bias.float())
         candidates = []
-        seed = best_split(self.x, residual, self.beta, self.variance, self.intercept, margin=1.0)
+        seed = best_split(self.x, residual, self.beta, self.variance, self.intercept)
         if seed is not None:
             direction = (seed[0] * self.input_scale)[None]
             threshold = torch.tensor([seed[1]], dtype=code.thresholds.dtype)
@@ -240,8 +241,11 @@ class Polisher:
                 torch.cat([code.thresholds, cast(torch.Tensor, new.thresholds)]),
             )
             grown_fit = LeastSquares(grown.bits, self.x, self.intercept)
+            # as a re-seed, the new bit must buy twice its cost: a split of the noise's largest
+            # direction can buy it once (measured on the d = 32 calibration sets, docs/method.md §7)
+            margin = self.beta * float(bit_cost(new.bits.double().mean()))
             value = self.objective(grown, grown_fit)
-            if value < best[0]:
+            if value + margin < best[0]:
                 best = (value, grown, grown_fit)
         return best[1], best[2]
 
