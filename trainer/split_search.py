@@ -128,14 +128,9 @@ def _choose(
 
 
 def best_split(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    beta: float,
-    variance: float,
-    bias: bool,
-    margin: float = RESEED_MARGIN,
+    x: torch.Tensor, residual: torch.Tensor, beta: float, variance: float, bias: bool
 ) -> Seed | None:
-    """The best new bit for ``residual`` [n, d], or None when none buys ``margin`` × β·cost(p).
+    """The best new bit for ``residual`` [n, d], or None when none buys ``RESEED_MARGIN`` × β·cost(p).
 
     Candidates: the residual directions of the ``RESEED_CANDIDATES`` rows at evenly spaced ranks
     of the upper half of residual norms (the single worst row alone is, on sparse data, a row with
@@ -153,7 +148,7 @@ def best_split(
     rows, u = _directions(r, candidate_ranks(n))
     proj = (torch.from_numpy(u).to(device) @ x.detach().float().T).cpu().contiguous().numpy()  # [c, n]
     counts = torch.arange(n + 1, dtype=torch.float64)
-    penalty = (margin * beta * bit_cost(counts / n)).numpy()
+    penalty = (RESEED_MARGIN * beta * bit_cost(counts / n)).numpy()
     medians = np.partition(proj, (n - 1) // 2, axis=1)[:, (n - 1) // 2]  # lower medians (numpy's is faster)
     best, t, fire, on, off = _choose(proj, medians, rows, r, bias, penalty, n * variance)
     if best < 0:
