@@ -306,7 +306,7 @@ def achieved(trainer: Trainer) -> dict[str, Any]:
     """What the final model achieved, saved in its config.json for the stages that use it."""
     keys = ("val_fvu", "val_rows", "val_atypical_rows", "val_set_entropy", "val_varying_bits", "fvu", "beta")
     last = {**trainer.last_train, **trainer.last_val, **trainer.last_polish}
-    keys += tuple(trainer.last_polish)
+    keys += tuple(k for k in trainer.last_polish if k != "polish_seconds")  # reproducible model bytes
     return {k: last[k] for k in keys if k in last} | {"fvu_definition": FVU_DEFINITION}
 
 
