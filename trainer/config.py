@@ -254,8 +254,9 @@ class TrainConfig(RowSelection):
         for name, value in OBJECTIVE_DEFAULTS[self.objective].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        can_move = self.architecture == "bae" and self.k_bits == 1 and self.merge_every != 0
-        can_move = can_move and self.encoder_bias  # a switched-off bit is a zero row at bias −1
+        # a switched-off bit is a zero encoder row at bias −1: the moves and the polish need the bias
+        one_bit = self.architecture == "bae" and self.k_bits == 1 and self.encoder_bias
+        can_move = one_bit and self.merge_every != 0
         if self.prune_reseed and not can_move:
             raise ValueError(
                 "prune_reseed needs the bae architecture, k_bits 1, an encoder bias and merge_every > 0 "
@@ -268,7 +269,6 @@ class TrainConfig(RowSelection):
             object.__setattr__(self, "join", bool(self.prune_reseed))
         elif self.join and not self.prune_reseed:
             raise ValueError("join acts with the moves: it needs prune_reseed")
-        one_bit = self.architecture == "bae" and self.k_bits == 1 and self.encoder_bias
         if self.polish is None:
             object.__setattr__(self, "polish", bool(self.prune_reseed))
         elif self.polish and not (self.objective == "normalized" and one_bit):

@@ -162,7 +162,7 @@ class Polisher:
         matrix after each change."""
         w = fit.columns.float()
         proj = (self.x - (bits @ w + fit.bias.float())) @ w.T
-        out = bits.to(torch.uint8).numpy().copy()
+        out = bits.to(torch.uint8, copy=True).numpy()  # the pass writes into it
         _reassign(out, proj.numpy(), (w @ w.T).numpy())
         return torch.from_numpy(out).float()
 
@@ -209,6 +209,7 @@ class Polisher:
         if bool(fit.kept.all()):
             return code, fit
         kept = code.take(fit.kept.nonzero().squeeze(1))
+        # solved afresh rather than compacted: the downdates' rounding does not carry into later rounds
         return kept, LeastSquares(kept.bits, self.x, self.intercept)
 
     def grow(self, code: Code, fit: LeastSquares) -> tuple[Code, LeastSquares]:

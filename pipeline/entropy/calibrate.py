@@ -206,12 +206,9 @@ def write_set(
 
 def last_val_fvu(run: Path) -> float:
     """The run's last logged ``val_fvu`` (NaN when it never validated)."""
-    from bae.trainer.loop import read_log  # torch and accelerate: not at CLI start-up
+    from bae.trainer.loop import last_record_with  # torch and accelerate: not at CLI start-up
 
-    fvu = math.nan
-    for record in read_log(RunFolder.at(run).log):
-        fvu = record.get("val_fvu", fvu)
-    return float(fvu)
+    return float(last_record_with(RunFolder.at(run).log, "val_fvu").get("val_fvu", math.nan))
 
 
 def measure(
